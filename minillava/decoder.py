@@ -1,0 +1,426 @@
+"""The Brain: a LLaMA-style decoder-only language model, written by hand.
+
+A decoder reads tokens left to right and predicts the next one. Compared with GPT-2 (and
+nanoGPT), LLaMA changes four things, all kept here:
+
+1. RMSNorm instead of LayerNorm: rescale by the root-mean-square, no mean subtraction, no bias.
+2. Rotary position embeddings (RoPE) instead of a learned position table: each query and key is
+   *rotated* by an angle proportional to its position, so the score q·k depends only on the
+   distance between the two tokens.
+3. A SwiGLU MLP instead of GELU: down(silu(gate(x)) * up(x)).
+4. Optional grouped-query attention (GQA): several query heads share one key/value head, which
+   shrinks the KV cache.
+
+Data flows like this (B = batch, T = tokens, C = hidden size, H = heads, D = head size, V = vocab):
+
+    input_ids (B, T) --embed_tokens--> x (B, T, C)
+    for each layer:   x = x + attention(RMSNorm(x))      # tokens talk to earlier tokens
+                      x = x + mlp(RMSNorm(x))            # each token thinks on its own
+    RMSNorm -> lm_head -> logits (B, T, V)
+
+Parameter names follow Hugging Face's `LlamaForCausalLM` (minus its `model.` prefix) so that
+`minillava.interop` can copy our weights into it and check that both give the same logits.
+
+The model also takes:
+- `inputs_embeds` instead of token ids: LLaVA feeds image features this way;
+- an `attention_mask` (1 = real token, 0 = padding), with padding on the left or the right;
+- a `KVCache`, so that generating one more token costs one position, not the whole sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+from minillava.attention import attention, causal_mask
+
+IGNORE_INDEX = -100  # labels equal to this are not predicted (prompt, image and padding tokens)
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None = num_heads; fewer = grouped-query attention
+    intermediate_size: int = 384  # SwiGLU hidden width
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # lm_head shares its weight with embed_tokens
+    dropout: float = 0.0
+    use_sdpa: bool = True  # False: the hand-written attention path
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(
+                f"DecoderConfig: hidden_size={self.hidden_size} must be divisible by "
+                f"num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(
+                f"DecoderConfig: num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads} (each key/value head serves a whole group)"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"DecoderConfig: head size {self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class KVCache:
+    """The keys and values every layer has computed so far, so they are never recomputed.
+
+    When generating, token t attends to the keys and values of tokens 0..t. Those of 0..t-1 do
+    not change (the model is causal), so we keep them: each step then only runs the model on the
+    one new token. `keys[i]` and `values[i]` are (B, H_kv, T_cached, D) for layer i.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        """Number of positions cached (those of layer 0; all layers agree after a forward)."""
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' k, v (B, H_kv, T_new, D); return all of them so far."""
+        if self.keys[layer_idx] is not None:
+            k = torch.cat([self.keys[layer_idx], k], dim=2)
+            v = torch.cat([self.values[layer_idx], v], dim=2)
+        self.keys[layer_idx], self.values[layer_idx] = k, v
+        return k, v
+
+
+@dataclass
+class DecoderOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None  # mean next-token cross-entropy, when labels are given
+    past_key_values: KVCache | None  # when use_cache=True
+    hidden_states: torch.Tensor  # (B, T, C) after the final norm
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) * weight: LayerNorm without the mean and the bias.
+
+    Computed in float32 even under bf16 autocast, because squaring small numbers in low precision
+    loses them.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_float = x.float()
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos and sin of the rotation angles `position * frequency`, one frequency per pair of dims.
+
+    Frequencies go from 1 (fast: neighbouring tokens differ a lot) down to 1/theta (slow: tells
+    far-apart tokens apart), as in sinusoidal position encodings.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        # Not a learned weight and not saved: it is recomputed from the config.
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) -> cos, sin, each (B, T, D)."""
+        angles = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
+        # Hugging Face Llama pairs dim i with dim i + D/2 (not 2i with 2i+1), so each angle is
+        # used twice: once for the first half of the dims and once for the second half.
+        angles = torch.cat([angles, angles], dim=-1)  # (B, T, D)
+        return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dim: a 90° turn of every pair."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i+D/2}) of x (B, H, T, D) by its angle; cos, sin are (B, T, D).
+
+    This is the 2-D rotation [[cos, -sin], [sin, cos]] applied to every pair at once.
+    """
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, H_kv, T, D) -> (B, H_kv * n_rep, T, D): each key/value head serves n_rep query heads.
+
+    Query heads 0..n_rep-1 share kv head 0, the next n_rep share kv head 1, and so on.
+    """
+    if n_rep == 1:
+        return x
+    return x.repeat_interleave(n_rep, dim=1)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with RoPE and optional grouped-query heads."""
+
+    def __init__(self, config: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx  # which slot of the KV cache is ours
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        self.use_sdpa = config.use_sdpa
+        C, D = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(C, self.num_heads * D, bias=False)
+        self.k_proj = nn.Linear(C, self.num_kv_heads * D, bias=False)
+        self.v_proj = nn.Linear(C, self.num_kv_heads * D, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * D, C, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, C); mask (B, 1, T, T_total) True where allowed -> (B, T, C)."""
+        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+
+        # Position enters only here: queries and keys are rotated, values are not.
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        if cache is not None:
+            # Cache the rotated keys and the *un-repeated* kv heads: that is what GQA saves.
+            k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, T_total, D)
+
+        n_rep = self.num_heads // self.num_kv_heads
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, T_total, D)
+
+        dropout_p = self.dropout if self.training else 0.0
+        out = attention(q, k, v, mask=mask, dropout_p=dropout_p, use_sdpa=self.use_sdpa)
+        return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). The gate decides, per unit, how much of `up` passes."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        C, I = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(C, I, bias=False)
+        self.up_proj = nn.Linear(C, I, bias=False)
+        self.down_proj = nn.Linear(I, C, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+        x = x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        return x
+
+
+class Decoder(nn.Module):
+    """A LLaMA-style causal language model. See the module docstring for the picture."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self._init_weights()
+        if config.tie_embeddings:
+            # One matrix both reads tokens in and scores them out: fewer parameters, and a
+            # token's input and output representations are learned together.
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _init_weights(self) -> None:
+        """GPT-2 init: every weight matrix N(0, 0.02), norms at 1. The two projections per layer
+        that write into the residual stream get std 0.02 / sqrt(2 * num_layers): 2 * num_layers
+        of them add up along the stream, and this keeps its variance from growing with depth."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        residual_std = 0.02 / math.sqrt(2 * self.config.num_layers)
+        for layer in self.layers:
+            nn.init.normal_(layer.self_attn.o_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(layer.mlp.down_proj.weight, mean=0.0, std=residual_std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        labels: torch.Tensor | None = None,
+    ) -> DecoderOutput:
+        """Run the model on T new positions (after any already in `past_key_values`).
+
+        input_ids (B, T) or inputs_embeds (B, T, C): exactly one.
+        attention_mask (B, T_total): 1 = real token, 0 = padding; T_total = cached + T.
+        position_ids (B, T): default counts real tokens only, so padding never shifts positions.
+        labels (B, T): the token each position *is*; the model shifts them itself so position t
+            is scored on predicting labels[t + 1] (Hugging Face convention). -100 = not scored.
+        """
+        x = self._embed(input_ids, inputs_embeds)  # (B, T, C)
+        B, T, _ = x.shape
+
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = KVCache(self.config.num_layers)
+        past_len = cache.length if cache is not None else 0
+        total_len = past_len + T
+        if total_len > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {total_len} positions is longer than max_seq_len="
+                f"{self.config.max_seq_len}"
+            )
+        if attention_mask is not None and attention_mask.shape != (B, total_len):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (B, T_total) = "
+                f"({B}, {total_len}): cached ({past_len}) + new ({T}) positions"
+            )
+
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, past_len, T, x.device)
+        cos, sin = self.rotary(position_ids.expand(B, T))
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        mask = build_attention_mask(attention_mask, B, T, total_len, x.device)
+
+        checkpointing = self.config.gradient_checkpointing and self.training and cache is None
+        for layer in self.layers:
+            if checkpointing:
+                # Keep only each layer's input; recompute its insides during backward.
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+
+        hidden_states = self.norm(x)
+        logits = self.lm_head(hidden_states)  # (B, T, V)
+
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+        return DecoderOutput(
+            logits=logits,
+            loss=loss,
+            past_key_values=cache if use_cache else None,
+            hidden_states=hidden_states,
+        )
+
+    def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(
+                "Decoder: pass exactly one of input_ids (B, T) or inputs_embeds (B, T, C)"
+            )
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+            return self.embed_tokens(input_ids)
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be (B, T, {self.config.hidden_size}), "
+                f"got shape {tuple(inputs_embeds.shape)}"
+            )
+        return inputs_embeds
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count (a tied embedding/head matrix is counted once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def default_position_ids(
+    attention_mask: torch.Tensor | None, past_len: int, T: int, device
+) -> torch.Tensor:
+    """Positions of the T new tokens: (B, T) from the mask, or (1, T) = past_len..past_len+T-1.
+
+    With a mask, a token's position is the number of real tokens before it, so a left-padded
+    prompt gets positions 0, 1, 2, ... on its real tokens, exactly as if it were alone.
+    """
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + T, device=device)[None]
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T_total)
+    return positions[:, past_len:]
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, B: int, T: int, total_len: int, device
+) -> torch.Tensor:
+    """Boolean (B or 1, 1, T, T_total), True where query t may look at key s.
+
+    Causal: the new queries are the last T of T_total positions, so query t sees keys up to
+    past_len + t. Padding: no query looks at a padding key. Each query may always look at itself,
+    so even a padding query has one key left (a row with no key at all gives softmax NaN); the
+    outputs at padding positions are meaningless and never scored.
+    """
+    allowed = causal_mask(T, total_len, device=device)[None, None]  # (1, 1, T, T_total)
+    if attention_mask is None:
+        return allowed
+    is_real_key = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T_total)
+    query_positions = torch.arange(total_len - T, total_len, device=device)  # (T,)
+    itself = (
+        query_positions[:, None] == torch.arange(total_len, device=device)[None]
+    )  # (T, T_total)
+    return allowed & (is_real_key | itself)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: logits at position t are scored against labels[t + 1].
+
+    Positions whose next label is -100 (prompt, image, padding) do not count; the mean is over
+    the tokens that do.
+    """
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"labels must be (B, T) = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}"
+        )
+    predictions = logits[:, :-1].float()  # (B, T-1, V), float32 for a stable log-softmax
+    targets = labels[:, 1:]  # (B, T-1)
+    return F.cross_entropy(
+        predictions.reshape(-1, predictions.size(-1)),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )

@@ -1,0 +1,260 @@
+"""minillava.decoder: shapes, causality, padding, KV cache, GQA, RoPE, loss, init, checkpointing."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minillava.decoder import (
+    Decoder,
+    DecoderConfig,
+    KVCache,
+    RMSNorm,
+    apply_rotary,
+    causal_lm_loss,
+)
+
+V = 61
+
+
+def tiny(**overrides) -> DecoderConfig:
+    kw = dict(
+        vocab_size=V,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=48,
+        max_seq_len=64,
+    )
+    kw.update(overrides)
+    return DecoderConfig(**kw)
+
+
+def make(seed=0, **overrides) -> Decoder:
+    torch.manual_seed(seed)
+    return Decoder(tiny(**overrides)).eval()
+
+
+def ids(B=2, T=9, seed=0):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_shapes_and_dtypes():
+    model = make()
+    x = ids()
+    out = model(x, labels=x)
+    assert out.logits.shape == (2, 9, V) and out.logits.dtype == torch.float32
+    assert out.hidden_states.shape == (2, 9, 32)
+    assert out.loss.shape == () and out.loss.dtype == torch.float32
+    assert out.past_key_values is None
+    # A freshly initialised model is close to uniform: loss near log(V).
+    assert abs(out.loss.item() - math.log(V)) < 0.5
+
+
+def test_inputs_embeds_equals_input_ids():
+    model = make()
+    x = ids()
+    a = model(input_ids=x).logits
+    b = model(inputs_embeds=model.embed_tokens(x)).logits
+    torch.testing.assert_close(a, b)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = make()
+    x = ids()
+    with pytest.raises(ValueError, match="exactly one"):
+        model()
+    with pytest.raises(ValueError, match="exactly one"):
+        model(input_ids=x, inputs_embeds=model.embed_tokens(x))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(x, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(ids(T=65))
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        model(inputs_embeds=torch.zeros(2, 3, 7))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        DecoderConfig(num_heads=4, num_kv_heads=3)
+
+
+@pytest.mark.parametrize("use_sdpa", [False, True])
+def test_causality(use_sdpa):
+    model = make(use_sdpa=use_sdpa)
+    x = ids(B=1, T=10)
+    j = 6
+    changed = x.clone()
+    changed[0, j] = (x[0, j] + 1) % V
+    a, b = model(x).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :j], b[:, :j], atol=0, rtol=0)  # the past never sees j
+    assert (a[:, j:] - b[:, j:]).abs().amax(-1).min() > 1e-6  # j and later positions do
+
+
+@pytest.mark.parametrize("use_sdpa", [False, True])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_invariance(side, use_sdpa):
+    model = make(use_sdpa=use_sdpa)
+    lengths = [4, 9, 6]
+    T = max(lengths)
+    rows = [ids(B=1, T=n, seed=i)[0] for i, n in enumerate(lengths)]
+    batch = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(T - len(row), T) if side == "left" else slice(0, len(row))
+        batch[i, span], mask[i, span] = row, 1
+    out = model(batch, attention_mask=mask).logits
+    for i, row in enumerate(rows):
+        alone = model(row[None]).logits[0]
+        padded = out[i][mask[i].bool()]
+        torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_gradients_are_finite():
+    model = make().train()
+    x = ids(T=6)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    labels = x.masked_fill(mask == 0, -100)
+    model(x, attention_mask=mask, labels=labels).loss.backward()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_kv_cache_matches_full_forward(num_kv_heads):
+    model = make(num_kv_heads=num_kv_heads)
+    x = ids(T=10)
+    full = model(x).logits
+    # Prefill 4 positions, then 3 at once, then one at a time.
+    out = model(x[:, :4], use_cache=True)
+    cache = out.past_key_values
+    assert isinstance(cache, KVCache) and cache.length == 4
+    # The cache holds only the kv heads: that is the memory GQA saves.
+    assert cache.keys[0].shape == (2, num_kv_heads, 4, 32 // 4)
+    pieces = [out.logits]
+    out = model(x[:, 4:7], past_key_values=cache, use_cache=True)
+    pieces.append(out.logits)
+    for t in range(7, 10):
+        out = model(x[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+        pieces.append(out.logits)
+    assert out.past_key_values.length == 10
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_with_left_padding():
+    model = make()
+    x = ids(T=8)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8])
+    full = model(x, attention_mask=mask).logits
+    out = model(x[:, :5], attention_mask=mask[:, :5], use_cache=True)
+    step = model(x[:, 5:], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+    real = mask.bool()
+    got = torch.cat([out.logits, step.logits], dim=1)
+    torch.testing.assert_close(got[real], full[real], atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_query_attention_equals_mha_with_shared_heads():
+    """GQA with 2 kv heads for 4 query heads is MHA whose k/v heads come in identical pairs."""
+    gqa = make(num_kv_heads=2)
+    mha = make(num_kv_heads=4)
+    # Same weights everywhere; k_proj/v_proj have different shapes and are copied below.
+    shared = {n: w for n, w in gqa.state_dict().items() if "k_proj" not in n and "v_proj" not in n}
+    mha.load_state_dict(shared, strict=False)
+    D = 8
+    with torch.no_grad():
+        for lg, lm in zip(gqa.layers, mha.layers, strict=True):
+            for name in ("k_proj", "v_proj"):
+                w = getattr(lg.self_attn, name).weight  # (2 * D, C): kv head 0 rows, head 1 rows
+                heads = w.view(2, D, -1)
+                repeated = heads.repeat_interleave(2, dim=0).reshape(4 * D, -1)  # 0, 0, 1, 1
+                getattr(lm.self_attn, name).weight.copy_(repeated)
+    assert sum(p.numel() for p in gqa.parameters()) < sum(p.numel() for p in mha.parameters())
+    x = ids()
+    torch.testing.assert_close(gqa(x).logits, mha(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_and_manual_paths_agree():
+    a = make(use_sdpa=True)
+    b = make(use_sdpa=False)
+    b.load_state_dict(a.state_dict())
+    x = ids()
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])
+    torch.testing.assert_close(
+        a(x, attention_mask=mask).logits, b(x, attention_mask=mask).logits, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    model = make()
+    D = model.config.head_dim
+    q, k = torch.randn(1, 1, 1, D), torch.randn(1, 1, 1, D)
+
+    def score(m, n):
+        cos_m, sin_m = model.rotary(torch.tensor([[m]]))
+        cos_n, sin_n = model.rotary(torch.tensor([[n]]))
+        return (apply_rotary(q, cos_m, sin_m) * apply_rotary(k, cos_n, sin_n)).sum()
+
+    torch.testing.assert_close(score(5, 2), score(13, 10), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(score(0, 0), (q * k).sum(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(score(5, 2), score(5, 3))
+    # A rotation keeps lengths.
+    cos, sin = model.rotary(torch.tensor([[7]]))
+    torch.testing.assert_close(apply_rotary(q, cos, sin).norm(), q.norm())
+
+
+def test_rmsnorm():
+    norm = RMSNorm(6, eps=0.0)
+    x = torch.randn(3, 6) * 5
+    y = norm(x)
+    torch.testing.assert_close(y.pow(2).mean(-1), torch.ones(3))
+    torch.testing.assert_close(norm(x * 10), y)  # scale-invariant
+
+
+def test_loss_is_shifted_and_ignores_minus_100():
+    model = make()
+    x = ids()
+    labels = x.clone()
+    labels[0, :4] = -100
+    labels[1, 7] = -100
+    out = model(x, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, V)
+    targets = labels[:, 1:].reshape(-1)
+    keep = targets != -100
+    expected = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(out.loss, expected)
+    with pytest.raises(ValueError, match="labels"):
+        causal_lm_loss(out.logits, labels[:, :3])
+
+
+def test_tied_and_untied_heads():
+    tied = make(tie_embeddings=True)
+    untied = make(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    assert untied.lm_head.weight is not untied.embed_tokens.weight
+    assert untied.num_parameters() - tied.num_parameters() == V * 32
+
+
+def test_gpt2_style_init():
+    model = make(hidden_size=128, num_layers=8, num_heads=4, intermediate_size=384)
+    std_q = model.layers[0].self_attn.q_proj.weight.std().item()
+    std_o = torch.cat([layer.self_attn.o_proj.weight.flatten() for layer in model.layers]).std()
+    assert abs(std_q - 0.02) < 0.002
+    assert abs(std_o.item() - 0.02 / math.sqrt(16)) < 0.001
+    assert (model.norm.weight == 1).all()
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    x = ids()
+    grads = []
+    for ckpt in (False, True):
+        model = make(gradient_checkpointing=ckpt).train()
+        model(x, labels=x).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_dropout_only_in_training():
+    model = make(dropout=0.5)
+    x = ids()
+    torch.testing.assert_close(model(x).logits, model(x).logits)
+    model.train()
+    assert not torch.allclose(model(x).logits, model(x).logits)
