@@ -183,20 +183,25 @@ def main(argv: list[str] | None = None) -> None:
         "--vocab-size",
         type=int,
         default=768,
-        help="total vocabulary of the tokenizer, special tokens included (default 768)",
+        help="largest total vocabulary, special tokens included (default 768); training stops "
+        "earlier once every distinct pre-token is a single token",
     )
     parser.add_argument("--out", default="minillava/assets/shapesworld.tiktoken")
-    parser.add_argument("--n-texts", type=int, default=50_000, help="world_text strings to use")
+    parser.add_argument(
+        "--n-scenes", type=int, default=5000, help="scenes of world_text (about 10 texts each)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="print every merge")
     args = parser.parse_args(argv)
 
     # Imported here: the data engine is only needed to (re)train, not to tokenize.
     from minillava.data.instruct import world_text
-    from minillava.tokenizer import SPECIAL_TOKENS
+    from minillava.tokenizer import SPECIAL_TOKENS, SYSTEM
 
     start = time.perf_counter()
-    texts = list(world_text(split="train", n=args.n_texts, seed=args.seed))
+    texts = list(world_text(split="train", n=args.n_scenes, seed=args.seed))
+    # The chat template's system line opens every conversation: give its words tokens too.
+    texts += [SYSTEM] * args.n_scenes
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     # The special tokens are appended after the merges, so they take part of the vocabulary.
     ranks = train_bpe(texts, args.vocab_size - len(SPECIAL_TOKENS), verbose=args.verbose)
@@ -206,6 +211,11 @@ def main(argv: list[str] | None = None) -> None:
         f"trained {len(ranks)} mergeable tokens (+{len(SPECIAL_TOKENS)} special) on "
         f"{len(texts)} texts ({n_bytes / 1e6:.2f} MB) in {elapsed:.1f} s -> {args.out}"
     )
+    if len(ranks) + len(SPECIAL_TOKENS) < args.vocab_size:
+        print(
+            f"stopped before --vocab-size {args.vocab_size}: every distinct word of the text is "
+            f"already one token (vocabulary {len(ranks) + len(SPECIAL_TOKENS)} with the specials)"
+        )
 
 
 if __name__ == "__main__":

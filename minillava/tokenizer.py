@@ -305,3 +305,53 @@ def get_tokenizer(name: str = "shapesworld") -> Tokenizer:
         f"unknown tokenizer {name!r}: expected 'shapesworld', 'gpt2', 'cl100k_base' or a path to "
         "a .tiktoken file"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m minillava.tokenizer``: how compactly the tokenizer writes ShapesWorld."""
+    import argparse
+
+    from minillava.data.instruct import KINDS, make_conversation, world_text
+    from minillava.data.shapes import ShapesWorld, make_captions, make_description, sample_rng
+
+    parser = argparse.ArgumentParser(prog="python -m minillava.tokenizer", description=main.__doc__)
+    parser.add_argument("--name", default="shapesworld", help="tokenizer to measure")
+    parser.add_argument("--split", default="val", help="ShapesWorld split (not the BPE's train)")
+    parser.add_argument("--n-scenes", type=int, default=1000)
+    args = parser.parse_args(argv)
+
+    tok = get_tokenizer(args.name)
+    texts = list(world_text(split=args.split, n=args.n_scenes))
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_words = sum(len(t.split()) for t in texts)
+    n_tokens = sum(len(tok.encode(t)) for t in texts)
+    print(f"{tok!r}: {len(texts)} world_text strings of {args.split!r}")
+    print(
+        f"  {n_tokens / n_words:.3f} tokens/word, {n_bytes / n_tokens:.2f} bytes/token "
+        f"(raw bytes: 1 token per byte -> {n_bytes / n_tokens:.1f}x fewer tokens)"
+    )
+
+    world = ShapesWorld(args.split, args.n_scenes)
+    lengths: dict[str, list[int]] = {"caption": [], "description": []}
+    lengths.update({f"conversation ({kind})": [] for kind in KINDS})
+    answer_tokens = []
+    for index in range(args.n_scenes):
+        scene = world.scene(index)
+        rng = sample_rng(world.seed, world.split, index, stream="text")
+        captions = make_captions(scene, rng)
+        lengths["caption"] += [len(tok.encode(c)) for c in captions]
+        lengths["description"].append(len(tok.encode(make_description(scene, rng))))
+        for kind in KINDS:
+            ids, mask = tok.render(make_conversation(scene, captions, rng, kind))
+            lengths[f"conversation ({kind})"].append(len(ids))
+            answer_tokens.append(sum(mask))
+    for what, values in lengths.items():
+        print(f"  {what:28s} mean {sum(values) / len(values):6.1f} tokens, max {max(values)}")
+    n_system = len(tok.encode_ordinary(tok.system))
+    print(f"  (conversations include the {n_system}-token system line, <image> counts as 1)")
+    mean_answer = sum(answer_tokens) / len(answer_tokens)
+    print(f"  trained-on (answer) tokens per conversation: {mean_answer:.1f}")
+
+
+if __name__ == "__main__":
+    main()
