@@ -110,11 +110,16 @@ class ImageProcessor:
             return torch.stack([self(one) for one in image])
         if not isinstance(image, Image.Image):
             raise TypeError(f"ImageProcessor expects a PIL.Image, got {type(image).__name__}")
-        image = self.square(to_rgb(image))
-        pixels = np.asarray(image).transpose(2, 0, 1).astype(np.float32)  # (S, S, 3) -> (3, S, S)
-        pixels *= self._scale
-        pixels += self._shift
-        return torch.from_numpy(pixels)
+        return self.normalise(np.asarray(self.square(to_rgb(image))))
+
+    def normalise(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 array (H, W, 3) -> float tensor (3, H, W), (x / 255 - mean) / std per channel."""
+        if pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise ValueError(f"expected a (H, W, 3) array, got shape {pixels.shape}")
+        x = pixels.transpose(2, 0, 1).astype(np.float32)  # (H, W, 3) -> (3, H, W), a copy
+        x *= self._scale
+        x += self._shift
+        return torch.from_numpy(x)
 
     def denormalise(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(..., 3, H, W) normalised -> same shape in [0, 1].

@@ -369,7 +369,8 @@ def ask_reasoning(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
         question = rng.choice(
             ["How many different colours are there?", "How many different colours can you see?"]
         )
-        why = f"The shapes are {join_words(colours)}."
+        k = len(colours)
+        why = f"The shapes are {join_words(colours)}, so there {'is' if k == 1 else 'are'} {k}."
         return QA(question, str(len(colours)), "reasoning", {"op": "n_colours"}, why)
     if form == "line":
         if rng.random() < 0.5:
@@ -380,7 +381,7 @@ def ask_reasoning(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
             constraints, where = {"col": index}, f"the {COL_NAMES[index]} column"
         k = len(select(scene, constraints))
         question = f"How many shapes are in {where}?"
-        why = f"{count_phrase(k).capitalize()} {'is' if k == 1 else 'are'} in {where}."
+        why = f"There {'is' if k == 1 else 'are'} {counted(k, {})} in {where}."
         return QA(question, str(k), "reasoning", {"op": "count", "filter": constraints}, why)
     # "same": do all the shapes share a colour (or a shape)?
     attr = rng.choice(["colour", "shape"])
@@ -465,7 +466,7 @@ def make_conversation(
         for qa, t in pairs:
             turns += [_turn("human", qa.question), _turn("gpt", qa.answer, t)]
     elif kind == "detail":
-        description = make_description(scene, rng)
+        description = make_description(scene)
         turns = [_turn("human", rng.choice(DETAIL_PROMPTS)), _turn("gpt", description, "detail")]
     elif kind == "reasoning":
         turns = []
@@ -620,7 +621,7 @@ def world_text(
         rng = sample_rng(seed, split, index, stream="text")
         captions = make_captions(scene, rng)
         yield from captions
-        yield make_description(scene, rng)
+        yield make_description(scene)
         for kind in KINDS:
             turns = make_conversation(scene, captions, rng, kind, image="", config=world.config)
             yield "\n".join(t["value"].strip() for t in turns)

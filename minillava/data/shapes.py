@@ -161,10 +161,18 @@ class Scene:
 
     def signature(self) -> str:
         """The content of the scene, ignoring noise and jitter: what decides its split."""
-        parts = sorted(f"{o.row}{o.col}:{o.size}:{o.colour}:{o.shape}" for o in self.objects)
-        if self.text is not None:
-            parts.append(f"text:{self.text_row}{self.text_col}:{self.text}")
-        return "|".join(parts)
+        content = [(o.row, o.col, o.size, o.colour, o.shape) for o in self.objects]
+        return content_signature(content, self.text, self.text_row, self.text_col)
+
+
+def content_signature(content: list[tuple], text: str | None, text_row, text_col) -> str:
+    """Canonical string of (row, col, size, colour, shape) tuples plus the text and its cell."""
+    parts = sorted(
+        f"{row}{col}:{size}:{colour}:{shape}" for row, col, size, colour, shape in content
+    )
+    if text is not None:
+        parts.append(f"text:{text_row}{text_col}:{text}")
+    return "|".join(parts)
 
 
 def split_of_signature(signature: str) -> str:
@@ -212,28 +220,37 @@ def sample_scene(rng: random.Random, config: WorldConfig, split: str = "train") 
     """Draw a scene for `split`, from `rng` alone (no pixels are drawn here)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    heldout = set(config.heldout_combos)
-    while True:  # rejection sampling until the scene's content belongs to this split
+    forbidden = set() if split == "heldout" else set(config.heldout_combos)
+    # First the content (what and which cell), by rejection sampling until the content belongs
+    # to this split; only then the exact boxes, which do not decide the split.
+    while True:
         n = rng.randint(config.min_objects, config.max_objects)
         cells = rng.sample(range(9), n + 1)  # one spare cell for the text
-        objects = []
+        content = []  # (row, col, size, colour, shape)
         for k in range(n):
-            if split == "heldout" and k == 0:
+            if split == "heldout" and k == 0:  # at least one held-out pair; others may be too
                 shape, colour = rng.choice(config.heldout_combos)
-            else:  # heldout scenes may hold more heldout pairs; other splits never do
-                shape, colour = _draw_object(rng, config, set() if split == "heldout" else heldout)
-            size = rng.choice(config.sizes)
-            row, col = divmod(cells[k], 3)
-            _, box = _place(rng, row, col, SIZES[size], config.image_size)
-            objects.append(SceneObject(shape, colour, size, row, col, box))
-        objects.sort(key=lambda o: (o.row, o.col))  # reading order: captions list them so
-        scene = Scene(objects)
+            else:
+                shape, colour = _draw_object(rng, config, forbidden)
+            content.append((*divmod(cells[k], 3), rng.choice(config.sizes), colour, shape))
+        text = None
         if config.characters and rng.random() < config.text_prob:
-            scene.text = rng.choice(config.characters)
-            scene.text_row, scene.text_col = divmod(cells[n], 3)
-            _, scene.text_box = _place(rng, scene.text_row, scene.text_col, 0.8, config.image_size)
-        if split == "heldout" or split_of_signature(scene.signature()) == split:
-            return scene
+            text = rng.choice(config.characters)
+        text_row, text_col = divmod(cells[n], 3)
+        if split == "heldout":
+            break
+        signature = content_signature(content, text, text_row, text_col)
+        if split_of_signature(signature) == split:
+            break
+    objects = []
+    for row, col, size, colour, shape in sorted(content):  # reading order, as captions list them
+        _, box = _place(rng, row, col, SIZES[size], config.image_size)
+        objects.append(SceneObject(shape, colour, size, row, col, box))
+    scene = Scene(objects)
+    if text is not None:
+        scene.text, scene.text_row, scene.text_col = text, text_row, text_col
+        _, scene.text_box = _place(rng, text_row, text_col, 0.8, config.image_size)
+    return scene
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,10 +312,10 @@ def _shape_outline(shape: str, box: tuple[int, int, int, int]):
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render_scene(
+def render_pixels(
     scene: Scene, config: WorldConfig, rng: random.Random | None = None
-) -> Image.Image:
-    """Draw `scene` as an RGB image of config.image_size pixels (boxes from the annotation).
+) -> np.ndarray:
+    """Draw `scene` as a uint8 array (S, S, 3), S = config.image_size (boxes from the annotation).
 
     `rng` picks the noise window; without it the noise is fixed by the scene's content.
     """
@@ -306,24 +323,32 @@ def render_scene(
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        box = tuple(round(v * size) for v in obj.box)
+        x0, y0, x1, y1 = (round(v * size) for v in obj.box)
         colour = COLOURS[obj.colour]
         if obj.shape == "circle":
-            draw.ellipse((box[0], box[1], box[2] - 1, box[3] - 1), fill=colour)
+            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=colour)
         elif obj.shape == "square":
-            draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=colour)
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=colour)
         else:
-            draw.polygon(_shape_outline(obj.shape, box), fill=colour)
+            draw.polygon(_shape_outline(obj.shape, (x0, y0, x1, y1)), fill=colour)
     if scene.text is not None:
         x0, y0, x1, _ = (round(v * size) for v in scene.text_box)
         image.paste(TEXT_COLOUR, (x0, y0), _glyph(scene.text, x1 - x0))
+    pixels = np.asarray(image)
     if config.noise > 0:
         bank = _noise_bank(size, config.noise)
         rng = rng or random.Random(scene.signature())
         dy, dx = rng.randrange(size), rng.randrange(size)
-        pixels = np.asarray(image, dtype=np.int16) + bank[dy : dy + size, dx : dx + size]
-        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), mode="RGB")
-    return image
+        noisy = pixels + bank[dy : dy + size, dx : dx + size]  # int16: no wrap-around at 255
+        pixels = noisy.clip(0, 255).astype(np.uint8)
+    return pixels
+
+
+def render_scene(
+    scene: Scene, config: WorldConfig, rng: random.Random | None = None
+) -> Image.Image:
+    """Draw `scene` as an RGB PIL image of config.image_size pixels."""
+    return Image.fromarray(render_pixels(scene, config, rng), mode="RGB")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,7 +423,10 @@ def relation_sentences(scene: Scene) -> list[str]:
 
 
 def make_description(scene: Scene, rng: random.Random | None = None) -> str:
-    """A detailed description: every object with its cell, the text, a few relations."""
+    """A detailed description: every object with its cell, the text, a few relations.
+
+    Deterministic unless an `rng` is given (it then shuffles which relations are mentioned).
+    """
     n = len(scene.objects)
     sentences = [f"The image shows {count_phrase(n)} on a dark background."]
     for obj in scene.objects:
@@ -477,14 +505,19 @@ class ShapesWorld(torch.utils.data.Dataset):
             return self.cache[index]
         rng = sample_rng(self.seed, self.split, index)
         scene = sample_scene(rng, self.config, self.split)
-        image = render_scene(scene, self.config, rng)
+        pixels = render_pixels(scene, self.config, rng)  # (S, S, 3) uint8
+        image = Image.fromarray(pixels, mode="RGB")
+        if self.processor.image_size == self.config.image_size:
+            pixel_values = self.processor.normalise(pixels)  # skips a PIL round trip
+        else:
+            pixel_values = self.processor(image)
         sample = Sample(
             index=index,
             image=image,
-            pixel_values=self.processor(image),
+            pixel_values=pixel_values,
             scene=scene,
             captions=make_captions(scene, rng),
-            description=make_description(scene, rng),
+            description=make_description(scene),
             split=self.split,
         )
         if self.cache is not None:

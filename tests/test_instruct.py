@@ -1,0 +1,247 @@
+"""The data engine: every answer true of the scene, balanced mixes, LLaVA-format records."""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import pytest
+
+from minillava.data.instruct import (
+    ALL_KINDS,
+    KINDS,
+    QUESTION_TYPES,
+    InstructDataset,
+    VQADataset,
+    ask,
+    make_conversations,
+    vqa_pairs,
+    world_text,
+)
+from minillava.data.shapes import HELDOUT_COMBOS, ShapesWorld, WorldConfig
+
+SMALL = WorldConfig(image_size=32)
+ROWS, COLS = ("top", "middle", "bottom"), ("left", "middle", "right")
+
+
+# An evaluator written independently of the generator: the query (what the question asks, as
+# data) and the annotation alone give the answer.
+def cell(row: int, col: int) -> str:
+    return "center" if (row, col) == (1, 1) else f"{ROWS[row]} {COLS[col]}"
+
+
+def attrs(o) -> dict:
+    return {"shape": o.shape, "colour": o.colour, "size": o.size, "row": o.row, "col": o.col,
+            "cell": cell(o.row, o.col)}  # fmt: skip
+
+
+def find(scene, constraints: dict) -> list:
+    return [o for o in scene.objects if all(attrs(o)[k] == v for k, v in constraints.items())]
+
+
+def the(scene, constraints: dict):
+    found = find(scene, constraints)
+    assert len(found) == 1, f"reference {constraints} is ambiguous or empty: {found}"
+    return found[0]
+
+
+def yes_no(b: bool) -> str:
+    return "yes" if b else "no"
+
+
+def true_answer(scene, query: dict) -> str:
+    op = query["op"]
+    if op == "colour_of":
+        return the(scene, query["target"]).colour
+    if op == "shape_of":
+        return the(scene, query["target"]).shape
+    if op == "cell_of":
+        o = the(scene, query["target"])
+        return cell(o.row, o.col)
+    if op == "count":
+        return str(len(find(scene, query["filter"])))
+    if op == "exists":
+        return yes_no(len(find(scene, query["filter"])) > 0)
+    if op in ("relation", "any_relation"):
+        a = the(scene, query["target"] if op == "any_relation" else query["a"])
+        others = [o for o in scene.objects if o is not a] if op == "any_relation" else None
+        b_list = others if op == "any_relation" else [the(scene, query["b"])]
+        rel = query["relation"]
+
+        def holds(x, y):  # is x <rel> y ?
+            return {"left": x.col < y.col, "right": x.col > y.col, "above": x.row < y.row,
+                    "below": x.row > y.row}[rel]  # fmt: skip
+
+        if op == "relation":
+            return yes_no(holds(a, b_list[0]))
+        return yes_no(any(holds(o, a) for o in b_list))
+    if op == "nearest":
+        a = the(scene, query["target"])
+        dist = sorted(
+            ((o.row - a.row) ** 2 + (o.col - a.col) ** 2, f"{o.colour} {o.shape}")
+            for o in scene.objects
+            if o is not a
+        )
+        assert dist[0][0] < dist[1][0], "nearest asked with a tie"
+        return dist[0][1]
+    if op == "has_text":
+        return yes_no(scene.text is not None)
+    if op == "text":
+        return scene.text if scene.text is not None else "nothing"
+    if op == "text_cell":
+        return cell(scene.text_row, scene.text_col)
+    if op == "remain_after_remove":
+        return str(len(scene.objects) - len(find(scene, query["filter"])))
+    if op == "more":
+        return yes_no(len(find(scene, query["a"])) > len(find(scene, query["b"])))
+    if op == "n_colours":
+        return str(len({o.colour for o in scene.objects}))
+    if op == "all_same":
+        return yes_no(len({getattr(o, query["attr"]) for o in scene.objects}) == 1)
+    raise AssertionError(f"unknown op {op}")
+
+
+def words_of(query: dict) -> list[str]:
+    """Attribute words the question must mention (colour, shape stem, size, cell)."""
+    words = []
+    for key, value in query.items():
+        if isinstance(value, dict):
+            words += words_of(value)
+        elif key in ("colour", "size", "cell"):
+            words.append(value)
+        elif key == "shape":
+            words.append(value[:-1] if value.endswith("s") else value)  # stem: "cros" ~ crosses
+    return words
+
+
+def check(scene, qa) -> None:
+    assert qa.type in QUESTION_TYPES
+    assert qa.answer == true_answer(scene, qa.query), (qa, scene)
+    assert qa.answer and len(qa.answer.split()) <= 2, f"answer not short: {qa.answer!r}"
+    for word in words_of(qa.query):
+        assert word in qa.question, f"{word!r} missing from {qa.question!r}"
+    if qa.explanation is not None:
+        assert qa.answer in qa.explanation or qa.answer in ("yes", "no")
+
+
+@pytest.mark.parametrize("split", ["train", "test", "heldout"])
+def test_answers_true_of_the_scene(split):
+    world = ShapesWorld(split, 1500, WorldConfig(image_size=32, text_prob=0.5))
+    rng = random.Random(0)
+    for i in range(1500):
+        scene = world.scene(i)
+        for qa in vqa_pairs(scene, rng):
+            check(scene, qa)
+
+
+def test_every_form_of_question_is_checked():
+    """The truth test above only counts if every op really occurs."""
+    world = ShapesWorld("train", 1500, SMALL)
+    rng = random.Random(1)
+    ops = collections.Counter(
+        qa.query["op"] for i in range(1500) for qa in vqa_pairs(world.scene(i), rng)
+    )
+    expected = {"colour_of", "shape_of", "cell_of", "count", "exists", "relation", "nearest",
+                "any_relation", "has_text", "text", "text_cell", "remain_after_remove", "more",
+                "n_colours", "all_same"}  # fmt: skip
+    assert expected <= set(ops), f"never generated: {expected - set(ops)}"
+
+
+def test_existence_is_balanced_and_avoids_heldout_pairs():
+    world = ShapesWorld("train", 2000, SMALL)
+    rng = random.Random(2)
+    answers = collections.Counter()
+    for i in range(2000):
+        qa = ask(world.scene(i), "existence", rng)
+        answers[qa.answer] += 1
+        pair = (qa.query["filter"]["shape"], qa.query["filter"]["colour"])
+        assert pair not in HELDOUT_COMBOS, "outside heldout, a held-out pair would always be 'no'"
+    assert 0.45 < answers["yes"] / 2000 < 0.55, answers
+
+
+def test_yes_no_questions_are_not_one_sided():
+    world = ShapesWorld("train", 2000, SMALL)
+    rng = random.Random(3)
+    for qtype in ("relation", "reasoning", "text"):
+        answers = collections.Counter(ask(world.scene(i), qtype, rng).answer for i in range(2000))
+        if qtype == "relation":
+            yes, no = answers["yes"], answers["no"]
+            assert 0.3 < yes / (yes + no) < 0.7, answers
+        assert answers.most_common(1)[0][1] < 0.6 * 2000, f"{qtype} is too predictable: {answers}"
+
+
+def test_vqa_mix_is_balanced_and_deterministic():
+    data = VQADataset("test", 80, SMALL)
+    types = collections.Counter(data.qa(i)[1].type for i in range(80))
+    assert types == {t: 10 for t in QUESTION_TYPES}
+    item = data[5]
+    assert set(item) >= {"pixel_values", "question", "answer", "type", "scene", "conversations"}
+    again = VQADataset("test", 80, SMALL)[5]
+    assert (item["question"], item["answer"]) == (again["question"], again["answer"])
+    assert item["conversations"][0]["value"] == "<image>\n" + item["question"]
+    assert item["conversations"][1]["value"] == item["answer"]
+    check(item["scene"], data.qa(5)[1])
+
+
+def assert_llava_record(record: dict) -> None:
+    assert set(record) >= {"id", "image", "kind", "conversations"}
+    turns = record["conversations"]
+    assert len(turns) >= 2 and len(turns) % 2 == 0
+    for k, turn in enumerate(turns):
+        assert turn["from"] == ("human" if k % 2 == 0 else "gpt")
+        assert isinstance(turn["value"], str) and turn["value"].strip()
+        if turn["from"] == "gpt":
+            assert "type" in turn
+    assert turns[0]["value"].startswith("<image>\n")
+    assert sum(t["value"].count("<image>") for t in turns) == 1
+
+
+def test_conversations_in_llava_format():
+    world = ShapesWorld("train", 50, SMALL)
+    rng = random.Random(4)
+    kinds = collections.Counter()
+    for i in range(50):
+        sample = world[i]
+        records = make_conversations(
+            sample.scene, sample.captions, rng, kinds=ALL_KINDS, record_id=f"train-{i}"
+        )
+        assert [r["kind"] for r in records] == list(ALL_KINDS)
+        for record in records:
+            assert_llava_record(record)
+            kinds[record["kind"]] += 1
+            turns = record["conversations"]
+            if record["kind"] == "conversation":
+                assert 3 <= len(turns) // 2 <= 5
+                types = [t["type"] for t in turns[1::2]]
+                assert len(set(types)) == len(types) and set(types) <= set(QUESTION_TYPES)
+            if record["kind"] == "detail":
+                assert turns[1]["value"] == sample.description
+            if record["kind"] == "caption":
+                assert turns[1]["value"] in sample.captions
+            if record["kind"] == "reasoning":
+                for gpt in turns[1::2]:
+                    assert "So the answer is" in gpt["value"]
+
+
+def test_instruct_dataset_items():
+    data = InstructDataset("val", 9, SMALL)
+    kinds = [data[i]["kind"] for i in range(9)]
+    assert collections.Counter(kinds) == {k: 3 for k in KINDS}
+    item = data[0]
+    assert item["pixel_values"].shape == (3, 32, 32)
+    assert_llava_record({"id": 0, "image": "x", "kind": item["kind"], **item})
+    assert InstructDataset("val", 9, SMALL)[4]["conversations"] == data[4]["conversations"]
+    with pytest.raises(ValueError, match="kinds"):
+        InstructDataset(kinds=("chat",))
+
+
+def test_world_text_is_deterministic_text_only_and_modest():
+    texts = list(world_text("train", n=300, seed=0))
+    assert texts == list(world_text("train", n=300, seed=0))
+    assert len(texts) > 300 * 5
+    assert all(isinstance(t, str) and t and "<image>" not in t for t in texts)
+    vocabulary = {w.strip(".,:?") for t in texts for w in t.split()}
+    assert len(vocabulary) < 250, f"the world's vocabulary grew to {len(vocabulary)} words"
+    joined = " ".join(texts)
+    for word in ("circle", "purple", "top left", "How many", "yes", "no"):
+        assert word in joined
