@@ -1,0 +1,222 @@
+"""Evaluation: the scoring is proven right with oracles; the model path runs on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minillava.decoder import DecoderConfig
+from minillava.eval import (
+    EvalResult,
+    clip_zero_shot,
+    evaluate,
+    format_table,
+    generate_answers,
+    normalise_answer,
+    plot_accuracy_bars,
+    plot_gallery,
+    report,
+    score,
+    vqa_items,
+    vqa_prompt,
+)
+from minillava.llava import Llava, LlavaConfig
+from minillava.tokenizer import get_tokenizer
+from minillava.vit import ViTConfig
+
+QUESTION_TYPES = {
+    "colour",
+    "shape",
+    "count",
+    "existence",
+    "position",
+    "relation",
+    "text",
+    "reasoning",
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return get_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision=ViTConfig(
+            image_size=16,
+            patch_size=8,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=64,
+        ),
+        text=DecoderConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=64,
+            max_seq_len=256,
+        ),
+        image_token_id=tokenizer.image_id,
+    )
+    return Llava(config).eval()
+
+
+@pytest.fixture(scope="module")
+def items():
+    return vqa_items("test", n=16, image_size=16)
+
+
+def test_normalise_answer():
+    assert normalise_answer("  Top Left. ") == "top left"
+    assert normalise_answer("RED!") == "red"
+    assert normalise_answer("yes") == "yes"
+    assert normalise_answer("two  shapes?!") == "two shapes"
+    assert normalise_answer("") == ""
+    # Only trailing punctuation goes: "3.5" or an inner comma stays.
+    assert normalise_answer("3.5") == "3.5"
+    assert normalise_answer("red, blue.") == "red, blue"
+
+
+def test_vqa_prompt_follows_the_eval_convention():
+    assert (
+        vqa_prompt("What colour?") == "<image>\nWhat colour?\nAnswer with a single word or phrase."
+    )
+    assert vqa_prompt("What colour?", with_image=False).startswith("What colour?\n")
+
+
+def test_an_oracle_scores_100_percent_and_a_wrong_answerer_0(items):
+    types = {item["type"] for item in items}
+    assert types == QUESTION_TYPES  # 16 items cycle through all 8 types twice
+
+    def oracle(batch):  # right, but in the casing and punctuation a model might use
+        return [item["answer"].upper() + "." for item in batch]
+
+    result = score(items, oracle, batch_size=5)
+    assert result.accuracy == 1.0 and result.n == 16
+    assert set(result.per_type) == types and set(result.per_type.values()) == {1.0}
+    assert sum(result.counts.values()) == 16
+
+    wrong = score(items, lambda batch: ["zzz"] * len(batch))
+    assert wrong.accuracy == 0.0 and set(wrong.per_type.values()) == {0.0}
+
+
+def test_per_type_accuracy_is_the_fraction_right_in_each_type():
+    fake = [{"question": f"q{i}", "answer": "yes", "type": t} for i, t in enumerate("aaabbc")]
+    # Right on a's 1st and 2nd, b's 1st; wrong elsewhere.
+    answers = iter(["yes", "Yes.", "no", "yes", "no", "no"])
+    result = score(fake, lambda batch: [next(answers) for _ in batch], batch_size=4)
+    assert result.counts == {"a": 3, "b": 2, "c": 1}
+    assert result.per_type == pytest.approx({"a": 2 / 3, "b": 1 / 2, "c": 0.0})
+    assert result.accuracy == pytest.approx(3 / 6)
+
+
+def test_evaluate_on_a_tiny_random_model(tiny_model, tokenizer, items):
+    result = evaluate(tiny_model, tokenizer, "test", items=items, batch_size=8, max_new_tokens=3)
+    assert isinstance(result, EvalResult)
+    assert set(result.per_type) == QUESTION_TYPES
+    assert all(0.0 <= acc <= 1.0 for acc in result.per_type.values())
+    assert 0.0 <= result.accuracy <= 1.0 and result.n == 16
+    for mode in ("blank", "no_image"):
+        blind = evaluate(
+            tiny_model, tokenizer, items=items[:8], blind=True, blind_mode=mode, max_new_tokens=2
+        )
+        assert blind.blind and blind.blind_mode == mode and blind.n == 8
+    assert not tiny_model.training
+
+
+def test_batched_left_padded_answers_equal_one_at_a_time(tiny_model, tokenizer, items):
+    """Left padding must not change an answer: the padding is masked out of attention and RoPE."""
+    chosen = [items[i] for i in (0, 2, 5, 6)]  # questions of different lengths
+    questions = [item["question"] for item in chosen]
+    assert len({len(tokenizer.encode(q)) for q in questions}) > 1
+    pixels = torch.stack([item["pixel_values"] for item in chosen])
+    batched = generate_answers(tiny_model, tokenizer, questions, pixels, max_new_tokens=5)
+    alone = [
+        generate_answers(tiny_model, tokenizer, [q], pixels[i : i + 1], max_new_tokens=5)[0]
+        for i, q in enumerate(questions)
+    ]
+    assert batched == alone
+
+
+def test_format_table_lists_types_blind_and_gain():
+    result = EvalResult("test", 0.75, {"colour": 1.0, "count": 0.5}, {"colour": 2, "count": 2})
+    blind = EvalResult("test", 0.25, {"colour": 0.5, "count": 0.0}, {"colour": 2, "count": 2})
+    blind.blind_mode = "blank"
+    table = format_table(result, blind)
+    lines = table.splitlines()
+    colour = next(line for line in lines if line.startswith("colour"))
+    assert "100.0%" in colour and "50.0%" in colour and "+50.0" in colour
+    overall = next(line for line in lines if line.startswith("overall"))
+    assert "75.0%" in overall and "25.0%" in overall and "+50.0" in overall
+    assert "gain" not in format_table(result)
+
+
+def _is_png(path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_write_pngs(tmp_path, items):
+    result = score(items, lambda batch: [item["answer"] for item in batch], keep_images=6)
+    assert sum("pixel_values" in r for r in result.records) == 6
+    blind = score(items, lambda batch: ["yes"] * len(batch))
+    bars = plot_accuracy_bars({"test": result, "test blind": blind}, tmp_path / "bars.png")
+    gallery = plot_gallery(result, tmp_path / "gallery.png", n=6)
+    assert _is_png(bars) and _is_png(gallery)
+
+
+def test_report_prints_tables_and_writes_plots_and_json(tiny_model, tokenizer, tmp_path):
+    lines = []
+    summary = report(
+        tiny_model, tokenizer, tmp_path, n=8, splits=("test",), n_chat=1, print_fn=lines.append
+    )
+    text = "\n".join(lines)
+    assert "overall" in text and "blind" in text and "minillava:" in text
+    assert _is_png(tmp_path / "accuracy.png") and _is_png(tmp_path / "gallery_test.png")
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["splits"]["test"]["model"]["n"] == 8
+    assert summary["splits"]["test"]["blind"]["blind"] is True
+
+
+def test_clip_zero_shot_on_a_tiny_random_clip(tokenizer):
+    from minillava.clip import CLIP, CLIPConfig, TextEncoderConfig
+
+    torch.manual_seed(0)
+    clip = CLIP(
+        CLIPConfig(
+            vision=ViTConfig(
+                image_size=16,
+                patch_size=8,
+                hidden_size=32,
+                num_layers=1,
+                num_heads=2,
+                intermediate_size=64,
+            ),
+            text=TextEncoderConfig(
+                vocab_size=tokenizer.vocab_size,
+                hidden_size=32,
+                num_layers=1,
+                num_heads=2,
+                intermediate_size=64,
+            ),
+            embed_dim=16,
+        )
+    )
+    for attribute, k in (("shape", 5), ("colour", 6)):
+        out = clip_zero_shot(clip, tokenizer, attribute, n=10)
+        assert 0.0 <= out["accuracy"] <= 1.0 and out["n"] == 10
+        assert out["chance"] == pytest.approx(1 / k) and len(out["classes"]) == k
+
+
+def test_eval_cli_without_checkpoint_says_run_make_train(tmp_path, capsys):
+    from minillava.eval import main
+
+    assert main(["--checkpoint", str(tmp_path / "missing.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "make train" in err and "missing.pt" in err
