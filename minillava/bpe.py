@@ -203,13 +203,15 @@ def main(argv: list[str] | None = None) -> None:
     # The chat template's system line opens every conversation: give its words tokens too.
     texts += [SYSTEM] * args.n_scenes
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    text_seconds = time.perf_counter() - start
     # The special tokens are appended after the merges, so they take part of the vocabulary.
     ranks = train_bpe(texts, args.vocab_size - len(SPECIAL_TOKENS), verbose=args.verbose)
     save_ranks(ranks, args.out)
-    elapsed = time.perf_counter() - start
+    train_seconds = time.perf_counter() - start - text_seconds
     print(
         f"trained {len(ranks)} mergeable tokens (+{len(SPECIAL_TOKENS)} special) on "
-        f"{len(texts)} texts ({n_bytes / 1e6:.2f} MB) in {elapsed:.1f} s -> {args.out}"
+        f"{len(texts)} texts ({n_bytes / 1e6:.2f} MB) -> {args.out}\n"
+        f"time: {text_seconds:.1f} s generating the text, {train_seconds:.1f} s training BPE"
     )
     if len(ranks) + len(SPECIAL_TOKENS) < args.vocab_size:
         print(

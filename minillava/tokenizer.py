@@ -79,17 +79,21 @@ class Tokenizer:
 
     Attributes: ``encoding`` (the tiktoken.Encoding), ``vocab_size`` (number of ids, special tokens
     included: use it as the model's vocab_size), ``eot_id``, ``pad_id``, ``image_id``, ``user_id``,
-    ``assistant_id``, ``stop_ids`` (generation stops at any of them), ``system`` (the system line).
+    ``assistant_id``, ``stop_ids`` (generation stops at any of them), ``system`` (the system line),
+    ``path`` (the .tiktoken file it came from, or None).
     """
 
     IMAGE: str = IMAGE
 
-    def __init__(self, encoding: tiktoken.Encoding, system: str = SYSTEM) -> None:
+    def __init__(
+        self, encoding: tiktoken.Encoding, system: str = SYSTEM, path: Path | None = None
+    ) -> None:
         missing = [tok for tok in SPECIAL_TOKENS if tok not in encoding._special_tokens]
         if missing:
             raise ValueError(f"encoding {encoding.name!r} lacks the special tokens {missing}")
         self.encoding = encoding
         self.name = encoding.name
+        self.path = path  # the .tiktoken file it was loaded from (None for OpenAI encodings)
         self.system = system
         self.vocab_size: int = encoding.n_vocab
         self.eot_id: int = encoding.encode_single_token(EOT)
@@ -206,9 +210,9 @@ def build_encoding(name: str, mergeable_ranks: dict[bytes, int], pat_str: str = 
 
 
 @lru_cache(maxsize=4)
-def _load_shapesworld(path: str, mtime: float) -> tiktoken.Encoding:
+def _load_encoding(name: str, path: str, mtime: float) -> tiktoken.Encoding:
     # mtime is part of the cache key so a regenerated file is picked up.
-    return build_encoding("shapesworld", load_ranks(path))
+    return build_encoding(name, load_ranks(path))
 
 
 # OpenAI's files, as tiktoken_ext.openai_public names them: URL and sha256. tiktoken caches each
@@ -275,7 +279,8 @@ def _check_openai_cached(name: str) -> None:
 def get_tokenizer(name: str = "shapesworld") -> Tokenizer:
     """Load a tokenizer: "shapesworld" (shipped), or "gpt2" / "cl100k_base" if cached locally.
 
-    A path to a ``.tiktoken`` file also works (trained with ``python -m minillava.bpe``).
+    A path to a ``.tiktoken`` file also works (trained with ``python -m minillava.bpe``); the
+    tokenizer is then named after the file.
     """
     if name == "shapesworld" or name.endswith(".tiktoken"):
         path = SHAPESWORLD_FILE if name == "shapesworld" else Path(name)
@@ -284,7 +289,8 @@ def get_tokenizer(name: str = "shapesworld") -> Tokenizer:
                 f"tokenizer file {path} not found. Regenerate it with: python -m minillava.bpe "
                 f"--vocab-size 768 --out {path}"
             )
-        return Tokenizer(_load_shapesworld(str(path), path.stat().st_mtime))
+        name = "shapesworld" if name == "shapesworld" else path.stem
+        return Tokenizer(_load_encoding(name, str(path), path.stat().st_mtime), path=path)
     if name in _OPENAI_FILES:
         _check_openai_cached(name)
         base = tiktoken.get_encoding(name)  # reads the cache only: we just checked it is there

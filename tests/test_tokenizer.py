@@ -242,6 +242,19 @@ def test_cache_dir_follows_tiktoken_rule(tmp_path, monkeypatch):
     assert tokenizer_module.tiktoken_cache_dir() == str(tmp_path / "tk")
 
 
+def test_load_from_a_tiktoken_path(tmp_path, tok):
+    path = tmp_path / "mine.tiktoken"
+    path.write_bytes(SHAPESWORLD_FILE.read_bytes())
+    mine = get_tokenizer(str(path))
+    assert (mine.name, mine.path, tok.name, tok.path) == (
+        "mine",
+        path,
+        "shapesworld",
+        SHAPESWORLD_FILE,
+    )
+    assert mine.encode("<image>\na red circle") == tok.encode("<image>\na red circle")
+
+
 def test_unknown_name_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="unknown tokenizer 'llama'"):
         get_tokenizer("llama")
