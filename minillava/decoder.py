@@ -328,7 +328,7 @@ class Decoder(nn.Module):
             position_ids = default_position_ids(attention_mask, past_len, T, x.device)
         cos, sin = self.rotary(position_ids.expand(B, T))
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        mask = build_attention_mask(attention_mask, B, T, total_len, x.device)
+        mask = build_attention_mask(attention_mask, T, total_len, x.device)
 
         checkpointing = self.config.gradient_checkpointing and self.training and cache is None
         for layer in self.layers:
@@ -387,7 +387,7 @@ def default_position_ids(
 
 
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, B: int, T: int, total_len: int, device
+    attention_mask: torch.Tensor | None, T: int, total_len: int, device
 ) -> torch.Tensor:
     """Boolean (B or 1, 1, T, T_total), True where query t may look at key s.
 
@@ -400,10 +400,8 @@ def build_attention_mask(
     if attention_mask is None:
         return allowed
     is_real_key = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T_total)
-    query_positions = torch.arange(total_len - T, total_len, device=device)  # (T,)
-    itself = (
-        query_positions[:, None] == torch.arange(total_len, device=device)[None]
-    )  # (T, T_total)
+    own_key = torch.arange(total_len - T, total_len, device=device)[:, None]  # (T, 1)
+    itself = own_key == torch.arange(total_len, device=device)  # (T, T_total): key = the query
     return allowed & (is_real_key | itself)
 
 
