@@ -28,8 +28,8 @@ Two layers:
    {"from": "gpt", "value": "The circle is red."}]`` renders (system line elided) as::
 
        ...<|user|><image>\\nWhat colour is the circle?<|assistant|>The circle is red.<|endoftext|>
-                                                                ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
-                                                                the only tokens with mask True
+                                                                  ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+                                                                  the only tokens with mask True
 
    ``render`` returns the ids and a boolean mask that is True exactly on the assistant's answer
    tokens and the ``<|endoftext|>`` that closes each answer: the training loss is computed only
