@@ -270,3 +270,16 @@ def test_processor_rejects_bad_arguments():
         ImageProcessor(std=(0.5, 0.0, 0.5))
     with pytest.raises(TypeError, match="PIL"):
         ImageProcessor()(np.zeros((4, 4, 3)))
+
+
+def test_show_samples_returns_a_figure(tmp_path):
+    from matplotlib.figure import Figure
+
+    from minillava.data.show import show_samples
+
+    fig = show_samples(n=3, cols=2, split="val", config=SMALL, questions=2)
+    assert isinstance(fig, Figure) and len(fig.axes) == 3
+    label = fig.axes[0].get_xlabel()
+    assert "Q (" in label and "A: " in label
+    fig.savefig(tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").stat().st_size > 1000

@@ -204,11 +204,16 @@ def _draw_object(rng: random.Random, config: WorldConfig, forbidden: set) -> tup
 
 
 def _place(rng: random.Random, row: int, col: int, fraction: float, image_size: int):
-    """Pixel box of side `fraction` of a cell, jittered inside the cell, and its normalised box."""
+    """Pixel box of side `fraction` of a cell, jittered near the cell's centre; and normalised.
+
+    The jitter uses only half of the free space: a small object pushed into the corner of its
+    cell would look as if it sat in the next cell, since no grid lines are drawn.
+    """
     cell = image_size / 3
     side = max(3, round(fraction * cell))
-    x0 = int(col * cell + rng.uniform(0, max(0.0, cell - side)))
-    y0 = int(row * cell + rng.uniform(0, max(0.0, cell - side)))
+    free = max(0.0, cell - side)
+    x0 = int(col * cell + free / 2 + rng.uniform(-free / 4, free / 4))
+    y0 = int(row * cell + free / 2 + rng.uniform(-free / 4, free / 4))
     # Clamp so that the box stays inside its cell even after rounding: no overlaps, ever.
     x0 = min(x0, int((col + 1) * cell) - side)
     y0 = min(y0, int((row + 1) * cell) - side)
@@ -283,7 +288,7 @@ def _glyph(character: str, side: int) -> Image.Image:
         fill=255,
         font=font,
         anchor="mm",
-        stroke_width=big // 14,
+        stroke_width=big // 24,
         stroke_fill=255,
     )
     ink = canvas.crop(canvas.getbbox())
@@ -381,18 +386,34 @@ def count_phrase(n: int, noun: str = "shape") -> str:
     return f"{NUMBER_WORDS[n]} {noun}{'' if n == 1 else 's'}"
 
 
+def list_phrase(objects: list[SceneObject]) -> str:
+    """Objects as one phrase, twins grouped: "two small red circles and a large blue square"."""
+    groups: dict[tuple[str, str, str], int] = {}
+    for o in objects:
+        key = (o.size, o.colour, o.shape)
+        groups[key] = groups.get(key, 0) + 1
+    phrases = []
+    for (size, colour, shape), k in groups.items():
+        if k == 1:
+            phrases.append(f"a {size} {colour} {shape}")
+        else:
+            plural = shape + ("es" if shape.endswith("s") else "s")
+            phrases.append(f"{NUMBER_WORDS[k]} {size} {colour} {plural}")
+    return join_words(phrases)
+
+
 def make_captions(scene: Scene, rng: random.Random) -> list[str]:
     """Several short captions of the scene in varied wording, all true of it."""
     objs = scene.objects
     n = len(objs)
     shuffled = rng.sample(objs, n)
-    plain = join_words([object_phrase(o) for o in objs])
+    plain = list_phrase(objs)
     placed = join_words([f"{object_phrase(o)} {cell_phrase(o.row, o.col)}" for o in shuffled])
     is_are = "is" if n == 1 else "are"
     captions = [
         f"{plain}.",
         f"{count_phrase(n)}: {plain}.",
-        f"an image of {join_words([object_phrase(o) for o in shuffled])}.",
+        f"an image of {list_phrase(shuffled)}.",
         f"{placed}.",
         f"there {is_are} {count_phrase(n)} on a dark background: {plain}.",
     ]
