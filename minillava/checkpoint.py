@@ -1,0 +1,142 @@
+"""Checkpoints: save and load training state safely.
+
+A checkpoint is one `torch.save`d dict of tensors and plain Python values:
+
+    {"model": state_dict, "optimizer": state_dict | None, "scheduler": state_dict | None,
+     "step": int, "config": dict, "model_config": dict, "extra": dict}
+
+Two rules make it safe:
+
+* **Atomic writes.** We write `path.tmp`, flush it to disk (fsync) and only then rename it over
+  `path`. A run killed mid-save (Ctrl-C, out of memory, a pre-empted GPU) leaves the previous
+  checkpoint intact instead of a truncated file.
+* **No pickled code.** `torch.load(..., weights_only=True)` refuses to unpickle arbitrary objects,
+  so loading a checkpoint someone sent you cannot execute code. That is why configs are stored
+  as plain dicts (`dataclasses.asdict`), never as dataclass objects, and `save_checkpoint` checks
+  this before writing rather than letting the load fail later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PLAIN_TYPES = (str, int, float, bool, type(None), torch.Tensor, torch.Size)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model inside `DistributedDataParallel(...)` (`.module`) or `torch.compile`."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def _check_plain(value: object, where: str) -> None:
+    """Raise if `value` holds anything `torch.load(weights_only=True)` would refuse."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain(key, f"{where} key")
+            _check_plain(item, f"{where}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif not isinstance(value, PLAIN_TYPES):
+        raise TypeError(
+            f"save_checkpoint: {where} is a {type(value).__name__}; checkpoints hold only "
+            "tensors and plain Python values (use dataclasses.asdict for configs)"
+        )
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: object | None = None,
+    step: int,
+    config: dict,
+    model_config: dict,
+    extra: dict | None = None,
+) -> None:
+    """Write a checkpoint atomically (temp file, fsync, rename)."""
+    state = {
+        "model": unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "step": int(step),
+        "config": config,
+        "model_config": model_config,
+        "extra": extra or {},
+    }
+    for key in ("config", "model_config", "extra", "optimizer", "scheduler"):
+        _check_plain(state[key], key)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
+    os.replace(tmp, path)  # atomic on POSIX and Windows: readers see old or new, never half
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by `save_checkpoint`, refusing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} not found; train one first (`make train` writes "
+            "runs/cpu/llava.pt) or pass --checkpoint"
+        )
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+T = typing.TypeVar("T")
+
+
+def config_from_dict(cls: type[T], values: dict) -> T:
+    """Rebuild a (possibly nested) config dataclass from the dict `dataclasses.asdict` made."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)} in checkpoint config")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = config_from_dict(hint, value)
+        elif isinstance(value, list) and typing.get_origin(hint) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_llava(path: str | Path, device: str | torch.device = "auto"):
+    """Rebuild the trained LLaVA from a checkpoint: returns (model in eval mode, tokenizer, info).
+
+    `info` is the checkpoint dict without the weights: `info["config"]` is the training preset as
+    a dict (its `world` entry is the ShapesWorld config the model was trained on, so evaluation
+    renders images the same way), `info["model_config"]` the `LlavaConfig` as a dict.
+    """
+    from minillava.device import pick_device
+    from minillava.llava import Llava, LlavaConfig
+    from minillava.tokenizer import get_tokenizer
+
+    ckpt = load_checkpoint(path)
+    config = config_from_dict(LlavaConfig, ckpt["model_config"])
+    model = Llava(config)
+    model.load_state_dict(ckpt["model"])
+    model.to(pick_device(str(device))).eval()
+    info = {key: value for key, value in ckpt.items() if key not in ("model", "optimizer")}
+    tokenizer = get_tokenizer(info["config"].get("tokenizer", "shapesworld"))
+    return model, tokenizer, info

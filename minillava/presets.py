@@ -1,0 +1,279 @@
+"""Training presets: every number that decides how big the model is and how long it trains.
+
+A preset is a plain dataclass, so it reads like a table and every field can be overridden from
+the command line:
+
+    minillava train --preset cpu --set instruct.steps=600 --set model.hidden_size=192
+
+Three presets ship with the course:
+
+    tiny   a few seconds, for tests: proves every code path runs, learns nothing
+    cpu    the default of `make train`: all four stages in under 15 minutes on a 2-core CPU
+    gpu    a larger model and image for one GPU: bf16 autocast, fused AdamW, torch.compile
+
+The four stages (see train.py) each get a `StageConfig`: how many optimizer steps, the batch,
+the learning rate and its schedule.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelSizes:
+    """Widths and depths of the three networks (ViT + CLIP text encoder, projector, decoder)."""
+
+    # The Eyes: image_size // patch_size squared patches become the image tokens.
+    image_size: int = 48
+    patch_size: int = 8
+    vision_hidden: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    vision_intermediate: int = 512
+    # The CLIP text encoder: only used by the `clip` stage, then thrown away (as in LLaVA).
+    text_encoder_hidden: int = 128
+    text_encoder_layers: int = 2
+    text_encoder_heads: int = 4
+    clip_embed_dim: int = 128
+    # The Bridge.
+    projector: str = "mlp2x_gelu"
+    # The Brain: a LLaMA-style decoder.
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    intermediate_size: int = 384
+    max_seq_len: int = 256
+    dropout: float = 0.0
+
+
+@dataclass
+class DataSizes:
+    """How much ShapesWorld each stage sees, and how the instruction mix is made."""
+
+    train_images: int = 20_000  # distinct training images (stages draw batches from them)
+    lm_scenes: int = 4_000  # scenes whose text (world_text) the `lm` stage reads
+    lm_seq_len: int = 128  # tokens per row in the `lm` stage (texts packed back to back)
+    max_len: int = 160  # longest conversation kept, in tokens before the image is spliced in
+    max_objects: int = 4
+    text_prob: float = 0.25  # share of images with a rendered letter or digit
+    # Share of `instruct` samples that are single-turn short-answer VQA in the eval convention
+    # ("...\nAnswer with a single word or phrase."), as LLaVA-1.5 mixed VQAv2/GQA into its data.
+    vqa_fraction: float = 0.5
+
+
+@dataclass
+class StageConfig:
+    """One stage's optimisation: steps, batch, and the learning-rate schedule."""
+
+    steps: int = 100
+    batch_size: int = 32  # per optimizer step, over all processes (split across DDP ranks)
+    lr: float = 1e-3  # peak learning rate, reached after the warm-up
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at the last step
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size is split among them)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    ckpt_every: int = 0  # also checkpoint every N steps (0: only at the end of the stage)
+    log_every: int = 1  # metrics line + progress-bar update every N steps
+
+
+@dataclass
+class Preset:
+    """Everything `minillava train` needs. Field names are the keys of `--set`."""
+
+    name: str = "cpu"
+    model: ModelSizes = field(default_factory=ModelSizes)
+    data: DataSizes = field(default_factory=DataSizes)
+    lm: StageConfig = field(default_factory=StageConfig)
+    clip: StageConfig = field(default_factory=StageConfig)
+    align: StageConfig = field(default_factory=StageConfig)
+    instruct: StageConfig = field(default_factory=StageConfig)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
+    dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
+    compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
+    gradient_checkpointing: bool = False  # recompute decoder activations in backward
+    num_workers: int = 0  # DataLoader worker processes
+    num_threads: int = 0  # torch CPU threads (0: leave torch's default)
+    # Instruct stage: full fine-tuning of the decoder, or LoRA adapters (lora.py).
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    # After training: how many test questions `minillava train` evaluates (0: skip the eval).
+    eval_samples: int = 400
+    chat_samples: int = 4
+
+    STAGES = ("lm", "clip", "align", "instruct")
+
+    def stage(self, name: str) -> StageConfig:
+        if name not in self.STAGES:
+            raise ValueError(f"unknown stage {name!r}; expected one of {self.STAGES}")
+        return getattr(self, name)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (what checkpoints store: no dataclass objects, loadable safely)."""
+        return dataclasses.asdict(self)
+
+
+def tiny_preset() -> Preset:
+    """Seconds on a CPU: two steps per stage, a model a few thousand parameters wide."""
+    stage = StageConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1)
+    return Preset(
+        name="tiny",
+        model=ModelSizes(
+            image_size=16,
+            patch_size=8,
+            vision_hidden=32,
+            vision_layers=2,
+            vision_heads=2,
+            vision_intermediate=64,
+            text_encoder_hidden=32,
+            text_encoder_layers=1,
+            text_encoder_heads=2,
+            clip_embed_dim=32,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=64,
+            max_seq_len=256,
+        ),
+        data=DataSizes(train_images=32, lm_scenes=8, lm_seq_len=32, max_len=128),
+        lm=copy.deepcopy(stage),
+        clip=copy.deepcopy(stage),
+        align=copy.deepcopy(stage),
+        instruct=copy.deepcopy(stage),
+        eval_samples=8,
+        chat_samples=1,
+    )
+
+
+def cpu_preset() -> Preset:
+    """The default of `make train`: all stages, eval included, in under 15 minutes on 2 cores."""
+    return Preset(
+        name="cpu",
+        model=ModelSizes(),
+        data=DataSizes(),
+        lm=StageConfig(steps=300, batch_size=32, lr=2e-3, warmup_steps=20),
+        clip=StageConfig(steps=300, batch_size=64, lr=1e-3, warmup_steps=20),
+        align=StageConfig(steps=150, batch_size=32, lr=2e-3, warmup_steps=10, weight_decay=0.0),
+        instruct=StageConfig(steps=600, batch_size=32, lr=1e-3, warmup_steps=20),
+        num_threads=2,
+    )
+
+
+def gpu_preset() -> Preset:
+    """One GPU: a wider, deeper model on larger images, more steps; bf16 + fused AdamW + compile."""
+    return Preset(
+        name="gpu",
+        model=ModelSizes(
+            image_size=96,
+            patch_size=8,
+            vision_hidden=256,
+            vision_layers=6,
+            vision_heads=8,
+            vision_intermediate=1024,
+            text_encoder_hidden=256,
+            text_encoder_layers=4,
+            text_encoder_heads=8,
+            clip_embed_dim=256,
+            hidden_size=384,
+            num_layers=8,
+            num_heads=6,
+            num_kv_heads=2,
+            intermediate_size=1024,
+            max_seq_len=512,
+        ),
+        data=DataSizes(train_images=100_000, lm_scenes=40_000, lm_seq_len=256, max_len=384),
+        lm=StageConfig(steps=3000, batch_size=128, lr=1e-3, warmup_steps=200, log_every=10),
+        clip=StageConfig(steps=3000, batch_size=256, lr=5e-4, warmup_steps=200, log_every=10),
+        align=StageConfig(
+            steps=1000, batch_size=128, lr=1e-3, warmup_steps=50, weight_decay=0.0, log_every=10
+        ),
+        instruct=StageConfig(steps=5000, batch_size=64, lr=3e-4, warmup_steps=200, log_every=10),
+        compile=True,
+        num_workers=4,
+        eval_samples=2000,
+    )
+
+
+PRESETS = {"tiny": tiny_preset, "cpu": cpu_preset, "gpu": gpu_preset}
+
+
+def get_preset(name: str) -> Preset:
+    """A fresh copy of a named preset (mutating it never changes the defaults)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def _parse_value(text: str, current: object, key: str) -> object:
+    """Turn the command-line string `text` into a value of the same kind as `current`."""
+    if isinstance(current, bool):
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--set {key}={text}: expected true/false")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text
+        raise ValueError(
+            f"--set {key}={text}: expected a {type(current).__name__} like {current!r}"
+        ) from None
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list | str):
+        value = (value,) if isinstance(value, str) else tuple(value)
+    if current is not None and not isinstance(value, type(current)):
+        raise ValueError(
+            f"--set {key}={text}: expected a {type(current).__name__} like {current!r}, "
+            f"got {type(value).__name__}"
+        )
+    return value
+
+
+def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
+    """Apply `key=value` strings (`instruct.lr=3e-4`, `model.hidden_size=192`, `seed=1`).
+
+    Returns the same preset, changed in place. Unknown keys raise with the list of valid ones.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. instruct.lr=3e-4")
+        key, text = item.split("=", 1)
+        *parents, leaf = key.strip().split(".")
+        target = preset
+        for part in parents:
+            if not dataclasses.is_dataclass(target) or not hasattr(target, part):
+                raise ValueError(f"--set {key}: {part!r} is not a section of the preset")
+            target = getattr(target, part)
+        names = [f.name for f in dataclasses.fields(target)]
+        if leaf not in names:
+            raise ValueError(f"--set {key}: unknown field {leaf!r}; expected one of {names}")
+        current = getattr(target, leaf)
+        if dataclasses.is_dataclass(current):
+            raise ValueError(f"--set {key}: {leaf!r} is a section; set one of its fields")
+        setattr(target, leaf, _parse_value(text, current, key))
+    return preset

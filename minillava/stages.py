@@ -1,0 +1,385 @@
+"""What each training stage trains, on what data: the LLaVA recipe, shrunk to ShapesWorld.
+
+    lm        Decoder                 packed ShapesWorld text (captions, descriptions, Q&A)
+    clip      CLIP (ViT + text enc.)  image-caption pairs, contrastive loss
+    align     Llava: projector only   "<image> Write a short caption." -> caption
+    instruct  Llava: projector + LM   conversations, detailed descriptions, reasoning, and
+                                      short-answer VQA in the eval convention
+
+Each stage starts from the previous stages' checkpoints: the `clip` stage's ViT becomes LLaVA's
+vision tower, the `lm` stage's decoder its language model, `align`'s projector is where
+`instruct` starts. A stage whose inputs are missing starts those parts from random weights, with
+a warning (an ablation worth trying: how much does each pretraining stage buy?).
+
+Batches are built so that batch k depends only on (seed, stage, k): `batch_generator` seeds a
+fresh generator from that triple. A resumed run therefore sees exactly the batches the
+uninterrupted run would have seen, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from minillava.checkpoint import load_checkpoint
+from minillava.presets import Preset, StageConfig
+
+VQA_SUFFIX = "\nAnswer with a single word or phrase."  # the eval prompt convention (LLaVA-1.5)
+CLIP_TEXT_LEN = 64  # tokens: the longest caption (with its end-of-text token) the CLIP text
+# encoder reads; ShapesWorld captions are at most ~45 tokens.
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs of the three networks, from a preset
+
+
+def world_config(preset: Preset):
+    """The ShapesWorld every stage (and the final evaluation) draws images from."""
+    from minillava.data.shapes import WorldConfig
+
+    return WorldConfig(
+        image_size=preset.model.image_size,
+        max_objects=preset.data.max_objects,
+        text_prob=preset.data.text_prob,
+    )
+
+
+def vit_config(preset: Preset):
+    from minillava.vit import ViTConfig
+
+    m = preset.model
+    return ViTConfig(
+        image_size=m.image_size,
+        patch_size=m.patch_size,
+        hidden_size=m.vision_hidden,
+        num_layers=m.vision_layers,
+        num_heads=m.vision_heads,
+        intermediate_size=m.vision_intermediate,
+    )
+
+
+def decoder_config(preset: Preset, vocab_size: int):
+    from minillava.decoder import DecoderConfig
+
+    m = preset.model
+    return DecoderConfig(
+        vocab_size=vocab_size,
+        hidden_size=m.hidden_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads,
+        intermediate_size=m.intermediate_size,
+        max_seq_len=m.max_seq_len,
+        dropout=m.dropout,
+        gradient_checkpointing=preset.gradient_checkpointing,
+    )
+
+
+def clip_config(preset: Preset, vocab_size: int):
+    from minillava.clip import CLIPConfig, TextEncoderConfig
+
+    m = preset.model
+    text = TextEncoderConfig(
+        vocab_size=vocab_size,
+        max_len=CLIP_TEXT_LEN,
+        hidden_size=m.text_encoder_hidden,
+        num_layers=m.text_encoder_layers,
+        num_heads=m.text_encoder_heads,
+        intermediate_size=4 * m.text_encoder_hidden,
+    )
+    return CLIPConfig(vision=vit_config(preset), text=text, embed_dim=m.clip_embed_dim)
+
+
+def llava_config(preset: Preset, tokenizer):
+    from minillava.llava import LlavaConfig
+
+    return LlavaConfig(
+        vision=vit_config(preset),
+        text=decoder_config(preset, tokenizer.vocab_size),
+        projector=preset.model.projector,
+        image_token_id=tokenizer.image_id,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reproducible batches
+
+
+def hash_seed(*parts: object) -> int:
+    """A 63-bit seed from any values, the same in every process (unlike Python's `hash`)."""
+    text = ":".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def batch_generator(seed: int, stage: str, k: int) -> torch.Generator:
+    """A torch generator that depends only on (seed, stage, k), stable across runs and machines."""
+    return torch.Generator().manual_seed(hash_seed(seed, stage, k))
+
+
+class StageBatches(Dataset):
+    """Item m is micro-batch m of a stage: this process's share of part of a global batch.
+
+    A global batch (one optimizer step, `config.batch_size` samples) is cut into `grad_accum`
+    micro-batches, each split over the `world_size` processes (rank r takes every world_size-th
+    sample). Subclasses turn a list of sample indices into tensors (`make_batch`).
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        num_items: int,
+        config: StageConfig,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        per_process = config.grad_accum * world_size
+        if config.batch_size % per_process:
+            raise ValueError(
+                f"{stage}.batch_size={config.batch_size} must be divisible by grad_accum x "
+                f"processes = {config.grad_accum} x {world_size}"
+            )
+        if num_items < config.batch_size:
+            raise ValueError(
+                f"stage {stage}: {num_items} samples is fewer than one batch of "
+                f"{config.batch_size}; raise the data size or lower {stage}.batch_size"
+            )
+        self.stage, self.num_items, self.seed = stage, num_items, seed
+        self.batch_size, self.accum = config.batch_size, config.grad_accum
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        return 2**62  # any micro-batch index is valid: epochs repeat with fresh shuffles
+
+    def global_indices(self, step: int) -> list[int]:
+        """Sample indices of optimizer step `step`: each epoch walks a fresh permutation."""
+        per_epoch = self.num_items // self.batch_size
+        epoch, position = divmod(step, per_epoch)
+        order = torch.randperm(
+            self.num_items, generator=batch_generator(self.seed, self.stage, epoch)
+        )
+        return order[position * self.batch_size : (position + 1) * self.batch_size].tolist()
+
+    def indices(self, m: int) -> list[int]:
+        """This process's sample indices in micro-batch m."""
+        step, part = divmod(m, self.accum)
+        micro = self.batch_size // self.accum
+        chunk = self.global_indices(step)[part * micro : (part + 1) * micro]
+        return chunk[self.rank :: self.world_size]
+
+    def __getitem__(self, m: int) -> dict:
+        # A per-sample random stream (caption choice, question types), also a function of m only.
+        rng = random.Random(f"{self.seed}:{self.stage}:{m}:{self.rank}")
+        return self.make_batch(self.indices(m), rng)
+
+    def make_batch(self, indices: list[int], rng: random.Random) -> dict:
+        raise NotImplementedError
+
+
+class PackedTextBatches(StageBatches):
+    """`lm` stage: windows of `seq_len + 1` tokens cut from one long stream of world text.
+
+    As in GPT pretraining, texts are concatenated with <|endoftext|> between them and cut into
+    fixed-length rows: no padding, so every position trains. Item i is the window at offset
+    i * seq_len (consecutive windows overlap by one token: its last is the next one's first).
+    """
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, config: StageConfig, seed: int, **dist):
+        self.tokens, self.seq_len = tokens, seq_len
+        super().__init__("lm", (len(tokens) - 1) // seq_len, config, seed, **dist)
+
+    def make_batch(self, indices: list[int], rng: random.Random) -> dict:
+        rows = torch.stack(
+            [self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1] for i in indices]
+        )
+        return {"input_ids": rows, "labels": rows}  # (B, seq_len + 1); the model shifts
+
+
+class CaptionBatches(StageBatches):
+    """`clip` stage: images with one of their captions, as CLIP's (pixel_values, input_ids)."""
+
+    def __init__(self, world, tokenizer, config: StageConfig, seed: int, **dist):
+        self.world, self.tokenizer = world, tokenizer
+        super().__init__("clip", len(world), config, seed, **dist)
+
+    def make_batch(self, indices: list[int], rng: random.Random) -> dict:
+        from minillava.data.collate import collate_text
+
+        samples = [self.world[i] for i in indices]
+        captions = [rng.choice(s.captions) for s in samples]
+        text = collate_text(captions, self.tokenizer, max_len=CLIP_TEXT_LEN)
+        return {
+            "pixel_values": torch.stack([s.pixel_values for s in samples]),
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+        }
+
+
+class ConversationBatches(StageBatches):
+    """`align` and `instruct`: one conversation per image, rendered with the chat template.
+
+    `align` uses the "caption" kind only. `instruct` mixes the data engine's three kinds
+    (conversation, detail, reasoning) with short-answer VQA conversations in the eval convention:
+    1-4 questions about the image, each ending "\\nAnswer with a single word or phrase.", each
+    answered with one word. That is how LLaVA-1.5 taught its model to answer VQA benchmarks
+    tersely; without it the model answers in sentences and exact-match accuracy means nothing.
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        world,
+        tokenizer,
+        config: StageConfig,
+        seed: int,
+        max_len: int,
+        vqa_fraction: float = 0.0,
+        kinds: tuple[str, ...] = ("conversation", "detail", "reasoning"),
+        **dist,
+    ):
+        self.world, self.tokenizer, self.max_len = world, tokenizer, max_len
+        self.vqa_fraction, self.kinds = vqa_fraction, kinds
+        super().__init__(stage, len(world), config, seed, **dist)
+
+    def conversation(self, index: int, rng: random.Random) -> dict:
+        from minillava.data.instruct import QUESTION_TYPES, ask, make_conversation
+
+        sample = self.world[index]
+        if rng.random() < self.vqa_fraction:
+            turns = []
+            for qtype in rng.sample(QUESTION_TYPES, rng.randint(1, 4)):
+                qa = ask(sample.scene, qtype, rng, self.world.config)
+                turns += [
+                    {"from": "human", "value": qa.question + VQA_SUFFIX},
+                    {"from": "gpt", "value": qa.answer},
+                ]
+            turns[0]["value"] = "<image>\n" + turns[0]["value"]
+        else:
+            kind = rng.choice(self.kinds)
+            turns = make_conversation(
+                sample.scene, sample.captions, rng, kind, config=self.world.config
+            )
+        return {"pixel_values": sample.pixel_values, "conversations": turns}
+
+    def make_batch(self, indices: list[int], rng: random.Random) -> dict:
+        from minillava.data.collate import collate_conversations
+
+        samples = [self.conversation(i, rng) for i in indices]
+        return collate_conversations(samples, self.tokenizer, max_len=self.max_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading the previous stages' weights
+
+
+def load_part(module: nn.Module, path: Path, prefix: str = "", what: str = "") -> bool:
+    """Load the weights under `prefix` in checkpoint `path` into `module`; warn if absent."""
+    if not path.is_file():
+        print(f"  ! {path} not found: the {what} starts from random weights (run its stage first)")
+        return False
+    state = load_checkpoint(path)["model"]
+    part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    module.load_state_dict(part)
+    print(f"  {what}: loaded from {path}")
+    return True
+
+
+def stage_config_dict(config) -> dict:
+    """A model config dataclass as the plain dict checkpoints store."""
+    return asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# The four stages: model (with the right parts frozen) + batches
+
+
+@dataclasses.dataclass
+class StagePlan:
+    """Everything `train_stage` needs for one stage, plus the config to rebuild the model."""
+
+    model: nn.Module
+    batches: Dataset
+    model_config: dict
+
+
+def world_tokens(tokenizer, num_scenes: int, seed: int, config) -> torch.Tensor:
+    """All of world_text for `num_scenes` training scenes as one stream of ids (EOT-separated)."""
+    from minillava.data.instruct import world_text
+
+    ids: list[int] = []
+    for text in world_text("train", num_scenes, seed, config):
+        ids += tokenizer.encode_ordinary(text) + [tokenizer.eot_id]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, world_size=1):
+    """Model, batches and model config of stage `name` (lm | clip | align | instruct)."""
+    from minillava.data.shapes import ShapesWorld
+
+    dist = {"rank": rank, "world_size": world_size}
+    world = world_config(preset)
+    seed = preset.seed
+    config = preset.stage(name)
+    # Each stage seeds its own initialisation: `--stage align` alone builds the same model as
+    # the align stage of a full run.
+    torch.manual_seed(hash_seed(seed, name))
+    if name == "lm":
+        from minillava.decoder import Decoder
+
+        cfg = decoder_config(preset, tokenizer.vocab_size)
+        tokens = world_tokens(tokenizer, preset.data.lm_scenes, seed, world)
+        batches = PackedTextBatches(tokens, preset.data.lm_seq_len, config, seed, **dist)
+        return StagePlan(Decoder(cfg), batches, asdict(cfg))
+
+    images = ShapesWorld("train", preset.data.train_images, world, seed=seed)
+    if name == "clip":
+        from minillava.clip import CLIP
+
+        cfg = clip_config(preset, tokenizer.vocab_size)
+        batches = CaptionBatches(images, tokenizer, config, seed, **dist)
+        return StagePlan(CLIP(cfg), batches, asdict(cfg))
+
+    from minillava.llava import Llava
+
+    cfg = llava_config(preset, tokenizer)
+    model = Llava(cfg)
+    if name == "align":
+        load_part(model.vision_tower, out_dir / "clip.pt", "vision_model.", "vision tower (ViT)")
+        load_part(model.language_model, out_dir / "lm.pt", "", "language model")
+        model.freeze_vision()
+        model.freeze_language()  # stage 1: only the projector learns
+        batches = ConversationBatches(
+            "align", images, tokenizer, config, seed, preset.data.max_len, kinds=("caption",),
+            **dist,
+        )  # fmt: skip
+        return StagePlan(model, batches, asdict(cfg))
+
+    if name == "instruct":
+        if not load_part(model, out_dir / "align.pt", "", "LLaVA after align"):
+            load_part(model.vision_tower, out_dir / "clip.pt", "vision_model.", "vision tower")
+            load_part(model.language_model, out_dir / "lm.pt", "", "language model")
+        model.freeze_vision()  # stage 2: projector + decoder learn, the eyes stay as they are
+        if preset.lora:
+            from minillava.lora import apply_lora
+
+            wrapped = apply_lora(
+                model.language_model,
+                preset.lora_targets,
+                rank=preset.lora_rank,
+                alpha=preset.lora_alpha,
+                dropout=preset.lora_dropout,
+            )
+            print(f"  LoRA rank {preset.lora_rank} on {len(wrapped)} layers of the decoder")
+        batches = ConversationBatches(
+            "instruct", images, tokenizer, config, seed, preset.data.max_len,
+            vqa_fraction=preset.data.vqa_fraction, **dist,
+        )  # fmt: skip
+        return StagePlan(model, batches, asdict(cfg))
+    raise ValueError(f"unknown stage {name!r}; expected one of {Preset.STAGES}")

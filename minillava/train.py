@@ -1,0 +1,591 @@
+"""One training loop for every stage of minillava, and the `minillava train` command.
+
+LLaVA is trained in stages; we add two at the front because we have no pretrained parts:
+
+    lm        pretrain the decoder (the Brain) on ShapesWorld text     -> runs/<preset>/lm.pt
+    clip      contrastive pretraining of the ViT (the Eyes) with a text encoder  -> clip.pt
+    align     ViT and decoder frozen; only the projector (the Bridge) learns, on captions
+    instruct  ViT frozen; projector + decoder (full or LoRA) learn on conversations, with the
+              loss on the assistant's tokens only                     -> instruct.pt, llava.pt
+
+What each stage trains on lives in stages.py. This file is the loop they share, `train_stage`,
+and it knows nothing about LLaVA: it takes any model whose forward returns an object with a
+`.loss`, and a dataset whose item k is the k-th micro-batch (a dict of tensors, passed to the
+model as keyword arguments). Because batch k depends only on k (and the seed), a resumed run sees
+exactly the batches the interrupted run would have seen, and reproduces its losses.
+
+What the loop does, step by step:
+    for each optimizer step:
+        lr <- warm-up then cosine schedule
+        for each of grad_accum micro-batches:    (gradient accumulation: a big batch in pieces)
+            loss = model(**batch).loss / grad_accum        under bf16 autocast on GPU
+            stop if the loss is NaN/inf                    (the last good checkpoint is kept)
+            loss.backward()                                (DDP averages gradients over GPUs)
+        clip the global gradient norm, optimizer.step(), zero the gradients
+        log a JSONL line, update the progress bar, checkpoint now and then (atomically)
+    plot the loss curve to PNG
+
+Multi-GPU: `torchrun --nproc_per_node=N -m minillava.train ...` starts N processes; each takes
+its share of every batch and DistributedDataParallel keeps the replicas identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from minillava.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
+from minillava.device import autocast, pick_device
+from minillava.plots import plot_loss_curve
+from minillava.presets import PRESETS, Preset, StageConfig, apply_overrides, get_preset
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (DDP)
+
+
+@dataclass
+class DistInfo:
+    """Who am I among the training processes? (rank 0 prints, logs and saves.)"""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """Rank and world size of this process (rank 0 of 1 when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        return DistInfo(dist.get_rank(), local, dist.get_world_size())
+    return DistInfo()
+
+
+def setup_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Join the process group if started by `torchrun` (WORLD_SIZE > 1); pick this rank's device.
+
+    NCCL on CUDA, gloo on CPU (which is how the tests run two processes on a laptop).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    chosen = pick_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
+    info = dist_info()
+    if chosen.type == "cuda" and info.world_size > 1:
+        chosen = torch.device("cuda", info.local_rank)  # one GPU per process
+        torch.cuda.set_device(chosen)
+    return info, chosen
+
+
+def _mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Average a scalar over processes (every rank then logs, and NaN-checks, the same value)."""
+    if info.world_size == 1:
+        return value
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG: sum, then divide
+    return value / info.world_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def lr_at(step: int, config: StageConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine decay.
+
+    Warm-up avoids huge first updates while Adam's moment estimates are still noise; the cosine
+    lands softly at `lr * min_lr_ratio` on the last step. Computed from the step alone (no
+    scheduler state), so a resumed run follows the same curve.
+    """
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    min_lr = config.lr * config.min_lr_ratio
+    decay_steps = max(1, config.steps - config.warmup_steps - 1)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - min_lr)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: matrices get weight decay; biases and norms do not.
+
+    Decaying a LayerNorm gain or a bias towards 0 only hurts (they are not what overfits), so
+    like GPT-2/nanoGPT we decay exactly the parameters with 2 or more dimensions. Frozen
+    parameters (requires_grad=False) are left out: that is how a stage freezes a part.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters")
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def make_optimizer(groups: list[dict], config: StageConfig, device: torch.device):
+    """AdamW; the fused CUDA kernel on GPU (one launch for all parameters instead of many)."""
+    return torch.optim.AdamW(
+        groups,
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        fused=device.type == "cuda",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the gradient norm) became NaN or infinite: training stopped."""
+
+
+@dataclass
+class StageResult:
+    """What `train_stage` returns: the per-step losses and where the artifacts are."""
+
+    name: str
+    steps: int  # optimizer steps completed in total (including those before a resume)
+    losses: list[float] = field(default_factory=list)  # loss of every logged step
+    checkpoint: Path | None = None
+    metrics: Path | None = None
+    plot: Path | None = None
+    seconds: float = 0.0  # wall time of this call
+    resumed_from: int = 0
+
+
+def count_tokens(batch: dict) -> int:
+    """Tokens in a batch, for tokens/s: non-padding positions, else the batch size."""
+    if isinstance(batch.get("attention_mask"), torch.Tensor):
+        return int(batch["attention_mask"].sum())
+    if isinstance(batch.get("input_ids"), torch.Tensor):
+        return batch["input_ids"].numel()
+    first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
+    return first.shape[0]
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move every tensor of a batch; non_blocking overlaps the copy with compute (pinned memory)."""
+    return {
+        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for key, value in batch.items()
+    }
+
+
+def _read_jsonl(path: Path, up_to_step: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if r.get("step", 0) <= up_to_step]
+
+
+def train_stage(
+    model: nn.Module,
+    batches: Dataset,
+    config: StageConfig,
+    *,
+    name: str = "stage",
+    out_dir: str | Path | None = None,
+    device: torch.device | str = "auto",
+    dtype: str = "auto",
+    groups: list[dict] | None = None,
+    resume: bool = False,
+    compile: bool = False,
+    num_workers: int = 0,
+    run_config: dict | None = None,
+    model_config: dict | None = None,
+    eval_fn: Callable[[nn.Module], dict] | None = None,
+    eval_every: int = 0,
+    progress: bool = True,
+) -> StageResult:
+    """Train `model` for `config.steps` optimizer steps on `batches`; checkpoint and log.
+
+    Args:
+        model: forward(**batch) must return an object with a scalar `.loss`. Parameters with
+            requires_grad=False are frozen (not given to the optimizer).
+        batches: item k is micro-batch k (a dict of tensors); step s uses items
+            s*grad_accum ... s*grad_accum + grad_accum - 1. Under DDP each rank's dataset must
+            return that rank's share of the batch.
+        config: steps, learning rate and schedule, accumulation, clipping, checkpoint interval.
+        name: the stage name; files are `{out_dir}/{name}.pt`, `{name}.jsonl`, `{name}_loss.png`.
+        out_dir: where to write them (None: write nothing, e.g. in a notebook).
+        groups: optimizer parameter groups (default: `param_groups(model, weight_decay)`); a
+            group may carry "lr_scale" to train at a multiple of the scheduled rate.
+        resume: continue from `{out_dir}/{name}.pt` if it exists (returns at once if that stage
+            was already finished).
+        eval_fn: called as eval_fn(model) every `eval_every` steps and at the end; its dict is
+            logged (e.g. {"val_loss": ...}).
+    """
+    started = time.perf_counter()
+    info = dist_info()
+    device = pick_device(device) if isinstance(device, str) else device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    model.to(device)
+    groups = groups if groups is not None else param_groups(model, config.weight_decay)
+    optimizer = make_optimizer(groups, config, device)
+
+    out_dir = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out_dir / f"{name}.pt" if out_dir else None
+    metrics_path = out_dir / f"{name}.jsonl" if out_dir else None
+    plot_path = out_dir / f"{name}_loss.png" if out_dir else None
+    result = StageResult(name, 0, checkpoint=ckpt_path, metrics=metrics_path, plot=plot_path)
+    run_config = dict(run_config or {})
+    run_config["stage"] = asdict(config)
+    model_config = model_config or {}
+
+    # Resume: restore weights, optimizer moments, step and RNG, then skip the steps already done.
+    start_step, records = 0, []
+    if resume and ckpt_path is not None and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        unwrap_model(model).load_state_dict(ckpt["model"])
+        if ckpt["optimizer"] is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        start_step = ckpt["step"]
+        torch.set_rng_state(ckpt["extra"]["rng_state"])  # dropout masks continue identically
+        records = _read_jsonl(metrics_path, up_to_step=start_step)
+        result.resumed_from = start_step
+        if info.is_main:
+            print(f"[{name}] resuming from {ckpt_path} at step {start_step}/{config.steps}")
+    result.losses = [r["loss"] for r in records if "loss" in r]
+    result.steps = start_step
+    if start_step >= config.steps:
+        result.seconds = time.perf_counter() - started
+        return result  # this stage was already finished
+
+    def save(step: int) -> None:
+        if ckpt_path is None or not info.is_main:
+            return
+        extra = {"stage": name, "rng_state": torch.get_rng_state(), "done": step >= config.steps}
+        save_checkpoint(
+            ckpt_path,
+            model=model,
+            optimizer=optimizer,
+            step=step,
+            config=run_config,
+            model_config=model_config,
+            extra=extra,
+        )
+
+    # Wrap for several processes, then (optionally) compile. The unwrapped `model` is what we save.
+    train_model = ddp_model = model
+    if info.world_size > 1:
+        train_model = ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if compile:
+        train_model = torch.compile(train_model)
+    train_model.train()
+
+    # Batch k is item k of `batches`; start where we stopped. Workers build batches in parallel
+    # with training; pinned (page-locked) memory makes the host-to-GPU copy asynchronous.
+    accum = config.grad_accum
+    loader = DataLoader(
+        batches,
+        batch_size=None,  # items are whole batches already
+        sampler=range(start_step * accum, config.steps * accum),
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        # Its own generator: creating the iterator must not consume the global RNG, or a resumed
+        # run's dropout masks would be shifted by one draw.
+        generator=torch.Generator().manual_seed(0),
+    )
+    micro_batches = iter(loader)
+
+    metrics_file = None
+    if metrics_path is not None and info.is_main:
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        metrics_file = open(metrics_path, "w")  # rewritten: keeps the records up to the resume
+        for r in records:
+            metrics_file.write(json.dumps(r) + "\n")
+    bar = tqdm(
+        total=config.steps,
+        initial=start_step,
+        desc=f"{name:>8}",
+        disable=not (progress and info.is_main),
+        dynamic_ncols=True,
+        leave=True,
+    )
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    window_tokens, window_start = 0, time.perf_counter()
+    try:
+        for step in range(start_step, config.steps):
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+
+            step_loss = torch.zeros((), device=device)
+            for micro in range(accum):
+                batch = to_device(next(micro_batches), device)
+                window_tokens += count_tokens(batch)
+                # Under DDP, gradients are all-reduced on every backward unless we say no_sync:
+                # only the last micro-batch of the step needs to communicate.
+                skip_sync = info.world_size > 1 and micro < accum - 1
+                with ddp_model.no_sync() if skip_sync else contextlib.nullcontext():
+                    with autocast(device, dtype):
+                        loss = train_model(**batch).loss / accum
+                    if not torch.isfinite(_mean_over_ranks(loss.detach(), info)):
+                        raise NonFiniteLossError(_nan_message(name, step, loss, ckpt_path))
+                    loss.backward()
+                step_loss += loss.detach()
+
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable, config.grad_clip if config.grad_clip > 0 else float("inf")
+            )
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteLossError(_nan_message(name, step, grad_norm, ckpt_path, "gradient"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+
+            if done % config.log_every == 0 or done == config.steps:
+                loss_value = _mean_over_ranks(step_loss, info).item()
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "stage": name,
+                    "step": done,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": window_tokens * info.world_size / max(elapsed, 1e-9),
+                    "time_s": time.perf_counter() - started,
+                }
+                window_tokens, window_start = 0, time.perf_counter()
+                if eval_fn is not None and eval_every > 0 and done % eval_every == 0:
+                    record.update(_evaluate(eval_fn, model, train_model))
+                result.losses.append(loss_value)
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                bar.set_postfix(
+                    loss=f"{loss_value:.3f}",
+                    lr=f"{lr:.1e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                    refresh=False,
+                )
+            bar.update(1)
+            result.steps = done
+            if (config.ckpt_every and done % config.ckpt_every == 0) or done == config.steps:
+                save(done)
+        if eval_fn is not None and metrics_file is not None:
+            final = {"stage": name, "step": config.steps, **_evaluate(eval_fn, model, train_model)}
+            metrics_file.write(json.dumps(final) + "\n")
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+
+    if plot_path is not None and info.is_main and metrics_path.is_file():
+        plot_loss_curve(metrics_path, plot_path, title=f"stage {name}: training loss")
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _evaluate(eval_fn: Callable, model: nn.Module, train_model: nn.Module) -> dict:
+    train_model.eval()
+    with torch.no_grad():
+        out = eval_fn(model)
+    train_model.train()
+    return {key: float(value) for key, value in out.items()}
+
+
+def _nan_message(name, step, value, ckpt_path, what: str = "loss") -> str:
+    kept = (
+        f"the last good checkpoint is kept: {ckpt_path}"
+        if ckpt_path is not None and ckpt_path.is_file()
+        else "no checkpoint was written before it"
+    )
+    return (
+        f"stage {name!r}: the {what} became {float(value.detach())} at step {step + 1}; "
+        f"training stopped and {kept}. Usual causes: a learning rate too high (try "
+        f"--set {name}.lr=<smaller>), no gradient clipping, or a batch with no tokens to predict."
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# `minillava train`
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minillava train",
+        description="Train the tiny LLaVA: lm -> clip -> align -> instruct, then evaluate. "
+        "Multi-GPU: torchrun --nproc_per_node=N -m minillava.train ...",
+    )
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="default: cpu")
+    parser.add_argument(
+        "--stage", default="all", choices=("all", *Preset.STAGES), help="one stage, or all in order"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoints in the run dir"
+    )
+    parser.add_argument("--out-dir", help="run directory (default: runs/<preset>)")
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--dtype", help="auto (bf16 on CUDA) | float32 | bfloat16 | float16")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile")
+    parser.add_argument("--lora", action=argparse.BooleanOptionalAction, help="LoRA in instruct")
+    parser.add_argument("--steps", type=int, help="optimizer steps of every selected stage")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--num-workers", type=int, help="DataLoader worker processes")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any preset field, e.g. --set instruct.lr=3e-4 --set model.hidden_size=192",
+    )
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def resolve_preset(args: argparse.Namespace) -> Preset:
+    """The named preset, then the explicit flags, then the --set overrides (last wins)."""
+    preset = get_preset(args.preset)
+    stages = Preset.STAGES if args.stage == "all" else (args.stage,)
+    flags = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "lora": args.lora,
+        "seed": args.seed,
+        "num_workers": args.num_workers,
+    }
+    for key, value in flags.items():
+        if value is not None:
+            setattr(preset, key, value)
+    if args.steps is not None:
+        for name in stages:
+            preset.stage(name).steps = args.steps
+    return apply_overrides(preset, args.set)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from minillava import stages as stage_lib
+    from minillava.lora import merge_lora
+    from minillava.tokenizer import get_tokenizer
+
+    args = build_parser().parse_args(argv)
+    try:
+        preset = resolve_preset(args)
+    except ValueError as error:
+        print(f"minillava train: {error}", file=sys.stderr)
+        return 2
+    stages = Preset.STAGES if args.stage == "all" else (args.stage,)
+    info, device = setup_distributed(preset.device)
+    if preset.num_threads > 0:
+        torch.set_num_threads(preset.num_threads)
+    say = print if info.is_main else (lambda *a, **k: None)
+    out_dir = Path(args.out_dir or Path("runs") / preset.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = get_tokenizer("shapesworld")
+    run_config = {
+        "preset": preset.to_dict(),
+        "world": asdict(stage_lib.world_config(preset)),
+        "tokenizer": "shapesworld",
+    }
+    if info.is_main:
+        with open(out_dir / "preset.json", "w") as f:
+            json.dump(run_config, f, indent=1)
+    say(
+        f"minillava train: preset {preset.name!r}, stages {', '.join(stages)}, device {device}"
+        f"{f' x {info.world_size} processes' if info.world_size > 1 else ''}, "
+        f"{torch.get_num_threads()} CPU threads"
+    )
+    say(f"run dir: {out_dir}/ (preset.json has every setting)")
+
+    started = time.perf_counter()
+    model = None
+    for name in stages:
+        config = preset.stage(name)
+        say(f"\n== stage {name}: {config.steps} steps, batch {config.batch_size}, lr {config.lr:g}")
+        plan = stage_lib.build_stage(name, preset, tokenizer, out_dir, info.rank, info.world_size)
+        trainable = sum(p.numel() for p in plan.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in plan.model.parameters())
+        kind = type(plan.model).__name__
+        say(f"  {kind}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained")
+        result = train_stage(
+            plan.model,
+            plan.batches,
+            config,
+            name=name,
+            out_dir=out_dir,
+            device=device,
+            dtype=preset.dtype,
+            resume=args.resume,
+            compile=preset.compile,
+            num_workers=preset.num_workers,
+            run_config=run_config,
+            model_config=plan.model_config,
+            progress=not args.no_progress,
+        )
+        first, last = (result.losses[0], result.losses[-1]) if result.losses else (math.nan,) * 2
+        say(
+            f"  done in {result.seconds:.0f} s: loss {first:.3f} -> {last:.3f}\n"
+            f"  checkpoint {result.checkpoint}, metrics {result.metrics}, loss curve {result.plot}"
+        )
+        model = plan.model
+
+    if "instruct" in stages and info.is_main:
+        # The deliverable: the instruct model with any LoRA folded in, plain layer names, no
+        # optimizer state. chat/eval/export load it with checkpoint.load_llava.
+        model = merge_lora(unwrap_model(model))
+        final = out_dir / "llava.pt"
+        save_checkpoint(
+            final,
+            model=model,
+            step=preset.instruct.steps,
+            config=run_config,
+            model_config=plan.model_config,
+        )
+        say(f"\nfinal model: {final}  (try: minillava chat --checkpoint {final} ...)")
+        say(f"training time: {time.perf_counter() - started:.0f} s")
+        if preset.eval_samples > 0 and not args.no_eval:
+            evaluate_run(model, tokenizer, out_dir, preset, run_config, device)
+    if info.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def evaluate_run(model, tokenizer, out_dir: Path, preset: Preset, run_config: dict, device):
+    """The eval table (model vs blind baseline, test and held-out splits) and chat samples."""
+    from minillava.eval import load_clip_for_eval, report
+
+    started = time.perf_counter()
+    print(f"\n== evaluation: {preset.eval_samples} questions per split, greedy decoding")
+    report(
+        model.to(device).eval(),
+        tokenizer,
+        out_dir / "eval",
+        n=preset.eval_samples,
+        n_chat=preset.chat_samples,
+        clip_model=load_clip_for_eval(out_dir / "clip.pt", device),
+        world=run_config["world"],
+    )
+    print(f"evaluation time: {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

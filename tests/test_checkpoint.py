@@ -1,0 +1,108 @@
+"""Checkpoints: atomic writes, safe loads, configs rebuilt from plain dicts."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from minillava.checkpoint import (
+    config_from_dict,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap_model,
+)
+from minillava.presets import Preset, get_preset
+
+
+def _save(path, model, **kw):
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    save_checkpoint(
+        path,
+        model=model,
+        optimizer=opt,
+        step=7,
+        config={"a": [1, 2.0, "x"]},
+        model_config={"in": 3},
+        **kw,
+    )
+    return opt
+
+
+def test_round_trip_restores_weights_optimizer_and_metadata(tmp_path):
+    model = nn.Linear(3, 2)
+    rng_state = torch.get_rng_state()
+    opt = _save(tmp_path / "c.pt", model, extra={"rng": rng_state})
+    ckpt = load_checkpoint(tmp_path / "c.pt")
+    assert ckpt["step"] == 7 and ckpt["config"] == {"a": [1, 2.0, "x"]}
+    assert ckpt["model_config"] == {"in": 3}
+    assert torch.equal(ckpt["extra"]["rng"], rng_state)
+    fresh = nn.Linear(3, 2)
+    fresh.load_state_dict(ckpt["model"])
+    assert torch.equal(fresh.weight, model.weight)
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    fresh_opt.load_state_dict(ckpt["optimizer"])
+    assert torch.equal(
+        fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )
+
+
+def test_write_is_atomic_a_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    _save(path, nn.Linear(3, 2))
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        _save(path, nn.Linear(3, 2))
+    assert path.read_bytes() == before  # the old checkpoint is untouched
+    assert load_checkpoint(path)["step"] == 7
+
+
+def test_objects_that_weights_only_loading_would_refuse_are_rejected_at_save(tmp_path):
+    with pytest.raises(TypeError, match=r"config\['preset'\] is a Preset"):
+        save_checkpoint(
+            tmp_path / "c.pt",
+            model=nn.Linear(1, 1),
+            step=0,
+            config={"preset": Preset()},
+            model_config={},
+        )
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_load_refuses_pickled_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": Preset()}, path)  # a custom class, pickled
+    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+        load_checkpoint(path)
+
+
+def test_missing_file_says_how_to_get_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make train"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_unwrap_model_strips_compile_wrapper():
+    model = nn.Linear(2, 2)
+    assert unwrap_model(torch.compile(model)) is model
+    assert unwrap_model(model) is model
+
+
+def test_config_from_dict_rebuilds_nested_dataclasses_and_tuples():
+    preset = get_preset("gpu")
+    preset.lora_targets = ("q_proj",)
+    as_dict = preset.to_dict()
+    as_dict["lora_targets"] = list(as_dict["lora_targets"])  # what a JSON round trip gives
+    rebuilt = config_from_dict(Preset, as_dict)
+    assert rebuilt == preset and dataclasses.is_dataclass(rebuilt.model)
+    with pytest.raises(ValueError, match="unknown fields"):
+        config_from_dict(Preset, {**as_dict, "bogus": 1})

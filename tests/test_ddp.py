@@ -1,0 +1,101 @@
+"""DistributedDataParallel on CPU: two gloo processes started by torchrun, two steps.
+
+DDP averages the gradients of the two processes, and each process sees half of every batch, so
+two processes on half-batches must end exactly where one process on whole batches ends (up to
+float rounding). The replicas must also be bit-identical to each other.
+
+This file is also the worker script: torchrun runs it with `--worker OUT_DIR`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from minillava.presets import StageConfig
+from minillava.train import setup_distributed, train_stage
+
+CONFIG = StageConfig(steps=2, lr=5e-2, warmup_steps=1, grad_accum=2, log_every=1)
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, x, y):
+        return SimpleNamespace(loss=F.mse_loss(self.net(x), y))
+
+
+class ShardedBatches(Dataset):
+    """Global batch k (16 rows, from seed and k only); rank r takes rows r, r + W, r + 2W, ..."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
+
+    def __getitem__(self, k):
+        g = torch.Generator().manual_seed(k)
+        x = torch.randn(16, 4, generator=g)
+        y = torch.sin(x.sum(-1, keepdim=True))
+        return {"x": x[self.rank :: self.world_size], "y": y[self.rank :: self.world_size]}
+
+
+def _worker(out_dir: Path) -> None:
+    info, device = setup_distributed("cpu")
+    assert info.world_size == 2, "run me with torchrun --nproc_per_node=2"
+    model = Toy()
+    if info.rank == 1:  # DDP must broadcast rank 0's weights at the start
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+    result = train_stage(
+        model,
+        ShardedBatches(info.rank, info.world_size),
+        CONFIG,
+        name="ddp",
+        out_dir=out_dir,
+        device=device,
+        progress=False,
+    )
+    torch.save(
+        {"weights": model.state_dict(), "losses": result.losses}, out_dir / f"rank{info.rank}.pt"
+    )
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_on_the_full_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        __file__, "--worker", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for key in rank0["weights"]:  # the replicas never drift apart
+        assert torch.equal(rank0["weights"][key], rank1["weights"][key]), key
+    assert rank0["losses"] == rank1["losses"]  # logged losses are averaged over ranks
+
+    single = Toy()
+    result = train_stage(single, ShardedBatches(), CONFIG, progress=False)
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(rank0["weights"][key], value, rtol=1e-5, atol=1e-6)
+    assert rank0["losses"] == pytest.approx(result.losses, rel=1e-5)
+    assert (tmp_path / "ddp.pt").is_file()  # rank 0 wrote the checkpoint
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker(Path(sys.argv[sys.argv.index("--worker") + 1]))
