@@ -116,7 +116,8 @@ class ImageProcessor:
         """uint8 array (H, W, 3) -> float tensor (3, H, W), (x / 255 - mean) / std per channel."""
         if pixels.ndim != 3 or pixels.shape[2] != 3:
             raise ValueError(f"expected a (H, W, 3) array, got shape {pixels.shape}")
-        x = pixels.transpose(2, 0, 1).astype(np.float32)  # (H, W, 3) -> (3, H, W), a copy
+        # (H, W, 3) -> (3, H, W): a C-ordered copy, else every op after it is strided and slow
+        x = pixels.transpose(2, 0, 1).astype(np.float32, order="C")
         x *= self._scale
         x += self._shift
         return torch.from_numpy(x)

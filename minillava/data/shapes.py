@@ -30,7 +30,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFont
 
 from minillava.data.image_processor import ImageProcessor
 
@@ -263,15 +263,19 @@ def sample_scene(rng: random.Random, config: WorldConfig, split: str = "train") 
 
 
 @lru_cache(maxsize=8)
-def _noise_bank(image_size: int, noise: float) -> np.ndarray:
-    """A (2S, 2S, 3) field of Gaussian noise; each image takes a random S x S window of it.
+def _noise_bank(image_size: int, noise: float) -> tuple[Image.Image, Image.Image]:
+    """A (2S, 2S) field of Gaussian noise; each image takes a random S x S window of it.
 
     Drawing fresh noise per image would cost a NumPy generator per sample; a shifted window
-    of a fixed field is just as unreadable pixel by pixel, and ~S^2 times cheaper to make.
+    of a fixed field is just as unreadable pixel by pixel, and far cheaper. The field is kept
+    as two images, its positive and its negative part, so that adding it is two saturating
+    PIL operations (ImageChops.add / subtract clip at 255 and 0, as they should).
     """
     rng = np.random.default_rng(1234)
-    field_ = rng.normal(0.0, noise * 255.0, size=(2 * image_size, 2 * image_size, 3))
-    return field_.round().astype(np.int16)
+    field_ = rng.normal(0.0, noise * 255.0, size=(2 * image_size, 2 * image_size, 3)).round()
+    positive = Image.fromarray(field_.clip(0, 255).astype(np.uint8), mode="RGB")
+    negative = Image.fromarray((-field_).clip(0, 255).astype(np.uint8), mode="RGB")
+    return positive, negative
 
 
 @lru_cache(maxsize=256)
@@ -317,10 +321,10 @@ def _shape_outline(shape: str, box: tuple[int, int, int, int]):
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render_pixels(
+def render_scene(
     scene: Scene, config: WorldConfig, rng: random.Random | None = None
-) -> np.ndarray:
-    """Draw `scene` as a uint8 array (S, S, 3), S = config.image_size (boxes from the annotation).
+) -> Image.Image:
+    """Draw `scene` as an RGB image of config.image_size pixels (boxes from the annotation).
 
     `rng` picks the noise window; without it the noise is fixed by the scene's content.
     """
@@ -339,21 +343,14 @@ def render_pixels(
     if scene.text is not None:
         x0, y0, x1, _ = (round(v * size) for v in scene.text_box)
         image.paste(TEXT_COLOUR, (x0, y0), _glyph(scene.text, x1 - x0))
-    pixels = np.asarray(image)
     if config.noise > 0:
-        bank = _noise_bank(size, config.noise)
+        positive, negative = _noise_bank(size, config.noise)
         rng = rng or random.Random(scene.signature())
         dy, dx = rng.randrange(size), rng.randrange(size)
-        noisy = pixels + bank[dy : dy + size, dx : dx + size]  # int16: no wrap-around at 255
-        pixels = noisy.clip(0, 255).astype(np.uint8)
-    return pixels
-
-
-def render_scene(
-    scene: Scene, config: WorldConfig, rng: random.Random | None = None
-) -> Image.Image:
-    """Draw `scene` as an RGB PIL image of config.image_size pixels."""
-    return Image.fromarray(render_pixels(scene, config, rng), mode="RGB")
+        window = (dx, dy, dx + size, dy + size)
+        image = ImageChops.add(image, positive.crop(window))
+        image = ImageChops.subtract(image, negative.crop(window))
+    return image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,12 +523,8 @@ class ShapesWorld(torch.utils.data.Dataset):
             return self.cache[index]
         rng = sample_rng(self.seed, self.split, index)
         scene = sample_scene(rng, self.config, self.split)
-        pixels = render_pixels(scene, self.config, rng)  # (S, S, 3) uint8
-        image = Image.fromarray(pixels, mode="RGB")
-        if self.processor.image_size == self.config.image_size:
-            pixel_values = self.processor.normalise(pixels)  # skips a PIL round trip
-        else:
-            pixel_values = self.processor(image)
+        image = render_scene(scene, self.config, rng)
+        pixel_values = self.processor(image)
         sample = Sample(
             index=index,
             image=image,
