@@ -3,7 +3,6 @@
 The transformers models are built from tiny configs; nothing is downloaded.
 """
 
-import importlib.util
 import sys
 import types
 
@@ -13,7 +12,9 @@ import torch.nn as nn
 
 # TEMPORARY: until minillava/projector.py (another helper's) lands, a private stand-in with the
 # contract's names (build_projector -> linear_1, act, linear_2 or linear).
-if importlib.util.find_spec("minillava.projector") is None:
+try:
+    import minillava.projector  # noqa: F401
+except ModuleNotFoundError:
 
     class _StandInProjector(nn.Module):
         def __init__(self, kind, vision_dim, text_dim):
