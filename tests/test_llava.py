@@ -1,35 +1,8 @@
 """minillava.llava: splicing images into the text, labels, freezing, generation."""
 
-import sys
-import types
-
 import pytest
 import torch
 import torch.nn as nn
-
-# TEMPORARY: until minillava/projector.py (another helper's) lands, a private stand-in with the
-# contract's names (build_projector -> linear_1, act, linear_2 or linear).
-try:
-    import minillava.projector  # noqa: F401
-except ModuleNotFoundError:
-
-    class _StandInProjector(nn.Module):
-        def __init__(self, kind, vision_dim, text_dim):
-            super().__init__()
-            self.kind = kind
-            if kind == "linear":
-                self.linear = nn.Linear(vision_dim, text_dim)
-            else:
-                self.linear_1 = nn.Linear(vision_dim, text_dim)
-                self.act = nn.GELU()
-                self.linear_2 = nn.Linear(text_dim, text_dim)
-
-        def forward(self, x):
-            if self.kind == "linear":
-                return self.linear(x)
-            return self.linear_2(self.act(self.linear_1(x)))
-
-    sys.modules["minillava.projector"] = types.SimpleNamespace(build_projector=_StandInProjector)
 
 from minillava.decoder import DecoderConfig
 from minillava.llava import Llava, LlavaConfig, splice_image_tokens
