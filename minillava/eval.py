@@ -251,6 +251,22 @@ def model_answerer(
     return answer
 
 
+def world_config(world: Mapping | None, image_size: int):
+    """A WorldConfig from a training run's `world` dict (as checkpoints store it), at image_size.
+
+    Checkpoints store configs as plain dicts; lists come back where the dataclass has tuples.
+    """
+    from minillava.data.shapes import WorldConfig
+
+    def as_tuple(value):
+        return tuple(as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+    known = set(WorldConfig.__dataclass_fields__)
+    options = {k: as_tuple(v) for k, v in (world or {}).items() if k in known}
+    options["image_size"] = image_size
+    return WorldConfig(**options)
+
+
 def vqa_items(
     split: str = "test",
     n: int = 500,
@@ -263,13 +279,8 @@ def vqa_items(
     `world` overrides WorldConfig fields (e.g. the training run's `max_objects`, `text_prob`).
     """
     from minillava.data.instruct import VQADataset
-    from minillava.data.shapes import WorldConfig
 
-    options = dict(world or {})
-    options["image_size"] = image_size
-    known = set(WorldConfig.__dataclass_fields__)
-    config = WorldConfig(**{k: v for k, v in options.items() if k in known})
-    dataset = VQADataset(split=split, size=n, config=config, seed=seed)
+    dataset = VQADataset(split=split, size=n, config=world_config(world, image_size), seed=seed)
     return [dataset[i] for i in range(min(n, len(dataset)))]
 
 
@@ -588,12 +599,9 @@ def chat_samples(
 ) -> list[dict]:
     """Ask the model open questions about a few test scenes (an honest look at free text)."""
     from minillava.chat import ask
-    from minillava.data.shapes import ShapesWorld, WorldConfig
+    from minillava.data.shapes import ShapesWorld
 
-    options = dict(world or {})
-    options["image_size"] = model.config.vision.image_size
-    known = set(WorldConfig.__dataclass_fields__)
-    config = WorldConfig(**{k: v for k, v in options.items() if k in known})
+    config = world_config(world, model.config.vision.image_size)
     scenes = ShapesWorld("test", size=n, config=config, seed=seed + 1)
     questions = ("Describe the image.", "What shapes do you see?", "What is in the image?")
     samples = []
@@ -663,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     from minillava.checkpoint import load_llava
 
     model, tokenizer, info = load_llava(checkpoint, device=args.device)
-    world = (info.get("config") or {}).get("world")
+    world = (info.get("config") or {}).get("world")  # the ShapesWorld the model trained on
     clip_path = Path(args.clip_checkpoint or checkpoint.with_name("clip.pt"))
     clip_model = load_clip_for_eval(clip_path, _model_device(model))
     out_dir = Path(args.out_dir) if args.out_dir else checkpoint.parent / "eval"

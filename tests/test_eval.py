@@ -171,6 +171,7 @@ def test_plots_write_pngs(tmp_path, items):
     assert _is_png(bars) and _is_png(gallery)
 
 
+@pytest.mark.slow  # two splits of generation, matplotlib, chat samples
 def test_report_prints_tables_and_writes_plots_and_json(tiny_model, tokenizer, tmp_path):
     lines = []
     summary = report(
@@ -220,3 +221,17 @@ def test_eval_cli_without_checkpoint_says_run_make_train(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "missing.pt")]) == 1
     err = capsys.readouterr().err
     assert "make train" in err and "missing.pt" in err
+
+
+def test_world_config_accepts_a_checkpoint_world_dict():
+    from dataclasses import asdict
+
+    from minillava.data.shapes import WorldConfig
+    from minillava.eval import world_config
+
+    stored = asdict(WorldConfig(max_objects=2, text_prob=0.0))
+    stored["heldout_combos"] = [list(pair) for pair in stored["heldout_combos"]]  # as loaded
+    stored["unknown_field"] = 1  # a newer run's field: ignored, not a crash
+    config = world_config(stored, image_size=32)
+    assert config.image_size == 32 and config.max_objects == 2
+    assert config.heldout_combos == WorldConfig().heldout_combos
