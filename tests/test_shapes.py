@@ -168,6 +168,7 @@ def test_cache_returns_the_same_sample():
 # ----------------------------------------------------------------------------------- splits
 
 
+@pytest.mark.slow
 def test_splits_never_share_an_image_or_a_scene():
     hashes, signatures = {}, {}
     for split in ("train", "val", "test", "heldout"):
@@ -211,6 +212,12 @@ def test_bad_arguments_are_named():
         WorldConfig(min_objects=3, max_objects=2)
     with pytest.raises(ValueError, match="shapes"):
         WorldConfig(shapes=("circle", "hexagon"))
+    with pytest.raises(ValueError, match="text_prob"):
+        WorldConfig(text_prob=1.5)
+    with pytest.raises(ValueError, match="heldout_combos"):
+        ShapesWorld("heldout", 1, WorldConfig(heldout_combos=()))[0]
+    # without held-out pairs every combination may appear in train
+    assert ShapesWorld("train", 1, WorldConfig(heldout_combos=()))[0].scene.objects
 
 
 def test_rng_streams_are_independent_of_call_order():

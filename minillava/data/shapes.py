@@ -111,6 +111,10 @@ class WorldConfig:
             tuple(self.colours),
             tuple(self.sizes),
         )
+        if not 0.0 <= self.text_prob <= 1.0:
+            raise ValueError(f"text_prob must be in [0, 1], got {self.text_prob}")
+        if self.noise < 0:
+            raise ValueError(f"noise must be >= 0, got {self.noise}")
         self.heldout_combos = tuple(tuple(c) for c in self.heldout_combos)
         for shape, colour in self.heldout_combos:
             if shape not in self.shapes or colour not in self.colours:
@@ -225,6 +229,8 @@ def sample_scene(rng: random.Random, config: WorldConfig, split: str = "train") 
     """Draw a scene for `split`, from `rng` alone (no pixels are drawn here)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "heldout" and not config.heldout_combos:
+        raise ValueError("the heldout split needs WorldConfig.heldout_combos (it is empty)")
     forbidden = set() if split == "heldout" else set(config.heldout_combos)
     # First the content (what and which cell), by rejection sampling until the content belongs
     # to this split; only then the exact boxes, which do not decide the split.
