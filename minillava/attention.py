@@ -62,10 +62,22 @@ def attention(
     mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     use_sdpa: bool = True,
+    is_causal: bool = False,
 ) -> torch.Tensor:
-    """softmax(QKᵀ/√d + M)V, through PyTorch's fused kernel (`use_sdpa`) or by hand."""
+    """softmax(QKᵀ/√d + M)V, through PyTorch's fused kernel (`use_sdpa`) or by hand.
+
+    `is_causal=True` (with `mask=None`) means "plain causal, no padding": SDPA can then pick
+    FlashAttention on a GPU, which it cannot do with an explicit boolean mask.
+    """
+    if is_causal:
+        if mask is not None:
+            raise ValueError("pass either mask or is_causal=True, not both")
+        if not use_sdpa:
+            mask = causal_mask(q.size(-2), k.size(-2), device=q.device)
     if use_sdpa:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+        )
         if mask is not None:
             # SDPA returns NaN for fully masked query rows; match the manual path (zeros).
             out = torch.nan_to_num(out, nan=0.0)

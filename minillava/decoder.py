@@ -204,10 +204,11 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """x (B, T, C); mask (B, 1, T, T_total) True where allowed -> (B, T, C)."""
+        """x (B, T, C); mask (B, 1, T, T_total) True where allowed, or None for plain causal
+        (no padding, no cache) -> (B, T, C)."""
         q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
         v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
@@ -223,7 +224,9 @@ class Attention(nn.Module):
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, T_total, D)
 
         dropout_p = self.dropout if self.training else 0.0
-        out = attention(q, k, v, mask=mask, dropout_p=dropout_p, use_sdpa=self.use_sdpa)
+        out = attention(
+            q, k, v, mask=mask, dropout_p=dropout_p, use_sdpa=self.use_sdpa, is_causal=mask is None
+        )
         return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
 
 
@@ -388,14 +391,19 @@ def default_position_ids(
 
 def build_attention_mask(
     attention_mask: torch.Tensor | None, T: int, total_len: int, device
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Boolean (B or 1, 1, T, T_total), True where query t may look at key s.
 
     Causal: the new queries are the last T of T_total positions, so query t sees keys up to
     past_len + t. Padding: no query looks at a padding key. Each query may always look at itself,
     so even a padding query has one key left (a row with no key at all gives softmax NaN); the
     outputs at padding positions are meaningless and never scored.
+
+    Returns None in the common training case (no padding mask, no cache): attention then runs
+    with `is_causal=True`, which lets SDPA pick FlashAttention on a GPU.
     """
+    if attention_mask is None and T == total_len:
+        return None
     allowed = causal_mask(T, total_len, device=device)[None, None]  # (1, 1, T, T_total)
     if attention_mask is None:
         return allowed

@@ -123,3 +123,14 @@ def test_attention_gradients_match_between_paths():
         grads.append([t.grad for t in leaves])
     for g_manual, g_sdpa in zip(*grads, strict=True):
         torch.testing.assert_close(g_manual, g_sdpa, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False])
+def test_is_causal_equals_an_explicit_causal_mask(use_sdpa):
+    """The flag the decoder uses for unpadded training (FlashAttention on GPU) is the same math."""
+    q, k, v = torch.randn(3, 2, 4, 6, 8).unbind(0)
+    explicit = attention(q, k, v, mask=causal_mask(6), use_sdpa=use_sdpa)
+    flagged = attention(q, k, v, is_causal=True, use_sdpa=use_sdpa)
+    torch.testing.assert_close(flagged, explicit)
+    with pytest.raises(ValueError, match="not both"):
+        attention(q, k, v, mask=causal_mask(6), is_causal=True)
