@@ -1,0 +1,779 @@
+"""Grading: run each chapter's checks against your code and explain every failure in words.
+
+Three ways in, one machinery underneath:
+
+    minillava grade ch01             one line per exercise, a total, a hint under each failure
+    minillava grade all              a table with every chapter's score
+    check(project_onto_vector)       in a notebook: grade one function inline, same messages
+
+A *check* is a small function in `minillava/graders/chNN.py`. It calls your function on random
+inputs, compares the result with the library's reference (values, shapes, gradients) and tests
+invariants (a projection applied twice changes nothing; a causal model cannot see the future).
+When something is off it raises `GradingFailure` with a sentence you can act on.
+
+Each check runs in a child process (forked, so it starts in milliseconds) with a timeout: an
+exception in your code is reported with your own line, and a `while True:` costs that exercise's
+points, never the whole run. A stub that still raises `NotImplementedError` scores 0 as
+"not implemented yet".
+
+How to write a grader for a new chapter: docs/grading.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import inspect
+import linecache
+import multiprocessing
+import os
+import pkgutil
+import re
+import sys
+import textwrap
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+
+DEFAULT_TIMEOUT = float(os.environ.get("MINILLAVA_GRADE_TIMEOUT", "10"))
+TARGETS = ("exercises", "solutions")  # the two packages a chapter's checks can grade
+
+# Outcomes of one check. Only "pass" earns points.
+PASS, FAIL, TODO, ERROR, TIMEOUT, CRASH = "pass", "fail", "todo", "error", "timeout", "crash"
+STATUS_LABEL = {
+    PASS: "PASS",
+    FAIL: "FAIL",
+    TODO: "TODO",
+    ERROR: "ERROR",
+    TIMEOUT: "TIMEOUT",
+    CRASH: "CRASH",
+}
+
+
+class GradingFailure(Exception):
+    """Raised by a check when your function gives a wrong answer. The message is for you."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message}\nHint: {hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Registering checks
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    """One graded exercise: `run(*your_callables)` returns quietly or raises GradingFailure."""
+
+    name: str  # "ch01.project_onto_vector"
+    points: int
+    uses: tuple[str, ...]  # names of the functions/classes in exercises/chNN_*.py it needs
+    run: Callable[..., None]
+    description: str = ""  # first line of the check's docstring: what is checked
+
+    @property
+    def chapter(self) -> str:
+        return self.name.split(".")[0]
+
+
+@dataclass
+class Chapter:
+    """A chapter's graders: `minillava/graders/chNN.py`, with TITLE and MODULE at its top."""
+
+    id: str  # "ch01"
+    title: str  # "Projections"
+    module: str  # "ch01_projections": exercises/ch01_projections.py, solutions/ch01_projections.py
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def max_points(self) -> int:
+        return sum(c.points for c in self.checks)
+
+
+_REGISTRY: dict[str, list[Check]] = {}  # graders module name -> its checks, in file order
+
+
+def grader(name: str, points: int = 1, uses: str | Sequence[str] | None = None):
+    """Decorator that registers a check in a `minillava/graders/chNN.py` file.
+
+        @grader("project_onto_vector", points=2)
+        def check_project_onto_vector(project_onto_vector):
+            ...
+
+    `name` becomes "chNN.<name>"; `uses` names the learner's callables the check receives, in
+    order (default: just `name`). The first line of the docstring says what is checked.
+    """
+    uses_tuple = (name,) if uses is None else (uses,) if isinstance(uses, str) else tuple(uses)
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        module = fn.__module__
+        chapter = module.rsplit(".", 1)[-1]
+        doc = inspect.getdoc(fn) or ""
+        check_ = Check(f"{chapter}.{name}", points, uses_tuple, fn, doc.split("\n")[0])
+        checks = _REGISTRY.setdefault(module, [])
+        checks[:] = [c for c in checks if c.name != check_.name] + [check_]  # re-import safe
+        return fn
+
+    return register
+
+
+def chapters() -> dict[str, Chapter]:
+    """Every chapter that has graders, {"ch01": Chapter, ...}, in order."""
+    from minillava import graders
+
+    found = {}
+    for info in sorted(pkgutil.iter_modules(graders.__path__), key=lambda m: m.name):
+        if not (info.name.startswith("ch") and info.name[2:].isdigit()):
+            continue
+        module = importlib.import_module(f"minillava.graders.{info.name}")
+        found[info.name] = Chapter(
+            id=info.name,
+            title=getattr(module, "TITLE", info.name),
+            module=getattr(module, "MODULE", info.name),
+            checks=list(_REGISTRY.get(module.__name__, [])),
+        )
+    return found
+
+
+def get_chapter(chapter: str | int) -> Chapter:
+    """ "ch01", "01", "1" or 1 -> the Chapter; a clear error naming the chapters that exist."""
+    text = str(chapter).lower().removeprefix("ch")
+    known = chapters()
+    key = f"ch{int(text):02d}" if text.isdigit() else str(chapter)
+    if key not in known:
+        raise KeyError(
+            f"no graders for chapter {chapter!r}; chapters with exercises: {list(known)}"
+        )
+    return known[key]
+
+
+def get_check(name: str) -> Check:
+    """ "ch01.project_onto_vector" -> its Check."""
+    chapter = get_chapter(name.split(".")[0])
+    for c in chapter.checks:
+        if c.name == name:
+            return c
+    names = [c.name for c in chapter.checks]
+    raise KeyError(f"no check named {name!r}; {chapter.id} has {names}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for writing checks: every message says what was checked, expected vs got, and why
+# ---------------------------------------------------------------------------------------------
+
+_step = threading.local()
+
+
+def step(description: str) -> None:
+    """Say what the check does next ("calling least_squares(A, b) with A (6, 3)").
+
+    If your code raises, the report says it happened "while <description>".
+    """
+    _step.text = description
+
+
+def fail(message: str, hint: str | None = None) -> None:
+    raise GradingFailure(message, hint)
+
+
+def fmt(x, precision: int = 4, max_items: int = 16, indent: int = 0) -> str:
+    """A short, readable rendering of a tensor / array / number for a message.
+
+    Small matrices keep one row per line; `indent` is the column where continuation lines start
+    (so rows line up under the first one).
+    """
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16 or x.dtype == torch.float16:
+            x = x.float()
+        x = x.numpy()
+    if isinstance(x, np.ndarray):
+        if x.size > max_items:
+            flat = np.array2string(x.reshape(-1)[:6], precision=precision, separator=", ")
+            return f"{flat[:-1]}, ...] (shape {tuple(x.shape)})"
+        text = np.array2string(
+            x, precision=precision, separator=", ", suppress_small=True, max_line_width=10_000
+        )
+        return ("\n" + " " * indent).join(row.rstrip() for row in text.splitlines())
+    if isinstance(x, float):
+        return f"{x:.{precision}g}"
+    return repr(x)
+
+
+def shape_str(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
+
+
+def assert_tensor(got, what: str, hint: str | None = None) -> torch.Tensor:
+    """`got` must be a torch.Tensor; anything else is explained (a list, numpy, a tuple, None)."""
+    if isinstance(got, torch.Tensor):
+        return got
+    kind = type(got).__name__
+    if got is None:
+        detail = "returned None: is a `return` statement missing?"
+    elif isinstance(got, np.ndarray):
+        detail = "returned a numpy array; use torch operations so the result is a torch.Tensor"
+    elif isinstance(got, tuple):
+        detail = f"returned a tuple of {len(got)} items, expected a single tensor"
+    else:
+        detail = f"returned a {kind}, expected a torch.Tensor"
+    raise GradingFailure(f"{what} {detail}.", hint)
+
+
+def assert_shape(got, expected: Sequence[int], what: str, why: str = "", hint: str | None = None):
+    """The shape must match exactly; the message spells out both shapes and common causes."""
+    got = assert_tensor(got, what, hint)
+    expected = tuple(expected)
+    if tuple(got.shape) == expected:
+        return got
+    message = f"{what} has shape {shape_str(got.shape)}, expected {shape_str(expected)}"
+    message += f": {why}." if why else "."
+    got_shape = tuple(got.shape)
+    if len(expected) >= 2 and got_shape == expected[:-2] + expected[-2:][::-1]:
+        message += " That is the expected shape transposed: swap the last two dimensions."
+    elif [s for s in got_shape if s != 1] == [s for s in expected if s != 1]:
+        message += " Only dimensions of size 1 differ: look for a missing or extra (un)squeeze."
+    elif got.numel() == int(np.prod(expected)):
+        message += " Same number of values, arranged differently: check your reshape/transpose."
+    raise GradingFailure(message, hint)
+
+
+def assert_close(
+    got,
+    expected: torch.Tensor,
+    what: str,
+    hint: str | None = None,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    why_shape: str = "",
+) -> torch.Tensor:
+    """Values must match the reference (after a shape check); says where and by how much not."""
+    got = assert_shape(got, expected.shape, what, why=why_shape, hint=hint)
+    if got.dtype == torch.bool or not (got.is_floating_point() or got.is_complex()):
+        got = got.to(expected.dtype)
+    g, e = got.detach().double().cpu(), expected.detach().double().cpu()
+    if not torch.isfinite(g).all() and torch.isfinite(e).all():
+        bad = (~torch.isfinite(g)).nonzero()[0].tolist()
+        raise GradingFailure(
+            f"{what} contains {fmt(g[tuple(bad)].item())} (at index {tuple(bad)}) where the "
+            f"reference is finite. Expected {fmt(e)}, got {fmt(g)}.",
+            hint,
+        )
+    close = torch.isclose(g, e, atol=atol, rtol=rtol, equal_nan=True)
+    if close.all():
+        return got
+    if g.numel() <= 16:
+        message = (
+            f"{what} is wrong.\n  expected {fmt(e, indent=11)}\n  got      {fmt(g, indent=11)}"
+        )
+    else:
+        diff = (g - e).abs().nan_to_num(nan=float("inf"))
+        worst = tuple(int(i) for i in np.unravel_index(int(diff.argmax()), tuple(g.shape)))
+        message = (
+            f"{what} is wrong: {int((~close).sum())} of {g.numel()} values differ from the "
+            f"reference. The largest difference is at index {worst}: expected "
+            f"{fmt(e[worst].item())}, got {fmt(g[worst].item())}."
+        )
+    raise GradingFailure(message, hint)
+
+
+def assert_equal(got, expected: torch.Tensor, what: str, hint: str | None = None, why_shape=""):
+    """Exact match, dtype included: for masks (bool) and integer results."""
+    got = assert_shape(got, expected.shape, what, why=why_shape, hint=hint)
+    if got.dtype != expected.dtype:
+        raise GradingFailure(f"{what} has dtype {got.dtype}, expected {expected.dtype}.", hint)
+    if not torch.equal(got, expected):
+        wrong = (got != expected).nonzero()[0].tolist()
+        message = f"{what} is wrong at index {tuple(wrong)}"
+        if got.numel() <= 64:
+            message += f".\n  expected {fmt(expected, indent=11)}\n  got      {fmt(got, indent=11)}"
+        else:
+            message += (
+                f": expected {expected[tuple(wrong)].item()}, got {got[tuple(wrong)].item()}."
+            )
+        raise GradingFailure(message, hint)
+    return got
+
+
+def diagnose(
+    got, mistakes: dict[str, torch.Tensor | None], default: str | None = None
+) -> str | None:
+    """The hint of the first known mistake that `got` reproduces, else `default`.
+
+    `mistakes` maps a hint ("It looks like you forgot to divide by u·u ...") to what that
+    mistake would return on the same inputs, so the message can name the mistake exactly.
+    """
+    if isinstance(got, torch.Tensor):
+        for hint, wrong in mistakes.items():
+            if wrong is None or tuple(got.shape) != tuple(wrong.shape):
+                continue
+            with contextlib.suppress(RuntimeError, TypeError):
+                if torch.allclose(got.detach().double(), wrong.detach().double(), 1e-3, 1e-4):
+                    return hint
+    return default
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one check, isolated, with a timeout
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """What happened when one check ran against your code."""
+
+    name: str
+    status: str  # pass | fail | todo | error | timeout | crash
+    points: int  # earned
+    max_points: int
+    message: str = ""  # for you: what was checked, expected vs got, a hint
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASS
+
+
+_LIBRARY_DIRS = tuple(
+    str(Path(p).resolve())
+    for p in {
+        Path(__file__).parent,  # minillava itself: the grader and the reference
+        Path(torch.__file__).parent.parent,  # site-packages
+        Path(os.__file__).parent,  # the standard library
+    }
+)
+
+
+def _learner_files(callables: Sequence) -> set[str]:
+    """Source files of the learner's callables (and of the module each one lives in)."""
+    files = set()
+    for obj in callables:
+        members = [obj] + (list(vars(obj).values()) if inspect.isclass(obj) else [])
+        for member in members:
+            code = getattr(inspect.unwrap(member), "__code__", None) if callable(member) else None
+            if code is not None:
+                files.add(code.co_filename)
+        module = sys.modules.get(getattr(obj, "__module__", "") or "")
+        if getattr(module, "__file__", None):
+            files.add(module.__file__)
+    return files
+
+
+def _learner_frame(exc: BaseException, learner_files: set[str]):
+    """The deepest traceback frame in the learner's code, else the deepest outside libraries."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        if frame.filename in learner_files:
+            return frame
+    for frame in reversed(frames):
+        path = str(Path(frame.filename).resolve()) if os.path.exists(frame.filename) else ""
+        if frame.filename.startswith("<") or (path and path.startswith(_LIBRARY_DIRS)):
+            continue
+        return frame
+    return None
+
+
+def _where(frame) -> str:
+    name = frame.filename
+    if "ipykernel_" in name or name.startswith("<ipython"):
+        place = f"your notebook cell, line {frame.lineno}"
+    else:
+        with contextlib.suppress(ValueError):
+            name = os.path.relpath(name)
+        place = f"{name}, line {frame.lineno}"
+    line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+    return f"{place}, in {frame.name}:\n    {line}" if line else f"{place}, in {frame.name}"
+
+
+def _explain_exception(exc: BaseException, learner_files: set[str]) -> tuple[str, str]:
+    """(status, message) for an exception that escaped a check."""
+    frame = _learner_frame(exc, learner_files)
+    if isinstance(exc, NotImplementedError) and frame is not None:
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        if last.filename == frame.filename and last.lineno == frame.lineno:
+            return TODO, f"not implemented yet ({frame.name} still raises NotImplementedError)."
+    text = f"{type(exc).__name__}: {exc}".strip()
+    if len(text) > 400:
+        text = text[:400] + " ..."
+    while_ = getattr(_step, "text", "")
+    if frame is not None:
+        message = f"Your code raised {text}\nat {_where(frame)}"
+    else:
+        message = (
+            f"The check could not use what your code returned: {text}\n"
+            "Check that your function takes the arguments in the docstring and returns what it "
+            "says (a tensor of the right shape)."
+        )
+    if while_:
+        message += f"\nThis happened while {while_}."
+    return ERROR, message
+
+
+def _execute(check_: Check, callables: Sequence, seed: int) -> tuple[str, str]:
+    """Run the check right here; every exception becomes a (status, message)."""
+    _step.text = ""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            check_.run(*callables)
+    except GradingFailure as failure:
+        message = failure.message + (f"\nHint: {failure.hint}" if failure.hint else "")
+        return FAIL, message
+    except BaseException as exc:  # noqa: BLE001 - the learner's code may raise anything
+        if (
+            isinstance(exc, KeyboardInterrupt)
+            and threading.current_thread() is threading.main_thread()
+        ):
+            raise
+        return _explain_exception(exc, _learner_files(callables))
+    return PASS, ""
+
+
+def _child(conn, check_: Check, callables: Sequence, seed: int) -> None:
+    # A forked child must not reuse the parent's OpenMP thread pool (it would deadlock), and the
+    # checks are tiny anyway: one thread is fastest.
+    torch.set_num_threads(1)
+    try:
+        conn.send(_execute(check_, callables, seed))
+    finally:
+        conn.close()
+
+
+def isolation_mode() -> str:
+    """ "fork" (default where the OS has it), "thread" (Windows) or "inline" (debugging).
+
+    Set MINILLAVA_GRADE_ISOLATION to choose; "inline" runs the check in this process so you can
+    step through it with a debugger (no timeout then).
+    """
+    mode = os.environ.get("MINILLAVA_GRADE_ISOLATION", "")
+    if mode:
+        if mode not in ("fork", "thread", "inline"):
+            raise ValueError(f"MINILLAVA_GRADE_ISOLATION={mode!r}, expected fork|thread|inline")
+        return mode
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "thread"
+
+
+def _run_forked(check_: Check, callables: Sequence, seed: int, timeout: float) -> tuple[str, str]:
+    ctx = multiprocessing.get_context("fork")
+    receiver, sender = ctx.Pipe(duplex=False)
+    sys.stdout.flush()  # or the child would print the parent's buffered output a second time
+    sys.stderr.flush()
+    process = ctx.Process(target=_child, args=(sender, check_, callables, seed), daemon=True)
+    process.start()
+    sender.close()
+    try:
+        if receiver.poll(timeout):
+            try:
+                return receiver.recv()
+            except EOFError:
+                pass  # the child died before it could answer
+            process.join(1.0)
+            code = process.exitcode
+            return CRASH, (
+                f"Your code ended the grading process (exit code {code}) before the check "
+                "finished: look for sys.exit(), os._exit() or a crash in a native library."
+            )
+        return TIMEOUT, _timeout_message(timeout)
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join()
+        receiver.close()
+
+
+def _run_threaded(check_: Check, callables: Sequence, seed: int, timeout: float):
+    outcome: list[tuple[str, str]] = []
+    worker = threading.Thread(
+        target=lambda: outcome.append(_execute(check_, callables, seed)), daemon=True
+    )
+    worker.start()
+    worker.join(timeout)
+    if outcome:
+        return outcome[0]
+    return TIMEOUT, _timeout_message(timeout) + " (It may still be running: restart to stop it.)"
+
+
+def _timeout_message(timeout: float) -> str:
+    return (
+        f"Stopped after {timeout:g} s: the check takes a few milliseconds with a correct "
+        "solution. Look for a loop that never ends (a `while` whose condition never changes)."
+    )
+
+
+def run_check(
+    check_: Check | str,
+    *callables,
+    timeout: float | None = None,
+    seed: int = 0,
+) -> Result:
+    """Run one check against the given callables (in the order of `check_.uses`)."""
+    check_ = get_check(check_) if isinstance(check_, str) else check_
+    if len(callables) != len(check_.uses):
+        raise TypeError(f"{check_.name} needs {len(check_.uses)} callables {check_.uses}")
+    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    start = time.perf_counter()
+    mode = isolation_mode()
+    if mode == "fork":
+        status, message = _run_forked(check_, callables, seed, timeout)
+    elif mode == "thread":
+        status, message = _run_threaded(check_, callables, seed, timeout)
+    else:
+        status, message = _execute(check_, callables, seed)
+    points = check_.points if status == PASS else 0
+    return Result(check_.name, status, points, check_.points, message, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grading a chapter: import the learner's file, run every check
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChapterReport:
+    chapter: Chapter
+    target: str  # "exercises" or "solutions"
+    results: list[Result]
+    path: str = ""  # the graded file
+    import_error: str = ""  # set when the file could not be imported at all
+
+    @property
+    def points(self) -> int:
+        return sum(r.points for r in self.results)
+
+    @property
+    def max_points(self) -> int:
+        return sum(r.max_points for r in self.results)
+
+
+def load_module(chapter: Chapter, target: str = "exercises", reload: bool = False) -> ModuleType:
+    """Import exercises/<module>.py (or solutions/); `reload` picks up edits made since."""
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r}, expected one of {TARGETS}")
+    name = f"{target}.{chapter.module}"
+    if reload and name in sys.modules:
+        return importlib.reload(sys.modules[name])
+    return importlib.import_module(name)
+
+
+def _import_error_message(exc: BaseException, name: str) -> str:
+    if isinstance(exc, SyntaxError):
+        where = f"{os.path.relpath(exc.filename) if exc.filename else name}, line {exc.lineno}"
+        line = (exc.text or "").rstrip()
+        return f"{name} has a syntax error at {where}:\n    {line.strip()}\n{exc.msg}"
+    frame = _learner_frame(exc, set())
+    at = f"\nat {_where(frame)}" if frame else ""
+    return f"{name} could not be imported: {type(exc).__name__}: {exc}{at}"
+
+
+def grade_chapter(
+    chapter: Chapter | str | int,
+    target: str = "exercises",
+    timeout: float | None = None,
+    reload: bool = True,
+) -> ChapterReport:
+    """Run every check of a chapter against exercises/ (or solutions/)."""
+    chapter = chapter if isinstance(chapter, Chapter) else get_chapter(chapter)
+    name = f"{target}/{chapter.module}.py"
+    try:
+        module = load_module(chapter, target, reload=reload)
+    except Exception as exc:  # noqa: BLE001 - a syntax error in the learner's file, for one
+        message = _import_error_message(exc, name)
+        results = [Result(c.name, ERROR, 0, c.points, message) for c in chapter.checks]
+        return ChapterReport(chapter, target, results, name, import_error=message)
+    results = []
+    for check_ in chapter.checks:
+        missing = [n for n in check_.uses if not hasattr(module, n)]
+        if missing:
+            message = f"{name} has no {', '.join(missing)}: was it renamed or deleted?"
+            results.append(Result(check_.name, ERROR, 0, check_.points, message))
+            continue
+        callables = [getattr(module, n) for n in check_.uses]
+        results.append(run_check(check_, *callables, timeout=timeout))
+    path = getattr(module, "__file__", name) or name
+    with contextlib.suppress(ValueError):
+        path = os.path.relpath(path)
+    return ChapterReport(chapter, target, results, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------
+
+WIDTH = 96
+
+
+_SHAPE = re.compile(r"\((\d+(?:, \d+)*,?)\)")  # "(4, 3)": never split across lines
+
+
+def _indent(message: str, prefix: str = "        ") -> str:
+    lines = []
+    for paragraph in message.splitlines():
+        if paragraph.startswith("  ") or not paragraph.strip():  # pre-formatted (code, values)
+            lines.append(prefix + paragraph)
+            continue
+        glued = _SHAPE.sub(lambda m: m.group(0).replace(" ", "\0"), paragraph)
+        wrapped = textwrap.wrap(glued, WIDTH, initial_indent=prefix, subsequent_indent=prefix)
+        lines += [line.replace("\0", " ") for line in wrapped]
+    return "\n".join(lines)
+
+
+def format_result(result: Result, name_width: int = 34) -> str:
+    label = STATUS_LABEL[result.status]
+    score = f"{result.points}/{result.max_points}"
+    line = f"  {label:<7} {result.name:<{name_width}} {score:>5}"
+    if result.status == TODO:
+        return f"{line}   not implemented yet"
+    if result.passed or not result.message:
+        return line
+    return f"{line}\n{_indent(result.message)}"
+
+
+def format_report(report: ChapterReport) -> str:
+    chapter = report.chapter
+    width = max([34] + [len(r.name) for r in report.results])
+    lines = [f"Chapter {int(chapter.id[2:])}: {chapter.title}   (grading {report.path})", ""]
+    lines += [format_result(r, width) for r in report.results]
+    total = f"{report.points}/{report.max_points}"
+    lines += ["", f"  {'Total':<{width + 8}} {total:>5}"]
+    todo = sum(r.status == TODO for r in report.results)
+    if report.points == report.max_points:
+        lines.append("  All exercises pass. On to the next chapter!")
+    elif todo == len(report.results):
+        lines.append(f"  Nothing implemented yet: open {report.path} and fill in the stubs.")
+    return "\n".join(lines)
+
+
+def format_summary(reports: Sequence[ChapterReport]) -> str:
+    """The `minillava grade all` table."""
+    header = f"  {'Chapter':<34} {'Score':>7}   Exercises"
+    lines = [header, "  " + "-" * (len(header) + 12)]
+    for report in reports:
+        results = report.results
+        passed = sum(r.passed for r in results)
+        todo = sum(r.status == TODO for r in results)
+        detail = f"{passed} of {len(results)} pass"
+        if report.import_error:
+            detail = "file does not import: run minillava grade " + report.chapter.id
+        elif todo:
+            detail += f", {todo} not implemented yet"
+        title = f"{report.chapter.id}  {report.chapter.title}"
+        lines.append(f"  {title:<34} {report.points:>3}/{report.max_points:<3}   {detail}")
+    total = sum(r.points for r in reports)
+    max_total = sum(r.max_points for r in reports)
+    lines += ["  " + "-" * (len(header) + 12), f"  {'Total':<34} {total:>3}/{max_total:<3}"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebooks: check(fn)
+# ---------------------------------------------------------------------------------------------
+
+
+def _checks_for(fn) -> list[Check]:
+    """Checks that grade `fn` alone, found by its name (and its chapter, if it is in a file)."""
+    name = getattr(fn, "__name__", None)
+    module = getattr(fn, "__module__", "") or ""
+    matches = [c for chapter in chapters().values() for c in chapter.checks if c.uses == (name,)]
+    parts = module.split(".")
+    if len(parts) == 2 and parts[0] in TARGETS:  # exercises.ch02_attention -> only ch02's
+        matches = [c for c in matches if parts[1].startswith(c.chapter + "_")] or matches
+    return matches
+
+
+def _fresh(fn):
+    """For a function from exercises/, its current version on disk (edits since import count)."""
+    module = getattr(fn, "__module__", "") or ""
+    if module.split(".")[0] != "exercises" or module not in sys.modules:
+        return fn
+    try:
+        return getattr(importlib.reload(sys.modules[module]), fn.__name__, fn)
+    except Exception:  # noqa: BLE001 - grade what we have; the check will report the rest
+        return fn
+
+
+def check(name_or_fn, *callables, timeout: float | None = None) -> None:
+    """Grade one exercise inline (in a notebook) and print the result.
+
+        check(project_onto_vector)                 # every check of that function
+        check("ch02.attention", my_attention)      # one named check, your own function
+
+    A function imported from exercises/ is re-read from disk first, so edits in your editor
+    count without restarting the kernel. Never raises for a wrong or unfinished exercise.
+    """
+    if isinstance(name_or_fn, str):
+        selected = [get_check(name_or_fn)]
+        args_for = {selected[0].name: callables}
+        if len(callables) != len(selected[0].uses):
+            print(f"{name_or_fn} grades {', '.join(selected[0].uses)}: pass exactly those.")
+            return None
+    else:
+        fns = (name_or_fn, *callables)
+        selected = _checks_for(name_or_fn)
+        if not selected or callables:
+            name = getattr(name_or_fn, "__name__", repr(name_or_fn))
+            print(f'No exercise is graded by the name {name!r}. Use check("chNN.name", fn).')
+            return None
+        chapters_ = {c.chapter for c in selected}
+        if len(chapters_) > 1:
+            options = ", ".join(f'check("{c.name}", fn)' for c in selected)
+            print(f"{name_or_fn.__name__} is an exercise in several chapters: use one of {options}")
+            return None
+        args_for = {c.name: tuple(_fresh(f) for f in fns) for c in selected}
+    results = [run_check(c, *args_for[c.name], timeout=timeout) for c in selected]
+    width = max(len(r.name) for r in results)
+    print("\n".join(format_result(r, width) for r in results))
+    if all(r.passed for r in results):
+        print("  Well done!")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The `minillava grade` command
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="minillava grade",
+        description="Grade your exercises: one line per exercise, a hint under each failure.",
+    )
+    parser.add_argument("chapter", help="ch01 (or 01, 1) for one chapter, `all` for a table")
+    parser.add_argument(
+        "--solutions", action="store_true", help="grade solutions/ instead (course authors)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per exercise (10)"
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit with status 1 unless every exercise passes"
+    )
+    args = parser.parse_args(argv)
+    target = "solutions" if args.solutions else "exercises"
+    if args.chapter == "all":
+        reports = [grade_chapter(c, target, args.timeout) for c in chapters().values()]
+        print(format_summary(reports))
+    else:
+        try:
+            chapter = get_chapter(args.chapter)
+        except (KeyError, ValueError) as exc:
+            print(f"minillava grade: {exc.args[0]}", file=sys.stderr)
+            return 2
+        reports = [grade_chapter(chapter, target, args.timeout)]
+        print(format_report(reports[0]))
+    complete = all(r.points == r.max_points for r in reports)
+    return 1 if args.strict and not complete else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
