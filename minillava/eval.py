@@ -425,7 +425,7 @@ def plot_gallery(
         ax.imshow(processor.denormalise(record["pixel_values"].float()).permute(1, 2, 0).numpy())
         colour = "green" if record["correct"] else "red"
         ax.set_title(
-            f"{_wrap(record['question'], 34)}\nmodel: {record['prediction'] or '(nothing)'}"
+            f"{_wrap(record['question'], 34)}\nmodel: {_shorten(record['prediction'], 28)}"
             f"\ntruth: {record['answer']}",
             fontsize=8,
             color=colour,
@@ -443,6 +443,12 @@ def _wrap(text: str, width: int) -> str:
     import textwrap
 
     return "\n".join(textwrap.wrap(text, width)) or text
+
+
+def _shorten(text: str, width: int) -> str:
+    """One line of at most `width` characters (an untrained model can ramble)."""
+    text = " ".join(text.split()) or "(nothing)"
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 # ----------------------------------------------------------------------------------------------
