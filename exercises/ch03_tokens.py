@@ -1,0 +1,75 @@
+"""Chapter 3, Tokens: your exercises. Fill each function, then run `minillava grade ch03`.
+
+You build byte-pair encoding (BPE) from scratch, the way minillava/bpe.py trains the course's
+vocabulary, then the loss mask of the chat template (minillava/tokenizer.py). Ids are plain
+Python ints: 0-255 are the single bytes of the UTF-8 text, 256, 257, ... are merged tokens.
+"""
+
+from __future__ import annotations
+
+
+def count_pairs(ids: list[int]) -> dict[tuple[int, int], int]:
+    """Count how often each pair of *adjacent* ids occurs.
+
+    Example: [1, 2, 1, 2] -> {(1, 2): 2, (2, 1): 1}. Pairs overlap: [7, 7, 7] has the pair
+    (7, 7) twice (positions 0-1 and 1-2). A list with fewer than two ids has no pairs: {}.
+
+    Hint: zip(ids, ids[1:]) walks over the adjacent pairs; collections.Counter counts them.
+    """
+    raise NotImplementedError("count_pairs: your code here (chapter 3)")
+
+
+def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    """Replace every occurrence of `pair` in `ids` by the single id `new_id`; return a new list.
+
+    Scan left to right. When ids[i], ids[i + 1] equals the pair, emit new_id and jump over both
+    ids; otherwise emit ids[i] and move one step. Example: merge_pair([1, 2, 3, 1, 2], (1, 2), 256)
+    -> [256, 3, 256]; merge_pair([7, 7, 7], (7, 7), 256) -> [256, 7] (the left pair wins).
+    """
+    raise NotImplementedError("merge_pair: your code here (chapter 3)")
+
+
+def train_merges(text: str, num_merges: int) -> dict[tuple[int, int], int]:
+    """Learn up to `num_merges` BPE merges from `text`. Returns {pair: new_id}, in learned order.
+
+    1. ids = list(text.encode("utf-8"))          (bytes: every id is in 0..255)
+    2. repeat num_merges times:
+         count the pairs of the *current* ids; stop early if there are none;
+         best = the most frequent pair; on a tie, the smallest pair (compare the tuples), so
+                the result is deterministic: min(counts, key=lambda p: (-counts[p], p));
+         the i-th merge (i = 0, 1, ...) gets new_id = 256 + i;
+         ids = merge_pair(ids, best, new_id) and record merges[best] = new_id.
+
+    Counting again after each merge matters: merged tokens form new pairs ((b"t", b"he") can only
+    be counted once b"he" exists).
+    """
+    raise NotImplementedError("train_merges: your code here (chapter 3)")
+
+
+def encode(text: str, merges: dict[tuple[int, int], int]) -> list[int]:
+    """Encode `text` with learned `merges` (as returned by train_merges) -> list of ids.
+
+    Start from the UTF-8 bytes. Repeatedly find, among the adjacent pairs present, the one that
+    was learned *first* (smallest new id in `merges`) and merge it everywhere; stop when no pair
+    present is in `merges`. This replays training in order, so the same text gives the same
+    tokens as during training. (tiktoken does the same thing, in Rust.)
+
+    Hint: min(pairs, key=lambda p: merges.get(p, float("inf"))) finds the earliest-learned pair.
+    Do not pick the pair most frequent in *this* text: that is not how the merges were learned.
+    """
+    raise NotImplementedError("encode: your code here (chapter 3)")
+
+
+def assistant_mask(ids: list[int], assistant_id: int, eot_id: int) -> list[bool]:
+    """The loss mask of a rendered conversation: True exactly where the model is trained.
+
+    A conversation rendered with the chat template looks like
+        {system}<|user|>{question}<|assistant|>{answer}<|endoftext|><|user|>{question}...
+    Return one bool per id: True on every answer token *and* on the <|endoftext|> that closes
+    the answer (so the model learns to stop), False everywhere else: the system line, the user's
+    turns, and the role tokens themselves (<|assistant|> is given, never predicted by the model).
+    An answer starts right after an <|assistant|> token and ends at the next <|endoftext|>.
+
+    Example (A = assistant_id, E = eot_id): [5, A, 7, 8, E, 9] -> [F, F, T, T, T, F].
+    """
+    raise NotImplementedError("assistant_mask: your code here (chapter 3)")
