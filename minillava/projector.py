@@ -172,7 +172,7 @@ def plot_vector_projection(v: Tensor, u: Tensor) -> Figure:
     _arrow(ax, origin, u.tolist(), "tab:blue", f"u = {u.tolist()}")
     _arrow(ax, origin, v.tolist(), "tab:orange", f"v = {v.tolist()}")
     _arrow(ax, origin, p.tolist(), "tab:green", f"projection = {[round(x, 3) for x in p.tolist()]}")
-    ax.plot([v[0], p[0]], [v[1], p[1]], "k--", lw=1, label="residual v - p (⟂ u)")
+    ax.plot([v[0], p[0]], [v[1], p[1]], "k--", lw=1, label="residual v - p (perpendicular to u)")
     points = torch.stack([torch.zeros(2), u, v, p])
     lo, hi = points.min(0).values - 0.7, points.max(0).values + 0.7
     ax.set_xlim(lo[0].item(), hi[0].item())
@@ -192,7 +192,7 @@ def plot_plane_projection(v: Tensor, A: Tensor) -> Figure:
     p = projection_matrix(A) @ v
     fig = Figure(figsize=(6, 5))
     ax = fig.add_subplot(projection="3d")
-    s, t = np.meshgrid(np.linspace(-1.5, 1.5, 10), np.linspace(-1.5, 1.5, 10))
+    s, t = np.meshgrid(np.linspace(-1.6, 1.6, 10), np.linspace(-1.6, 1.6, 10))
     a1, a2 = A[:, 0].numpy(), A[:, 1].numpy()
     plane = s[..., None] * a1 + t[..., None] * a2  # (10, 10, 3): points s a1 + t a2
     ax.plot_surface(plane[..., 0], plane[..., 1], plane[..., 2], alpha=0.2, color="tab:blue")
@@ -203,7 +203,17 @@ def plot_plane_projection(v: Tensor, A: Tensor) -> Figure:
         (p.numpy(), "tab:green", "P v (projection)"),
     ):
         ax.quiver(0, 0, 0, *vec, color=colour, lw=2, arrow_length_ratio=0.1, label=label)
-    ax.plot(*zip(v.tolist(), p.tolist(), strict=True), "k--", lw=1, label="residual (⟂ plane)")
+    ax.plot(
+        *zip(v.tolist(), p.tolist(), strict=True),
+        "k--",
+        lw=1,
+        label="residual (perpendicular to the plane)",
+    )
+    span = torch.cat([torch.zeros(1, 3), v[None], p[None], A.T]).abs().max().item() + 0.3
+    for set_lim in (ax.set_xlim, ax.set_ylim, ax.set_zlim):
+        set_lim(-span, span)
+    ax.set_box_aspect((1, 1, 1))  # equal scales, so the right angle looks like one
+    ax.view_init(elev=25, azim=-55)
     ax.set_xlabel("x")
     ax.set_ylabel("y")
     ax.set_zlabel("z")
@@ -227,7 +237,16 @@ def plot_learned_map(X: Tensor, Y: Tensor, W: Tensor, labels: Tensor | None = No
     left, right = fig.subplots(1, 2)
     left.scatter(X[:, 0], X[:, 1], c=colours, cmap="tab10", s=25)
     left.set_title("space A (say, image features)")
-    right.scatter(Y[:, 0], Y[:, 1], c=colours, cmap="tab10", s=25, label="target Y")
+    right.scatter(
+        Y[:, 0],
+        Y[:, 1],
+        c=colours,
+        cmap="tab10",
+        s=90,
+        edgecolors="black",
+        zorder=3,
+        label="target Y",
+    )
     right.scatter(
         pred[:, 0], pred[:, 1], c=colours, cmap="tab10", s=25, marker="x", label="X W (mapped)"
     )
