@@ -525,21 +525,28 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(p.numel() for p in plan.model.parameters())
         kind = type(plan.model).__name__
         say(f"  {kind}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained")
-        result = train_stage(
-            plan.model,
-            plan.batches,
-            config,
-            name=name,
-            out_dir=out_dir,
-            device=device,
-            dtype=preset.dtype,
-            resume=args.resume,
-            compile=preset.compile,
-            num_workers=preset.num_workers,
-            run_config=run_config,
-            model_config=plan.model_config,
-            progress=not args.no_progress,
-        )
+        try:
+            result = train_stage(
+                plan.model,
+                plan.batches,
+                config,
+                name=name,
+                out_dir=out_dir,
+                device=device,
+                dtype=preset.dtype,
+                resume=args.resume,
+                compile=preset.compile,
+                num_workers=preset.num_workers,
+                run_config=run_config,
+                model_config=plan.model_config,
+                progress=not args.no_progress,
+            )
+        except NonFiniteLossError as error:
+            print(f"minillava train: {error}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            say(f"\ninterrupted: continue with the same command plus --resume (from {out_dir})")
+            raise
         first, last = (result.losses[0], result.losses[-1]) if result.losses else (math.nan,) * 2
         say(
             f"  done in {result.seconds:.0f} s: loss {first:.3f} -> {last:.3f}\n"

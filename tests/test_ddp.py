@@ -97,5 +97,23 @@ def test_two_gloo_processes_match_one_process_on_the_full_batch(tmp_path):
     assert (tmp_path / "ddp.pt").is_file()  # rank 0 wrote the checkpoint
 
 
+@pytest.mark.slow
+def test_torchrun_runs_the_train_command_on_two_cpu_processes(tmp_path):
+    """`torchrun --nproc_per_node=2 -m minillava.train ...`: the real stage, LLaVA and all."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "minillava.train", "--preset", "tiny", "--stage", "instruct", "--out-dir",
+        str(tmp_path), "--no-progress", "--no-eval", "--set", "num_threads=1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("minillava train: preset") == 1  # only rank 0 speaks
+    assert "x 2 processes" in proc.stdout
+    ckpt = torch.load(tmp_path / "instruct.pt", weights_only=True)
+    assert ckpt["step"] == 2
+    assert (tmp_path / "llava.pt").is_file()
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker(Path(sys.argv[sys.argv.index("--worker") + 1]))

@@ -163,3 +163,146 @@ def test_presets_overrides_parse_types_and_reject_unknown_keys():
     with pytest.raises(ValueError, match="expected a int"):
         apply_overrides(get_preset("cpu"), ["lm.steps=many"])
     assert isinstance(Preset().to_dict()["model"], dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# The LLaVA stages and the `minillava train` command, on the `tiny` preset
+
+
+def _train(out_dir, *args) -> int:
+    from minillava.train import main
+
+    return main(
+        ["--preset", "tiny", "--out-dir", str(out_dir), "--no-progress", "--no-eval", *args]
+    )
+
+
+def _losses(path) -> list[float]:
+    return [json.loads(line)["loss"] for line in open(path)]
+
+
+def test_batches_depend_only_on_seed_stage_and_index_and_shard_the_global_batch():
+    from minillava.stages import StageBatches
+
+    cfg = StageConfig(batch_size=8, grad_accum=2)
+    full = StageBatches("x", 20, cfg, seed=3)
+    assert sorted(full.indices(0) + full.indices(1)) == sorted(full.global_indices(0))
+    assert StageBatches("x", 20, cfg, seed=3).indices(7) == full.indices(7)  # a fresh object
+    assert StageBatches("y", 20, cfg, seed=3).global_indices(0) != full.global_indices(0)
+    assert StageBatches("x", 20, cfg, seed=4).global_indices(0) != full.global_indices(0)
+    one_epoch = full.global_indices(0) + full.global_indices(1)  # 20 // 8 = 2 steps per epoch
+    assert len(set(one_epoch)) == 16
+    ranks = [StageBatches("x", 20, cfg, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    assert sorted(ranks[0].indices(5) + ranks[1].indices(5)) == sorted(full.indices(5))
+    with pytest.raises(ValueError, match="divisible by grad_accum x processes"):
+        StageBatches("x", 20, StageConfig(batch_size=6, grad_accum=4), seed=0)
+
+
+@pytest.mark.slow
+def test_all_stages_two_steps_each_hand_weights_on_and_freeze_the_right_parts(tmp_path):
+    from minillava.checkpoint import load_llava
+    from minillava.eval import generate_answers
+
+    assert _train(tmp_path) == 0
+    for name in Preset.STAGES:
+        assert len(_losses(tmp_path / f"{name}.jsonl")) == 2
+        assert (tmp_path / f"{name}_loss.png").is_file()
+    lm, clip, align, instruct = (
+        load_checkpoint(tmp_path / f"{name}.pt")["model"] for name in Preset.STAGES
+    )
+    changed = {"vision": 0, "language": 0, "projector": 0}
+    for key, value in align.items():
+        part, _, rest = key.partition(".")
+        if part == "vision_tower":  # the CLIP ViT, frozen
+            assert torch.equal(value, clip[f"vision_model.{rest}"]), key
+        elif part == "language_model":  # the lm-stage decoder, frozen
+            assert torch.equal(value, lm[rest]), key
+        if not torch.equal(value, instruct[key]):
+            changed[part.split("_")[0]] += 1
+    assert changed["vision"] == 0 and changed["language"] > 0 and changed["projector"] > 0
+
+    model, tokenizer, info = load_llava(tmp_path / "llava.pt", device="cpu")
+    assert info["config"]["world"]["image_size"] == 16 and info["step"] == 2
+    assert all(torch.equal(v, instruct[k]) for k, v in model.state_dict().items())
+    answers = generate_answers(model, tokenizer, ["What colour is the circle?"],
+                               torch.zeros(1, 3, 16, 16), max_new_tokens=3)  # fmt: skip
+    assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+@pytest.mark.slow
+def test_lora_instruct_trains_only_adapters_and_saves_merged_plain_names(tmp_path):
+    from minillava.presets import get_preset
+    from minillava.stages import build_stage
+    from minillava.tokenizer import get_tokenizer
+
+    assert _train(tmp_path, "--stage", "instruct", "--lora") == 0
+    adapted = load_checkpoint(tmp_path / "instruct.pt")["model"]
+    final = load_checkpoint(tmp_path / "llava.pt")["model"]
+    assert any(k.endswith("lora_A") for k in adapted)
+    assert not any("lora_" in k or ".base." in k for k in final)
+    # The frozen base weights are exactly the initial ones (same seed, same build).
+    preset = get_preset("tiny")
+    preset.lora = True
+    initial = build_stage("instruct", preset, get_tokenizer(), tmp_path / "none").model
+    for key, value in initial.state_dict().items():
+        if "lora_" not in key and not key.startswith("projector."):
+            assert torch.equal(adapted[key], value), key
+    q = "language_model.layers.0.self_attn.q_proj"
+    merged = adapted[f"{q}.base.weight"] + 2.0 * adapted[f"{q}.lora_B"] @ adapted[f"{q}.lora_A"]
+    torch.testing.assert_close(final[f"{q}.weight"], merged)  # alpha / rank = 16 / 8
+
+
+@pytest.mark.slow
+def test_cli_resume_after_an_interruption_reproduces_the_losses(tmp_path, monkeypatch):
+    from minillava.stages import PackedTextBatches
+
+    args = ["--stage", "lm", "--set", "lm.steps=4", "--set", "lm.ckpt_every=1"]
+    assert _train(tmp_path / "a", *args) == 0
+    original = PackedTextBatches.__getitem__
+
+    def interrupted(self, m):
+        if m == 2:
+            raise KeyboardInterrupt
+        return original(self, m)
+
+    monkeypatch.setattr(PackedTextBatches, "__getitem__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "b", *args)
+    monkeypatch.undo()
+    assert len(_losses(tmp_path / "b" / "lm.jsonl")) == 2
+    assert _train(tmp_path / "b", *args, "--resume") == 0
+    assert _losses(tmp_path / "b" / "lm.jsonl") == _losses(tmp_path / "a" / "lm.jsonl")
+
+
+def test_cli_nan_stops_with_a_message(tmp_path, capsys):
+    args = [
+        "--stage",
+        "lm",
+        "--set",
+        "lm.lr=1e30",
+        "--set",
+        "lm.steps=4",
+        "--set",
+        "lm.ckpt_every=1",
+    ]
+    assert _train(tmp_path, *args) == 1
+    err = capsys.readouterr().err
+    assert "became nan" in err or "became inf" in err
+    assert "last good checkpoint" in err and load_checkpoint(tmp_path / "lm.pt")["step"] >= 1
+
+
+def test_cli_flags_and_overrides(tmp_path, capsys):
+    from minillava.cli import main as cli_main
+    from minillava.train import build_parser, resolve_preset
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", "--help"])
+    assert exit_info.value.code == 0 and "--resume" in capsys.readouterr().out
+    args = build_parser().parse_args(
+        ["--stage", "clip", "--steps", "7", "--lora", "--seed", "3", "--set", "clip.lr=0.5"]
+    )
+    preset = resolve_preset(args)
+    assert preset.clip.steps == 7 and preset.lm.steps != 7 and preset.lora and preset.seed == 3
+    assert preset.clip.lr == 0.5
+    assert _train(tmp_path, "--set", "model.nope=1") == 2
+    assert "unknown field 'nope'" in capsys.readouterr().err
