@@ -34,7 +34,6 @@ import sys
 import textwrap
 import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,10 +263,11 @@ def assert_close(
         got = got.to(expected.dtype)
     g, e = got.detach().double().cpu(), expected.detach().double().cpu()
     if not torch.isfinite(g).all() and torch.isfinite(e).all():
-        bad = (~torch.isfinite(g)).nonzero()[0].tolist()
+        bad = tuple((~torch.isfinite(g)).nonzero()[0].tolist())
         raise GradingFailure(
-            f"{what} contains {fmt(g[tuple(bad)].item())} (at index {tuple(bad)}) where the "
-            f"reference is finite. Expected {fmt(e)}, got {fmt(g)}.",
+            f"{what} contains {fmt(g[bad].item())} at index {bad}, where the reference is "
+            f"finite ({fmt(e[bad].item())}). NaN usually comes from 0/0 or a softmax over a row "
+            "of -inf; inf from a division by zero or an overflow.",
             hint,
         )
     close = torch.isclose(g, e, atol=atol, rtol=rtol, equal_nan=True)
@@ -319,7 +319,8 @@ def diagnose(
             if wrong is None or tuple(got.shape) != tuple(wrong.shape):
                 continue
             with contextlib.suppress(RuntimeError, TypeError):
-                if torch.allclose(got.detach().double(), wrong.detach().double(), 1e-3, 1e-4):
+                g, w = got.detach().double(), wrong.detach().double()
+                if torch.allclose(g, w, 1e-3, 1e-4, equal_nan=True):
                     return hint
     return default
 
@@ -370,9 +371,27 @@ def _learner_files(callables: Sequence) -> set[str]:
     return files
 
 
-def _learner_frame(exc: BaseException, learner_files: set[str]):
+@dataclass
+class _Frame:
+    filename: str
+    lineno: int
+    name: str  # qualified: "MultiHeadAttention.forward"
+
+
+def _frames(exc: BaseException) -> list[_Frame]:
+    frames, tb = [], exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        frames.append(
+            _Frame(code.co_filename, tb.tb_lineno, getattr(code, "co_qualname", code.co_name))
+        )
+        tb = tb.tb_next
+    return frames
+
+
+def _learner_frame(exc: BaseException, learner_files: set[str]) -> _Frame | None:
     """The deepest traceback frame in the learner's code, else the deepest outside libraries."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    frames = _frames(exc)
     for frame in reversed(frames):
         if frame.filename in learner_files:
             return frame
@@ -392,7 +411,7 @@ def _where(frame) -> str:
         with contextlib.suppress(ValueError):
             name = os.path.relpath(name)
         place = f"{name}, line {frame.lineno}"
-    line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+    line = linecache.getline(frame.filename, frame.lineno).strip()
     return f"{place}, in {frame.name}:\n    {line}" if line else f"{place}, in {frame.name}"
 
 
@@ -400,8 +419,7 @@ def _explain_exception(exc: BaseException, learner_files: set[str]) -> tuple[str
     """(status, message) for an exception that escaped a check."""
     frame = _learner_frame(exc, learner_files)
     if isinstance(exc, NotImplementedError) and frame is not None:
-        last = traceback.extract_tb(exc.__traceback__)[-1]
-        if last.filename == frame.filename and last.lineno == frame.lineno:
+        if _frames(exc)[-1] == frame:
             return TODO, f"not implemented yet ({frame.name} still raises NotImplementedError)."
     text = f"{type(exc).__name__}: {exc}".strip()
     if len(text) > 400:
@@ -415,6 +433,11 @@ def _explain_exception(exc: BaseException, learner_files: set[str]) -> tuple[str
             "Check that your function takes the arguments in the docstring and returns what it "
             "says (a tensor of the right shape)."
         )
+        graders_dir = str(Path(__file__).parent / "graders")
+        in_check = [f for f in _frames(exc) if f.filename.startswith(graders_dir)]
+        if in_check:  # for course authors: where the check stopped
+            where = os.path.relpath(in_check[-1].filename, Path(__file__).parent.parent)
+            message += f" (The check stopped at {where}, line {in_check[-1].lineno}.)"
     if while_:
         message += f"\nThis happened while {while_}."
     return ERROR, message

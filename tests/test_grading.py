@@ -253,3 +253,13 @@ def test_check_rereads_an_edited_exercise_file(scratch_exercises, capsys):
     )
     grading.check(project_onto_vector)  # the old function object: the file is read again
     assert "PASS" in capsys.readouterr().out
+
+
+def test_a_result_the_check_cannot_use_is_explained():
+    def run(f):
+        f().shape  # noqa: B018 - the check assumes a tensor came back
+
+    check_ = grading.Check("ch01.fake", 1, ("f",), run)
+    result = grading.run_check(check_, lambda: None)
+    assert result.status == grading.ERROR
+    assert "could not use what your code returned: AttributeError" in result.message
