@@ -7,6 +7,7 @@ import os
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,7 +260,11 @@ def test_a_result_the_check_cannot_use_is_explained():
     def run(f):
         f().shape  # noqa: B018 - the check assumes a tensor came back
 
+    # Pretend `run` lives in minillava/graders/, as every real check does.
+    graders_file = str(Path(grading.__file__).parent / "graders" / "__init__.py")
+    run.__code__ = run.__code__.replace(co_filename=graders_file)
     check_ = grading.Check("ch01.fake", 1, ("f",), run)
     result = grading.run_check(check_, lambda: None)
     assert result.status == grading.ERROR
     assert "could not use what your code returned: AttributeError" in result.message
+    assert "The check stopped at minillava/graders/__init__.py, line" in result.message
