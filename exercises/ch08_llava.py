@@ -1,0 +1,88 @@
+"""Chapter 8, LLaVA: your exercises. Fill each function, then run `minillava grade ch08`.
+
+You wire the eyes (ViT), the bridge (projector) and the brain (decoder) together: put an image's
+P vectors where its <image> token stands, build the labels of that longer sequence, pick the
+right ViT features, and freeze the parts that stage 1 must not change. Compare with
+minillava/llava.py (splice_image_tokens, Llava.encode_images, Llava.freeze_*).
+
+Shapes: T tokens in the prompt, C the decoder's hidden size, P image positions (one per patch),
+B batch, N patches, L ViT layers.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+def splice_image(
+    input_ids: Tensor, token_embeds: Tensor, image_features: Tensor, image_token_id: int
+) -> Tensor:
+    """Replace the single <image> token of one sample by the image's P feature vectors.
+
+    input_ids (T,): token ids with exactly one `image_token_id` somewhere.
+    token_embeds (T, C): their embeddings (what embed_tokens made of input_ids).
+    image_features (P, C): the projected image, one vector per patch.
+    Returns (T - 1 + P, C): the text before the placeholder, then the P image vectors, then the
+    text after it. The placeholder itself disappears: its embedding is a meaningless vector.
+
+        ids     [s0 s1 <image> q0 q1]        P = 3
+        out     [s0 s1 i0 i1 i2 q0 q1]       5 - 1 + 3 = 7 rows
+
+    Hint: pos = (input_ids == image_token_id).nonzero().item(); torch.cat three pieces. Watch the
+    slice bounds: token_embeds[:pos] stops before the placeholder, token_embeds[pos + 1:] starts
+    after it.
+    """
+    raise NotImplementedError
+
+
+def build_labels(
+    input_ids: Tensor,
+    answer_mask: Tensor,
+    image_token_id: int,
+    num_image_tokens: int,
+    ignore_index: int = -100,
+) -> Tensor:
+    """The labels of the spliced sequence: a token id where the loss is computed, else -100.
+
+    input_ids (T,): one row of a batch (it may end in padding, and may hold several <image>s).
+    answer_mask (T,) bool: True on the assistant's answer tokens (what tokenizer.render's mask
+        says); False on the system line, the user's turns, the <image> token and the padding.
+    Returns (T + (P - 1) * n_images,) long, aligned with the spliced sequence (splice_image):
+        - each <image> token becomes P positions, all `ignore_index`: nobody asks the model to
+          predict pixels, and there is no "correct" vector to predict there anyway;
+        - every other position keeps its token id where answer_mask is True, else ignore_index.
+
+        ids     [s0 <image> q0 A0 A1 pad]    mask [F F F T T F]     P = 3
+        labels  [-100 -100 -100 -100 -100 A0 A1 -100]
+
+    The decoder shifts labels by one itself (position t is scored on predicting labels[t + 1]).
+    """
+    raise NotImplementedError
+
+
+def select_patch_features(hidden_states: tuple[Tensor, ...], layer: int = -2) -> Tensor:
+    """The image features LLaVA-1.5 feeds its projector.
+
+    hidden_states: the ViT's L + 1 hidden states, each (B, 1 + N, C): index 0 is the embedding
+        output, index i the output of block i; position 0 of every state is the [CLS] token.
+    layer: which hidden state; -2 = the penultimate one (LLaVA-1.5's choice: the last layer is
+        specialised for CLIP's contrastive objective, the one before is more general).
+    Returns (B, N, C): the N patch tokens of that layer, without [CLS] (one global summary token
+    would carry no position in the image; the projector wants one vector per patch).
+    """
+    raise NotImplementedError
+
+
+def freeze_for_alignment(model: nn.Module) -> None:
+    """Set up stage 1 (alignment): only the projector learns.
+
+    model: a minillava Llava, with parts `model.vision_tower`, `model.projector` and
+    `model.language_model`. Afterwards every parameter of the projector has requires_grad=True
+    and every parameter of the other two parts requires_grad=False (whatever they were before).
+    Return nothing: change the model in place.
+
+    Careful: model.eval() does not freeze anything (it switches dropout and the like), and
+    torch.no_grad() only lasts for a `with` block.
+    Hint: module.requires_grad_(False) sets it for every parameter of a module.
+    """
+    raise NotImplementedError
