@@ -1,0 +1,107 @@
+"""Chapter 4, The Brain: your exercises. Fill each function, then run `minillava grade ch04`.
+
+The four pieces that make a LLaMA-style decoder different from GPT-2, plus how it picks a word:
+RMSNorm, rotary position embeddings (RoPE), the SwiGLU MLP, the sampling distribution
+(temperature, top-k, top-p) and one step of attention with a KV cache. Compare your code with
+minillava/decoder.py and minillava/generate.py once it passes.
+
+Shapes: B batch, H heads, T positions, D head size, C hidden size, I MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
+    """Root-mean-square normalisation of the last dim: x (..., C), weight (C,) -> (..., C).
+
+        rms = sqrt(mean(x², over the last dim) + eps)        one number per vector
+        out = x / rms * weight
+
+    Unlike LayerNorm there is no mean subtracted and no bias: only the vector's length is fixed.
+    Hint: x.pow(2).mean(dim=-1, keepdim=True) keeps the dim so the division broadcasts;
+    torch.rsqrt(a) is 1 / sqrt(a).
+    """
+    raise NotImplementedError("rms_norm: your code here (chapter 4)")
+
+
+def apply_rotary(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
+    """Rotary position embedding (RoPE), Hugging Face Llama's convention. x (B, H, T, D) -> same.
+
+    positions (T,) holds each of the T rows' position (0, 1, 2, ... or offset, e.g. 7, 8, 9).
+    Dimension i is paired with dimension i + D/2 (the two halves of the last dim, NOT neighbours
+    2i and 2i+1). Pair i of the token at position m is rotated by the angle
+
+        angle[m, i] = m * theta ** (-2i / D)          i = 0 .. D/2 - 1
+
+    so pair 0 turns fastest (one radian per position) and the last pair slowest. Rotating the
+    pair (a, b) by angle t gives (a cos t - b sin t, a sin t + b cos t).
+
+    Hint: inv_freq = theta ** (-torch.arange(0, D, 2).float() / D) gives the D/2 frequencies;
+    angles = positions.float()[:, None] * inv_freq is (T, D/2) and broadcasts against
+    x1 = x[..., :D // 2] and x2 = x[..., D // 2:].
+    """
+    raise NotImplementedError("apply_rotary: your code here (chapter 4)")
+
+
+def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+    """The LLaMA MLP: down(silu(gate(x)) * up(x)), with bias-free linear maps.
+
+    x (..., C); w_gate and w_up (I, C); w_down (C, I): nn.Linear's (out, in) layout, so
+    gate(x) = x @ w_gate.T. The silu of the *gate* multiplies the *up* projection elementwise:
+    the gate decides how much of each of the I hidden units passes. Returns (..., C).
+    Hint: torch.nn.functional.silu(z) = z * sigmoid(z).
+    """
+    raise NotImplementedError("swiglu: your code here (chapter 4)")
+
+
+def next_token_probs(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Tensor:
+    """The distribution the next token is drawn from: logits (B, V) -> probabilities (B, V).
+
+    In this order:
+      1. temperature == 0: greedy. Return a one-hot row: 1.0 at the argmax, 0 elsewhere.
+      2. divide the logits by the temperature (< 1 sharpens, > 1 flattens);
+      3. top_k (if not None): keep the k largest logits per row, set the others to -inf;
+      4. top_p (if not None): sort the (filtered) probabilities in decreasing order and keep
+         the most likely tokens until their total reaches top_p: a token is kept when the mass
+         of the tokens *before* it in that order is still < top_p (so the top token always stays);
+      5. softmax over what is left. Each row sums to 1, removed tokens get exactly 0.
+
+    Filter the *logits* and take the softmax last. (Softmax first, then zeroing tokens, leaves
+    rows that no longer sum to 1.) Then torch.multinomial(probs, 1) draws a token.
+    Hint: logits.masked_fill(mask, float("-inf")); logits.sort(dim=-1, descending=True) returns
+    (values, indices); tensor.scatter(-1, indices, values) puts sorted values back in place.
+    """
+    raise NotImplementedError("next_token_probs: your code here (chapter 4)")
+
+
+def attend_with_cache(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    past_k: Tensor | None = None,
+    past_v: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Causal attention for T_new new positions, reusing the keys/values cached for earlier ones.
+
+    q, k, v: (B, H, T_new, D), the new positions' queries, keys and values.
+    past_k, past_v: (B, H, T_past, D) from earlier calls, or None for the first call.
+    Returns (out (B, H, T_new, D), keys (B, H, T_past + T_new, D), values (same shape)): keys and
+    values are the cache to pass to the next call.
+
+    1. Append the new keys/values after the cached ones (torch.cat along dim 2, the positions).
+    2. scores = q @ keys^T / sqrt(D), shape (B, H, T_new, T_total).
+    3. Causal mask: the new queries are the *last* T_new positions, so new query t may see keys
+       0 .. T_past + t. minillava.attention.causal_mask(T_new, T_total) builds exactly that
+       (True = allowed); masked scores become -inf.
+    4. out = softmax(scores) @ values.
+    Generating one token at a time (T_new = 1) must give the same outputs as attending over the
+    whole sequence at once with a causal mask.
+    """
+    raise NotImplementedError("attend_with_cache: your code here (chapter 4)")
