@@ -1,0 +1,91 @@
+"""Chapter 9, visual instruction tuning: your exercises. Fill each function, then run
+`minillava grade ch09`.
+
+Stage 2 teaches the model to follow instructions: the loss goes on the assistant's turns only,
+and the decoder is fine-tuned, fully or through LoRA adapters that you write here by hand.
+Compare with minillava/lora.py (LoRALinear, apply_lora, merge_lora) and
+minillava/tokenizer.py (Tokenizer.render).
+
+Shapes: x (..., in) inputs, W (out, in) a linear layer's weight (nn.Linear's layout), r the LoRA
+rank, A (r, in) and B (out, r) the LoRA factors, T tokens.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+def init_lora_factors(in_features: int, out_features: int, rank: int) -> tuple[Tensor, Tensor]:
+    """Create LoRA's two factors for a layer with weight W (out_features, in_features).
+
+    Returns (lora_A (rank, in_features), lora_B (out_features, rank)) such that:
+    - B A == 0 exactly: the adapted layer starts out identical to the pretrained one, so
+      fine-tuning begins from the model you had, not from a randomly perturbed one;
+    - training can still move: the gradient of the loss with respect to B is (roughly)
+      (x Aᵀ)ᵀ · grad_out, which is zero if A is zero too. So A must be random.
+    Hint: A like nn.Linear's init, e.g. torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5)) or
+    small Gaussian values; B = torch.zeros(...).
+    """
+    raise NotImplementedError
+
+
+def lora_forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, alpha: float
+) -> Tensor:
+    """A linear layer plus its low-rank update: (..., in) -> (..., out).
+
+        y = x Wᵀ + b + (alpha / r) · x Aᵀ Bᵀ          r = lora_A.shape[0]
+
+    weight (out, in), bias (out,) or None, lora_A (r, in), lora_B (out, r).
+    The factor alpha / r keeps the update's size about the same when you change the rank, so a
+    learning rate tuned at r = 8 still works at r = 16.
+    Hint: compute x @ A.T first ((..., r): thin), then @ B.T; never build the (out, in) matrix.
+    """
+    raise NotImplementedError
+
+
+def merge_lora_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, alpha: float) -> Tensor:
+    """Fold the update into the weight: W' = W + (alpha / r) · B A, shape (out, in).
+
+    After merging, a plain linear layer with W' gives exactly what lora_forward gives, at no
+    extra cost: nothing of LoRA is left at inference time.
+    Careful with the order: B (out, r) @ A (r, in) is (out, in). A.T @ B.T is its transpose,
+    which has the right shape only when out == in, and is then silently wrong.
+    """
+    raise NotImplementedError
+
+
+def assistant_labels(
+    input_ids: Tensor, assistant_id: int, eot_id: int, ignore_index: int = -100
+) -> Tensor:
+    """The labels of a conversation rendered with the chat template: loss on the answers only.
+
+    input_ids (T,): a multi-turn conversation as tokenizer.render writes it,
+
+        {system}<|user|><image>\\n{q1}<|assistant|>{a1}<|endoftext|><|user|>{q2}<|assistant|>{a2}...
+
+    possibly cut short (the last answer may have no <|endoftext|>) or followed by padding.
+    Returns (T,) long: the token id on every answer token and on the <|endoftext|> that closes
+    each answer (so the model learns to stop), ignore_index everywhere else: the system line,
+    the user's turns, the role tokens <|user|> and <|assistant|> themselves, the padding.
+
+        ids     [sys <|user|> q q <|assistant|> a a EOT <|user|> q <|assistant|> a EOT pad]
+        labels  [ -     -     - -      -        a a EOT    -     -      -        a EOT  - ]
+
+    Every answer counts, not only the last one. Hint: walk the ids with a flag "inside an
+    answer", switched on after <|assistant|> and off after <|endoftext|>.
+    """
+    raise NotImplementedError
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total): how many numbers the optimizer updates, and how many the model has.
+
+    trainable counts the parameters with requires_grad=True. A tensor shared by two modules
+    (the decoder ties its embedding table and its output layer) counts once: it is one set of
+    numbers. Buffers (e.g. RoPE's cos/sin tables) are not parameters.
+    Hint: model.parameters() yields each parameter once; p.numel() is its number of elements.
+    model.state_dict() is the wrong tool here: it lists a tied tensor under both its names and
+    includes the buffers.
+    """
+    raise NotImplementedError
