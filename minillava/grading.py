@@ -34,6 +34,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -493,7 +494,9 @@ def _run_forked(check_: Check, callables: Sequence, seed: int, timeout: float) -
     sys.stdout.flush()  # or the child would print the parent's buffered output a second time
     sys.stderr.flush()
     process = ctx.Process(target=_child, args=(sender, check_, callables, seed), daemon=True)
-    process.start()
+    with warnings.catch_warnings():  # Python 3.12+ warns about forking a threaded process;
+        warnings.simplefilter("ignore", DeprecationWarning)  # the child only runs the check
+        process.start()
     sender.close()
     try:
         if receiver.poll(timeout):

@@ -163,6 +163,7 @@ def test_cli_grades_a_chapter(capsys):
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_cli_all_prints_a_table(capsys):
     assert grading.main(["all", "--solutions"]) == 0
     out = capsys.readouterr().out

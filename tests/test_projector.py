@@ -39,6 +39,7 @@ def test_build_projector_shapes_and_names():
         build_projector("linear", 0, 48)
 
 
+@pytest.mark.slow  # importing transformers takes seconds
 def test_mlp_projector_matches_transformers():
     import transformers  # a dev dependency: installed by `make test`
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector

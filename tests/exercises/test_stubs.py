@@ -52,12 +52,6 @@ def test_stubs_score_zero_without_crashing(chapter):
                 f"{result.status}: {result.message}"
             )
             assert "not implemented yet" in result.message
-
-
-@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.id for c in CHAPTERS])
-def test_report_of_stubs_reads_well(chapter):
-    report = grading.grade_chapter(chapter, "exercises")
-    text = grading.format_report(report)
+    text = grading.format_report(report)  # the report a learner reads
     assert f"{report.points}/{report.max_points}" in text
-    for check in chapter.checks:
-        assert check.name in text
+    assert all(check.name in text for check in chapter.checks)
