@@ -147,7 +147,7 @@ def chapters() -> dict[str, Chapter]:
 
 
 def get_chapter(chapter: str | int) -> Chapter:
-    """ "ch01", "01", "1" or 1 -> the Chapter; a clear error naming the chapters that exist."""
+    """The Chapter for `chapter` = "ch01", "01", "1" or 1 (a KeyError names those that exist)."""
     text = str(chapter).lower().removeprefix("ch")
     known = chapters()
     key = f"ch{int(text):02d}" if text.isdigit() else str(chapter)
@@ -159,7 +159,7 @@ def get_chapter(chapter: str | int) -> Chapter:
 
 
 def get_check(name: str) -> Check:
-    """ "ch01.project_onto_vector" -> its Check."""
+    """The Check called `name`, e.g. "ch01.project_onto_vector"."""
     chapter = get_chapter(name.split(".")[0])
     for c in chapter.checks:
         if c.name == name:
