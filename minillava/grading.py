@@ -475,7 +475,7 @@ def _child(conn, check_: Check, callables: Sequence, seed: int) -> None:
 
 
 def isolation_mode() -> str:
-    """ "fork" (default where the OS has it), "thread" (Windows) or "inline" (debugging).
+    """How checks are isolated: "fork" (default where the OS has it), "thread" or "inline".
 
     Set MINILLAVA_GRADE_ISOLATION to choose; "inline" runs the check in this process so you can
     step through it with a debugger (no timeout then).
