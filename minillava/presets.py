@@ -200,7 +200,7 @@ def gpu_preset() -> Preset:
             intermediate_size=1024,
             max_seq_len=512,
         ),
-        data=DataSizes(train_images=100_000, lm_scenes=40_000, lm_seq_len=256, max_len=384),
+        data=DataSizes(train_images=100_000, lm_scenes=40_000, lm_seq_len=256, max_len=320),
         lm=StageConfig(steps=3000, batch_size=128, lr=1e-3, warmup_steps=200, log_every=10),
         clip=StageConfig(steps=3000, batch_size=256, lr=5e-4, warmup_steps=200, log_every=10),
         align=StageConfig(

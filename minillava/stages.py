@@ -349,6 +349,13 @@ def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, wor
     from minillava.llava import Llava
 
     cfg = llava_config(preset, tokenizer)
+    longest = preset.data.max_len - 1 + cfg.num_image_tokens  # <image> becomes P positions
+    if longest > cfg.text.max_seq_len:
+        raise ValueError(
+            f"data.max_len={preset.data.max_len} text tokens with {cfg.num_image_tokens} image "
+            f"tokens make {longest} positions, more than model.max_seq_len="
+            f"{cfg.text.max_seq_len}: raise max_seq_len or lower max_len"
+        )
     model = Llava(cfg)
     if name == "align":
         load_part(model.vision_tower, out_dir / "clip.pt", "vision_model.", "vision tower (ViT)")

@@ -165,6 +165,7 @@ class StageResult:
     name: str
     steps: int  # optimizer steps completed in total (including those before a resume)
     losses: list[float] = field(default_factory=list)  # loss of every logged step
+    evals: list[dict] = field(default_factory=list)  # what eval_fn returned, with its step
     checkpoint: Path | None = None
     metrics: Path | None = None
     plot: Path | None = None
@@ -232,8 +233,8 @@ def train_stage(
             group may carry "lr_scale" to train at a multiple of the scheduled rate.
         resume: continue from `{out_dir}/{name}.pt` if it exists (returns at once if that stage
             was already finished).
-        eval_fn: called as eval_fn(model) every `eval_every` steps and at the end; its dict is
-            logged (e.g. {"val_loss": ...}).
+        eval_fn: called as eval_fn(model) (in eval mode, no grad) every `eval_every` steps and
+            at the end; its dict of numbers is logged with the step (e.g. {"val_loss": ...}).
     """
     started = time.perf_counter()
     info = dist_info()
@@ -262,7 +263,9 @@ def train_stage(
         if ckpt["optimizer"] is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
         start_step = ckpt["step"]
-        torch.set_rng_state(ckpt["extra"]["rng_state"])  # dropout masks continue identically
+        torch.set_rng_state(ckpt["extra"]["rng_state"].cpu())  # dropout masks continue as before
+        if device.type == "cuda" and "cuda_rng_state" in ckpt["extra"]:
+            torch.cuda.set_rng_state(ckpt["extra"]["cuda_rng_state"].cpu(), device)
         records = _read_jsonl(metrics_path, up_to_step=start_step)
         result.resumed_from = start_step
         if info.is_main:
@@ -277,6 +280,8 @@ def train_stage(
         if ckpt_path is None or not info.is_main:
             return
         extra = {"stage": name, "rng_state": torch.get_rng_state(), "done": step >= config.steps}
+        if device.type == "cuda":
+            extra["cuda_rng_state"] = torch.cuda.get_rng_state(device)
         save_checkpoint(
             ckpt_path,
             model=model,
@@ -345,6 +350,8 @@ def train_stage(
                 with ddp_model.no_sync() if skip_sync else contextlib.nullcontext():
                     with autocast(device, dtype):
                         loss = train_model(**batch).loss / accum
+                    # Checked every micro-step (a GPU sync, cheap next to a step): a NaN must
+                    # stop us before backward() spreads it into the weights.
                     if not torch.isfinite(_mean_over_ranks(loss.detach(), info)):
                         raise NonFiniteLossError(_nan_message(name, step, loss, ckpt_path))
                     loss.backward()
@@ -372,8 +379,6 @@ def train_stage(
                     "time_s": time.perf_counter() - started,
                 }
                 window_tokens, window_start = 0, time.perf_counter()
-                if eval_fn is not None and eval_every > 0 and done % eval_every == 0:
-                    record.update(_evaluate(eval_fn, model, train_model))
                 result.losses.append(loss_value)
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(record) + "\n")
@@ -386,11 +391,15 @@ def train_stage(
                 )
             bar.update(1)
             result.steps = done
+            if eval_fn is not None and (
+                done == config.steps or eval_every and done % eval_every == 0
+            ):
+                evaluation = {"stage": name, "step": done, **_evaluate(eval_fn, model, train_model)}
+                result.evals.append(evaluation)
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(evaluation) + "\n")
             if (config.ckpt_every and done % config.ckpt_every == 0) or done == config.steps:
                 save(done)
-        if eval_fn is not None and metrics_file is not None:
-            final = {"stage": name, "step": config.steps, **_evaluate(eval_fn, model, train_model)}
-            metrics_file.write(json.dumps(final) + "\n")
     finally:
         bar.close()
         if metrics_file is not None:

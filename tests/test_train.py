@@ -69,14 +69,26 @@ def test_param_groups_decay_matrices_only_and_skip_frozen():
 
 def test_loop_learns_and_writes_checkpoint_metrics_and_plot(tmp_path):
     cfg = StageConfig(steps=30, lr=1e-2, warmup_steps=3, grad_accum=2, log_every=1)
-    result = train_stage(Toy(), ToyBatches(), cfg, name="toy", out_dir=tmp_path, progress=False)
+    val = ToyBatches(seed=99)[0]
+
+    def eval_fn(model):
+        assert not model.training and not torch.is_grad_enabled()
+        return {"val_loss": model(**val).loss}
+
+    result = train_stage(
+        Toy(), ToyBatches(), cfg, name="toy", out_dir=tmp_path, progress=False,
+        eval_fn=eval_fn, eval_every=20,
+    )  # fmt: skip
     assert result.steps == 30 and len(result.losses) == 30
     assert sum(result.losses[-5:]) < 0.5 * sum(result.losses[:5])
+    assert [e["step"] for e in result.evals] == [20, 30]
+    assert result.evals[1]["val_loss"] < result.evals[0]["val_loss"] * 1.5
     ckpt = load_checkpoint(tmp_path / "toy.pt")
     assert ckpt["step"] == 30 and ckpt["extra"]["done"]
     assert ckpt["config"]["stage"]["steps"] == 30
     lines = [json.loads(line) for line in open(tmp_path / "toy.jsonl")]
-    assert [r["step"] for r in lines] == list(range(1, 31))
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 31))
+    assert [r["step"] for r in lines if "val_loss" in r] == [20, 30]
     assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(lines[0])
     assert (tmp_path / "toy_loss.png").stat().st_size > 1000
 
@@ -231,18 +243,21 @@ def test_all_stages_two_steps_each_hand_weights_on_and_freeze_the_right_parts(tm
 
 @pytest.mark.slow
 def test_lora_instruct_trains_only_adapters_and_saves_merged_plain_names(tmp_path):
+    """Also runs the decoder with gradient checkpointing (recompute in backward)."""
     from minillava.presets import get_preset
     from minillava.stages import build_stage
     from minillava.tokenizer import get_tokenizer
 
-    assert _train(tmp_path, "--stage", "instruct", "--lora") == 0
+    assert (
+        _train(tmp_path, "--stage", "instruct", "--lora", "--set", "gradient_checkpointing=1") == 0
+    )
     adapted = load_checkpoint(tmp_path / "instruct.pt")["model"]
     final = load_checkpoint(tmp_path / "llava.pt")["model"]
     assert any(k.endswith("lora_A") for k in adapted)
     assert not any("lora_" in k or ".base." in k for k in final)
     # The frozen base weights are exactly the initial ones (same seed, same build).
     preset = get_preset("tiny")
-    preset.lora = True
+    preset.lora = preset.gradient_checkpointing = True
     initial = build_stage("instruct", preset, get_tokenizer(), tmp_path / "none").model
     for key, value in initial.state_dict().items():
         if "lora_" not in key and not key.startswith("projector."):
@@ -306,3 +321,20 @@ def test_cli_flags_and_overrides(tmp_path, capsys):
     assert preset.clip.lr == 0.5
     assert _train(tmp_path, "--set", "model.nope=1") == 2
     assert "unknown field 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny", "cpu", "gpu"])
+def test_every_preset_makes_consistent_configs(name):
+    from minillava.stages import clip_config, llava_config, world_config
+    from minillava.tokenizer import get_tokenizer
+
+    preset = get_preset(name)
+    tokenizer = get_tokenizer()
+    llava = llava_config(preset, tokenizer)
+    assert preset.data.max_len - 1 + llava.num_image_tokens <= llava.text.max_seq_len
+    assert llava.image_token_id == tokenizer.image_id and llava.text.vocab_size == len(tokenizer)
+    assert clip_config(preset, len(tokenizer)).vision == llava.vision  # CLIP's ViT is LLaVA's
+    assert world_config(preset).image_size == llava.vision.image_size
+    for stage in Preset.STAGES:
+        cfg = preset.stage(stage)
+        assert cfg.batch_size % cfg.grad_accum == 0 and cfg.warmup_steps < cfg.steps
