@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
 ANSWER_SUFFIX = "\nAnswer with a single word or phrase."
 BLIND_MODES = ("blank", "no_image")
@@ -354,15 +355,6 @@ def format_table(result: EvalResult, blind: EvalResult | None = None) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: works without a display (CI, ssh, Jupyter kernels)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_accuracy_bars(
     results: Mapping[str, EvalResult], path: str | Path, title: str = "VQA accuracy by type"
 ) -> Path:
@@ -373,10 +365,11 @@ def plot_accuracy_bars(
     """
     if not results:
         raise ValueError("plot_accuracy_bars needs at least one result")
-    plt = _pyplot()
     kinds = sorted({kind for r in results.values() for kind in r.per_type}) + ["overall"]
     width = 0.8 / len(results)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(kinds) + 2), 4.0))
+    # A bare Figure, not pyplot: no global backend switch, so a notebook keeps inline plots.
+    fig = Figure(figsize=(max(6.0, 1.1 * len(kinds) + 2), 4.0))
+    ax = fig.subplots()
     for i, (label, result) in enumerate(results.items()):
         values = [result.per_type.get(k, math.nan) for k in kinds[:-1]] + [result.accuracy]
         positions = [j + (i - (len(results) - 1) / 2) * width for j in range(len(kinds))]
@@ -399,7 +392,6 @@ def plot_accuracy_bars(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -415,9 +407,9 @@ def plot_gallery(
     shown = [r for r in result.records if "pixel_values" in r][:n]
     if not shown:
         raise ValueError("plot_gallery: no record kept its image (evaluate with keep_images > 0)")
-    plt = _pyplot()
     rows = math.ceil(len(shown) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.4 * rows), squeeze=False)
+    fig = Figure(figsize=(3.0 * columns, 3.4 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     processor = ImageProcessor(image_size=shown[0]["pixel_values"].shape[-1])
     for ax in axes.flat:
         ax.axis("off")
@@ -435,7 +427,6 @@ def plot_gallery(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
