@@ -7,14 +7,13 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from conftest import tiny_llava_config
 from PIL import Image
 
 from minillava.chat import ChatSession, ask, main
 from minillava.checkpoint import save_checkpoint
-from minillava.decoder import DecoderConfig
-from minillava.llava import Llava, LlavaConfig
+from minillava.llava import Llava
 from minillava.tokenizer import get_tokenizer
-from minillava.vit import ViTConfig
 
 
 @pytest.fixture(scope="module")
@@ -24,25 +23,7 @@ def tokenizer():
 
 def tiny_llava(tokenizer, max_seq_len: int = 256) -> Llava:
     torch.manual_seed(0)
-    config = LlavaConfig(
-        vision=ViTConfig(
-            image_size=16,
-            patch_size=8,
-            hidden_size=32,
-            num_layers=2,
-            num_heads=2,
-            intermediate_size=64,
-        ),
-        text=DecoderConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            num_layers=2,
-            num_heads=2,
-            intermediate_size=64,
-            max_seq_len=max_seq_len,
-        ),
-        image_token_id=tokenizer.image_id,
-    )
+    config = tiny_llava_config(tokenizer, max_seq_len=max_seq_len)
     return Llava(config).eval()
 
 

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_llava_config
 
-from minillava.decoder import DecoderConfig
+from minillava.data.instruct import QUESTION_TYPES as INSTRUCT_QUESTION_TYPES
 from minillava.eval import (
     EvalResult,
     clip_zero_shot,
@@ -22,20 +23,11 @@ from minillava.eval import (
     vqa_items,
     vqa_prompt,
 )
-from minillava.llava import Llava, LlavaConfig
+from minillava.llava import Llava
 from minillava.tokenizer import get_tokenizer
 from minillava.vit import ViTConfig
 
-QUESTION_TYPES = {
-    "colour",
-    "shape",
-    "count",
-    "existence",
-    "position",
-    "relation",
-    "text",
-    "reasoning",
-}
+QUESTION_TYPES = set(INSTRUCT_QUESTION_TYPES)
 
 
 @pytest.fixture(scope="module")
@@ -46,25 +38,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer):
     torch.manual_seed(0)
-    config = LlavaConfig(
-        vision=ViTConfig(
-            image_size=16,
-            patch_size=8,
-            hidden_size=32,
-            num_layers=2,
-            num_heads=2,
-            intermediate_size=64,
-        ),
-        text=DecoderConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            num_layers=2,
-            num_heads=2,
-            intermediate_size=64,
-            max_seq_len=256,
-        ),
-        image_token_id=tokenizer.image_id,
-    )
+    config = tiny_llava_config(tokenizer)
     return Llava(config).eval()
 
 

@@ -7,13 +7,12 @@ from dataclasses import asdict
 import pytest
 import torch
 import transformers
+from conftest import tiny_llava_config
 
 from minillava.checkpoint import save_checkpoint
-from minillava.decoder import DecoderConfig
 from minillava.export import expand_image_tokens, main
-from minillava.llava import Llava, LlavaConfig
+from minillava.llava import Llava
 from minillava.tokenizer import get_tokenizer
-from minillava.vit import ViTConfig
 
 
 def test_expand_image_tokens_repeats_each_image_id():
@@ -35,27 +34,8 @@ def tiny_checkpoint(path, projector: str = "mlp2x_gelu"):
     """A randomly initialised tiny LLaVA saved as `minillava train` would save it."""
     tokenizer = get_tokenizer()
     torch.manual_seed(0)
-    config = LlavaConfig(
-        vision=ViTConfig(
-            image_size=16,
-            patch_size=8,
-            hidden_size=32,
-            num_layers=2,
-            num_heads=2,
-            intermediate_size=64,
-        ),
-        text=DecoderConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            intermediate_size=64,
-            max_seq_len=128,
-        ),
-        projector=projector,
-        image_token_id=tokenizer.image_id,
-    )
+    config = tiny_llava_config(tokenizer, num_heads=4, num_kv_heads=2, max_seq_len=128)
+    config.projector = projector
     model = Llava(config).eval()
     save_checkpoint(
         path, model=model, step=0, config={"tokenizer": "shapesworld"}, model_config=asdict(config)
