@@ -1,8 +1,9 @@
 """Shared pytest setup.
 
-CI is a 2-core machine and `make test` runs two pytest workers (pytest-xdist), so each worker
-keeps torch to one thread: two workers x two threads would oversubscribe the cores and make
-small-tensor tests several times slower.
+Torch is kept to one thread: the tests use tiny tensors, where a second thread costs more in
+synchronisation than it gains, and the processes some tests start (notebook kernels, DDP ranks,
+grader forks) run beside pytest on CI's two cores. Measured on this 2-core machine under load: a
+small training step took 5x longer with two threads than with one (docs/results.md).
 """
 
 import os
