@@ -7,8 +7,8 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from conftest import tiny_llava_config
 from PIL import Image
+from tiny_models import tiny_llava_config
 
 from minillava.chat import ChatSession, ask, main
 from minillava.checkpoint import save_checkpoint

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llava_config
+from tiny_models import tiny_llava_config
 
 from minillava.data.instruct import QUESTION_TYPES as INSTRUCT_QUESTION_TYPES
 from minillava.eval import (

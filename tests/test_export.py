@@ -7,7 +7,7 @@ from dataclasses import asdict
 import pytest
 import torch
 import transformers
-from conftest import tiny_llava_config
+from tiny_models import tiny_llava_config
 
 from minillava.checkpoint import save_checkpoint
 from minillava.export import expand_image_tokens, main

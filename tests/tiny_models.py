@@ -1,0 +1,23 @@
+"""Tiny model configs shared by the model-level tests: `from tiny_models import ...`."""
+
+
+def tiny_llava_config(tokenizer, **text_overrides):
+    """The smallest LLaVA the model-level tests use: a 2-layer ViT on 16x16 images (4 image
+    tokens) and a 2-layer decoder of width 32. `text_overrides` change DecoderConfig fields."""
+    from minillava.decoder import DecoderConfig
+    from minillava.llava import LlavaConfig
+    from minillava.vit import ViTConfig
+
+    vision = ViTConfig(
+        image_size=16, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64
+    )
+    text = dict(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+        max_seq_len=256,
+    )
+    text.update(text_overrides)
+    return LlavaConfig(vision=vision, text=DecoderConfig(**text), image_token_id=tokenizer.image_id)
