@@ -183,25 +183,6 @@ class StageBatches(Dataset):
         raise NotImplementedError
 
 
-class PackedTextBatches(StageBatches):
-    """`lm` stage: windows of `seq_len + 1` tokens cut from one long stream of world text.
-
-    As in GPT pretraining, texts are concatenated with <|endoftext|> between them and cut into
-    fixed-length rows: no padding, so every position trains. Item i is the window at offset
-    i * seq_len (consecutive windows overlap by one token: its last is the next one's first).
-    """
-
-    def __init__(self, tokens: torch.Tensor, seq_len: int, config: StageConfig, seed: int, **dist):
-        self.tokens, self.seq_len = tokens, seq_len
-        super().__init__("lm", (len(tokens) - 1) // seq_len, config, seed, **dist)
-
-    def make_batch(self, indices: list[int], rng: random.Random) -> dict:
-        rows = torch.stack(
-            [self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1] for i in indices]
-        )
-        return {"input_ids": rows, "labels": rows}  # (B, seq_len + 1); the model shifts
-
-
 class CaptionBatches(StageBatches):
     """`clip` stage: images with one of their captions, as CLIP's (pixel_values, input_ids)."""
 
@@ -222,56 +203,116 @@ class CaptionBatches(StageBatches):
         }
 
 
-class ConversationBatches(StageBatches):
-    """`align` and `instruct`: one conversation per image, rendered with the chat template.
+def scene_turns(
+    scene,
+    captions: list[str],
+    rng: random.Random,
+    config,
+    vqa: bool = False,
+    vqa_questions: int = 1,
+    kinds: tuple[str, ...] = ("conversation", "detail", "reasoning"),
+) -> list[dict]:
+    """One training conversation about `scene`, "<image>" opening its first human turn.
 
-    `align` uses the "caption" kind only. `instruct` mixes the data engine's three kinds
-    (conversation, detail, reasoning) with short-answer VQA conversations in the eval convention:
-    1-4 questions about the image, each ending "\\nAnswer with a single word or phrase.", each
-    answered with one word. That is how LLaVA-1.5 taught its model to answer VQA benchmarks
-    tersely; without it the model answers in sentences and exact-match accuracy means nothing.
+    `vqa=True`: `vqa_questions` short-answer questions in the eval convention, as LLaVA-1.5
+    mixed VQAv2 and GQA into its data (without them the model answers in sentences and
+    exact-match accuracy means nothing). The first question is exactly an eval prompt
+    ("<image>\\n{question}\\nAnswer with a single word or phrase."); the others follow as more
+    turns, without repeating the instruction: the image and the system line are paid for once,
+    and the model gets `vqa_questions` answers to learn from instead of one.
+    Otherwise: a conversation of one of the data engine's `kinds` (conversation, detail,
+    reasoning, caption).
+    """
+    from minillava.data.instruct import QUESTION_TYPES, ask, make_conversation
+
+    if not vqa:
+        turns = make_conversation(scene, captions, rng, rng.choice(kinds), config=config)
+    else:
+        turns = []
+        for _ in range(vqa_questions):
+            qa = ask(scene, rng.choice(QUESTION_TYPES), rng, config)
+            turns += [{"from": "human", "value": qa.question}, {"from": "gpt", "value": qa.answer}]
+        turns[0]["value"] = "<image>\n" + turns[0]["value"] + VQA_SUFFIX
+    # Answers start with a space, as a word inside a sentence does: our BPE has one token for
+    # " blue" (in captions, descriptions, questions) and another for "blue", and the answer
+    # should be the word the model has read everywhere else. The eval strips the space.
+    for turn in turns[1::2]:
+        turn["value"] = " " + turn["value"]
+    return turns
+
+
+def _choose_vqa(rng: random.Random, mix: dict) -> dict:
+    """Whole batches are VQA or not (with probability vqa_fraction): rows of one batch then have
+    similar lengths, and little compute goes to padding."""
+    mix = dict(mix)
+    mix["vqa"] = rng.random() < mix.pop("vqa_fraction", 0.0)
+    return mix
+
+
+class SceneTextBatches(StageBatches):
+    """`lm` stage: the instruct conversations, with the image replaced by the scene in words.
+
+        <system><|user|>The image shows two shapes ... In the top left there is a large red
+        circle. ...\nWhat colour is the circle?\nAnswer with a single word or phrase.
+        <|assistant|>red<|endoftext|>...
+
+    Before it ever sees a pixel, the decoder learns the world's language, the chat template, to
+    answer tersely when asked to, and (the hard part for a tiny model) to look an answer up in
+    what came before the question. The projector's job in the later stages is then to make the
+    image tokens readable like that description. Every token is a target, as in pretraining.
+    """
+
+    def __init__(self, world, tokenizer, config: StageConfig, seed: int, max_len: int, **mix):
+        self.world, self.tokenizer, self.max_len = world, tokenizer, max_len
+        dist = {key: mix.pop(key) for key in ("rank", "world_size") if key in mix}
+        self.mix = mix  # vqa_fraction, vqa_questions, kinds (see scene_turns)
+        super().__init__("lm", len(world), config, seed, **dist)
+
+    def text_ids(self, index: int, rng: random.Random, mix: dict) -> list[int]:
+        from minillava.data.shapes import make_captions, make_description
+
+        scene = self.world.scene(index)  # the annotation only: no pixels are drawn
+        turns = scene_turns(scene, make_captions(scene, rng), rng, self.world.config, **mix)
+        turns[0]["value"] = turns[0]["value"].replace("<image>", make_description(scene, rng))
+        ids, _ = self.tokenizer.render(turns)
+        return ids[: self.max_len]
+
+    def make_batch(self, indices: list[int], rng: random.Random) -> dict:
+        mix = _choose_vqa(rng, self.mix)
+        rows = [self.text_ids(i, rng, mix) for i in indices]
+        length = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for r, row in enumerate(rows):
+            input_ids[r, : len(row)] = torch.tensor(row)
+            attention_mask[r, : len(row)] = 1
+        labels = input_ids.masked_fill(attention_mask == 0, -100)  # no loss on the padding
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class ConversationBatches(StageBatches):
+    """`align` and `instruct`: one conversation per image (`scene_turns`), chat-templated.
+
+    `align` uses the "caption" kind only; `instruct` the mix of VQA and the data engine's kinds.
     """
 
     def __init__(
-        self,
-        stage: str,
-        world,
-        tokenizer,
-        config: StageConfig,
-        seed: int,
-        max_len: int,
-        vqa_fraction: float = 0.0,
-        kinds: tuple[str, ...] = ("conversation", "detail", "reasoning"),
-        **dist,
+        self, stage: str, world, tokenizer, config: StageConfig, seed: int, max_len: int, **mix
     ):
         self.world, self.tokenizer, self.max_len = world, tokenizer, max_len
-        self.vqa_fraction, self.kinds = vqa_fraction, kinds
+        dist = {key: mix.pop(key) for key in ("rank", "world_size") if key in mix}
+        self.mix = mix
         super().__init__(stage, len(world), config, seed, **dist)
-
-    def conversation(self, index: int, rng: random.Random) -> dict:
-        from minillava.data.instruct import QUESTION_TYPES, ask, make_conversation
-
-        sample = self.world[index]
-        if rng.random() < self.vqa_fraction:
-            turns = []
-            for qtype in rng.sample(QUESTION_TYPES, rng.randint(1, 4)):
-                qa = ask(sample.scene, qtype, rng, self.world.config)
-                turns += [
-                    {"from": "human", "value": qa.question + VQA_SUFFIX},
-                    {"from": "gpt", "value": qa.answer},
-                ]
-            turns[0]["value"] = "<image>\n" + turns[0]["value"]
-        else:
-            kind = rng.choice(self.kinds)
-            turns = make_conversation(
-                sample.scene, sample.captions, rng, kind, config=self.world.config
-            )
-        return {"pixel_values": sample.pixel_values, "conversations": turns}
 
     def make_batch(self, indices: list[int], rng: random.Random) -> dict:
         from minillava.data.collate import collate_conversations
 
-        samples = [self.conversation(i, rng) for i in indices]
+        mix = _choose_vqa(rng, self.mix)
+        samples = []
+        for i in indices:
+            sample = self.world[i]
+            turns = scene_turns(sample.scene, sample.captions, rng, self.world.config, **mix)
+            samples.append({"pixel_values": sample.pixel_values, "conversations": turns})
         return collate_conversations(samples, self.tokenizer, max_len=self.max_len)
 
 
@@ -309,16 +350,6 @@ class StagePlan:
     model_config: dict
 
 
-def world_tokens(tokenizer, num_scenes: int, seed: int, config) -> torch.Tensor:
-    """All of world_text for `num_scenes` training scenes as one stream of ids (EOT-separated)."""
-    from minillava.data.instruct import world_text
-
-    ids: list[int] = []
-    for text in world_text("train", num_scenes, seed, config):
-        ids += tokenizer.encode_ordinary(text) + [tokenizer.eot_id]
-    return torch.tensor(ids, dtype=torch.long)
-
-
 def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, world_size=1):
     """Model, batches and model config of stage `name` (lm | clip | align | instruct)."""
     from minillava.data.shapes import ShapesWorld
@@ -330,12 +361,22 @@ def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, wor
     # Each stage seeds its own initialisation: `--stage align` alone builds the same model as
     # the align stage of a full run.
     torch.manual_seed(hash_seed(seed, name))
+
     if name == "lm":
         from minillava.decoder import Decoder
 
         cfg = decoder_config(preset, tokenizer.vocab_size)
-        tokens = world_tokens(tokenizer, preset.data.lm_scenes, seed, world)
-        batches = PackedTextBatches(tokens, preset.data.lm_seq_len, config, seed, **dist)
+        if preset.data.lm_seq_len > cfg.max_seq_len:
+            raise ValueError(
+                f"data.lm_seq_len={preset.data.lm_seq_len} is longer than model.max_seq_len="
+                f"{cfg.max_seq_len}"
+            )
+        scenes = ShapesWorld("train", preset.data.lm_scenes, world, seed=seed)
+        batches = SceneTextBatches(
+            scenes, tokenizer, config, seed, preset.data.lm_seq_len,
+            vqa_fraction=preset.data.vqa_fraction, vqa_questions=preset.data.vqa_questions,
+            kinds=("conversation", "detail", "reasoning", "caption"), **dist,
+        )  # fmt: skip
         return StagePlan(Decoder(cfg), batches, asdict(cfg))
 
     images = ShapesWorld("train", preset.data.train_images, world, seed=seed)
@@ -386,7 +427,8 @@ def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, wor
             print(f"  LoRA rank {preset.lora_rank} on {len(wrapped)} layers of the decoder")
         batches = ConversationBatches(
             "instruct", images, tokenizer, config, seed, preset.data.max_len,
-            vqa_fraction=preset.data.vqa_fraction, **dist,
+            vqa_fraction=preset.data.vqa_fraction, vqa_questions=preset.data.vqa_questions,
+            **dist,
         )  # fmt: skip
         return StagePlan(model, batches, asdict(cfg))
     raise ValueError(f"unknown stage {name!r}; expected one of {Preset.STAGES}")

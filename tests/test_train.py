@@ -269,18 +269,18 @@ def test_lora_instruct_trains_only_adapters_and_saves_merged_plain_names(tmp_pat
 
 @pytest.mark.slow
 def test_cli_resume_after_an_interruption_reproduces_the_losses(tmp_path, monkeypatch):
-    from minillava.stages import PackedTextBatches
+    from minillava.stages import SceneTextBatches
 
     args = ["--stage", "lm", "--set", "lm.steps=4", "--set", "lm.ckpt_every=1"]
     assert _train(tmp_path / "a", *args) == 0
-    original = PackedTextBatches.__getitem__
+    original = SceneTextBatches.__getitem__
 
     def interrupted(self, m):
         if m == 2:
             raise KeyboardInterrupt
         return original(self, m)
 
-    monkeypatch.setattr(PackedTextBatches, "__getitem__", interrupted)
+    monkeypatch.setattr(SceneTextBatches, "__getitem__", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path / "b", *args)
     monkeypatch.undo()
@@ -338,3 +338,22 @@ def test_every_preset_makes_consistent_configs(name):
     for stage in Preset.STAGES:
         cfg = preset.stage(stage)
         assert cfg.batch_size % cfg.grad_accum == 0 and cfg.warmup_steps < cfg.steps
+
+
+def test_vqa_training_conversations_open_with_exactly_the_eval_prompt():
+    import random
+
+    from minillava.data.shapes import ShapesWorld, WorldConfig
+    from minillava.eval import vqa_prompt
+    from minillava.stages import VQA_SUFFIX, scene_turns
+
+    world = ShapesWorld("train", 4, WorldConfig(image_size=16))
+    sample = world[0]
+    turns = scene_turns(
+        sample.scene, sample.captions, random.Random(0), world.config, vqa=True, vqa_questions=3
+    )
+    assert [t["from"] for t in turns] == ["human", "gpt"] * 3
+    question = turns[0]["value"].removeprefix("<image>\n").removesuffix(VQA_SUFFIX)
+    assert turns[0]["value"] == vqa_prompt(question)  # what `minillava eval` asks
+    assert all(len(t["value"].split()) <= 2 for t in turns[1::2])  # short answers
+    assert sum("<image>" in t["value"] for t in turns) == 1
