@@ -195,13 +195,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     # Imported here: the data engine is only needed to (re)train, not to tokenize.
-    from minillava.data.instruct import world_text
+    from minillava.data.instruct import FIXED_PROMPTS, world_text
     from minillava.tokenizer import SPECIAL_TOKENS, SYSTEM
 
     start = time.perf_counter()
     texts = list(world_text(split="train", n=args.n_scenes, seed=args.seed))
-    # The chat template's system line opens every conversation: give its words tokens too.
-    texts += [SYSTEM] * args.n_scenes
+    # world_text has the questions, captions and answers, but not the fixed strings around them:
+    # the chat template's system line (in every sequence), the short-answer suffix (in every VQA
+    # sequence), the caption prompts. Once per scene each, so their words become single tokens.
+    texts += [SYSTEM, *FIXED_PROMPTS] * args.n_scenes
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     text_seconds = time.perf_counter() - start
     # The special tokens are appended after the merges, so they take part of the vocabulary.

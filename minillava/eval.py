@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-ANSWER_SUFFIX = "\nAnswer with a single word or phrase."
+from minillava.data.instruct import ANSWER_SUFFIX  # the short-answer prompt the instruct stage used
+
 BLIND_MODES = ("blank", "no_image")
 DEFAULT_CHECKPOINT = "runs/cpu/llava.pt"
 # Characters stripped from the end of an answer: "Red." and "red" are the same answer.

@@ -31,7 +31,6 @@ from torch.utils.data import Dataset
 from minillava.checkpoint import load_checkpoint
 from minillava.presets import Preset, StageConfig
 
-VQA_SUFFIX = "\nAnswer with a single word or phrase."  # the eval prompt convention (LLaVA-1.5)
 CLIP_TEXT_LEN = 64  # tokens: the longest caption (with its end-of-text token) the CLIP text
 # encoder reads; ShapesWorld captions are at most ~45 tokens.
 
@@ -223,7 +222,7 @@ def scene_turns(
     Otherwise: a conversation of one of the data engine's `kinds` (conversation, detail,
     reasoning, caption).
     """
-    from minillava.data.instruct import QUESTION_TYPES, ask, make_conversation
+    from minillava.data.instruct import ANSWER_SUFFIX, QUESTION_TYPES, ask, make_conversation
 
     if not vqa:
         turns = make_conversation(scene, captions, rng, rng.choice(kinds), config=config)
@@ -232,7 +231,7 @@ def scene_turns(
         for _ in range(vqa_questions):
             qa = ask(scene, rng.choice(QUESTION_TYPES), rng, config)
             turns += [{"from": "human", "value": qa.question}, {"from": "gpt", "value": qa.answer}]
-        turns[0]["value"] = "<image>\n" + turns[0]["value"] + VQA_SUFFIX
+        turns[0]["value"] = "<image>\n" + turns[0]["value"] + ANSWER_SUFFIX
     # Answers start with a space, as a word inside a sentence does: our BPE has one token for
     # " blue" (in captions, descriptions, questions) and another for "blue", and the answer
     # should be the word the model has read everywhere else. The eval strips the space.

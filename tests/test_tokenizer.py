@@ -3,12 +3,13 @@
 import random
 
 import pytest
+import regex
 import tiktoken.load
 import torch
 
 from minillava import tokenizer as tokenizer_module
-from minillava.bpe import load_ranks
-from minillava.data.instruct import make_conversations, world_text
+from minillava.bpe import PAT_STR, load_ranks
+from minillava.data.instruct import ANSWER_SUFFIX, FIXED_PROMPTS, make_conversations, world_text
 from minillava.data.shapes import ShapesWorld, make_captions
 from minillava.tokenizer import (
     ASSISTANT,
@@ -108,6 +109,20 @@ def test_vocabulary_compresses_world_text(tok, corpus):
     n_bytes = sum(len(t.encode("utf-8")) for t in corpus)
     n_tokens = sum(len(tok.encode(t)) for t in corpus)
     assert n_bytes / n_tokens > 3.0, n_bytes / n_tokens
+
+
+def test_fixed_strings_cost_one_token_per_word(tok):
+    # The system line opens every sequence and the short-answer suffix ends every VQA prompt: the
+    # BPE is trained on them (python -m minillava.bpe), so each pre-token (a word with its leading
+    # space, a punctuation run, the newline) is a single token. Fails if a prompt is added or
+    # reworded without regenerating the vocabulary.
+    pattern = regex.compile(PAT_STR)
+    for text in (tok.system, *FIXED_PROMPTS):
+        pieces = pattern.findall(text)
+        tokens = [tok.decode([i]) for i in tok.encode_ordinary(text)]
+        assert tokens == pieces, text
+    assert len(tok.encode_ordinary(ANSWER_SUFFIX)) == 9  # "\n", "Answer", " with", ..., "."
+    assert len(tok.encode_ordinary(tok.system)) <= 12  # paid in every sequence: keep it short
 
 
 def test_decode_accepts_tensors(tok):

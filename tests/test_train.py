@@ -343,9 +343,10 @@ def test_every_preset_makes_consistent_configs(name):
 def test_vqa_training_conversations_open_with_exactly_the_eval_prompt():
     import random
 
+    from minillava.data.instruct import ANSWER_SUFFIX
     from minillava.data.shapes import ShapesWorld, WorldConfig
     from minillava.eval import vqa_prompt
-    from minillava.stages import VQA_SUFFIX, scene_turns
+    from minillava.stages import scene_turns
 
     world = ShapesWorld("train", 4, WorldConfig(image_size=16))
     sample = world[0]
@@ -353,7 +354,7 @@ def test_vqa_training_conversations_open_with_exactly_the_eval_prompt():
         sample.scene, sample.captions, random.Random(0), world.config, vqa=True, vqa_questions=3
     )
     assert [t["from"] for t in turns] == ["human", "gpt"] * 3
-    question = turns[0]["value"].removeprefix("<image>\n").removesuffix(VQA_SUFFIX)
+    question = turns[0]["value"].removeprefix("<image>\n").removesuffix(ANSWER_SUFFIX)
     assert turns[0]["value"] == vqa_prompt(question)  # what `minillava eval` asks
     assert all(len(t["value"].split()) <= 2 for t in turns[1::2])  # short answers
     assert sum("<image>" in t["value"] for t in turns) == 1

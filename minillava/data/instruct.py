@@ -436,6 +436,15 @@ CAPTION_PROMPTS = (
     "What is in the image? Answer in one sentence.",
 )
 EXPLAIN_SUFFIX = " Explain your answer."
+# The short-answer convention of LLaVA-1.5 (VQAv2, GQA): appended to a question, it asks for a bare
+# answer ("red", not "The circle is red."). The instruct stage trains on it and `minillava eval`
+# asks with it, so it is defined here, once, and imported by both (stages.py, eval.py).
+ANSWER_SUFFIX = "\nAnswer with a single word or phrase."
+# Every fixed string the data engine writes into a human turn besides the questions, written as
+# it appears there (the suffixes with their leading space or newline: BPE tokens include them).
+# The BPE is trained on these (minillava/bpe.py) so that each of their words is one token: the
+# suffix is in every VQA sequence, and costs 24 tokens to a vocabulary that never saw it, 9 after.
+FIXED_PROMPTS: tuple[str, ...] = (*DETAIL_PROMPTS, *CAPTION_PROMPTS, EXPLAIN_SUFFIX, ANSWER_SUFFIX)
 
 
 def _turn(speaker: str, value: str, type_: str | None = None) -> dict:
