@@ -318,8 +318,10 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m minillava.tokenizer``: how compactly the tokenizer writes ShapesWorld."""
     import argparse
 
-    from minillava.data.instruct import KINDS, make_conversation, world_text
+    from minillava.data.instruct import ALL_KINDS, ANSWER_SUFFIX, make_conversation, world_text
     from minillava.data.shapes import ShapesWorld, make_captions, make_description, sample_rng
+    from minillava.presets import DataSizes
+    from minillava.stages import scene_turns
 
     parser = argparse.ArgumentParser(prog="python -m minillava.tokenizer", description=main.__doc__)
     parser.add_argument("--name", default="shapesworld", help="tokenizer to measure")
@@ -339,8 +341,10 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     world = ShapesWorld(args.split, args.n_scenes)
+    n_questions = DataSizes().vqa_questions  # as the lm and instruct stages ask them
     lengths: dict[str, list[int]] = {"caption": [], "description": []}
-    lengths.update({f"conversation ({kind})": [] for kind in KINDS})
+    lengths.update({f"conversation ({kind})": [] for kind in ALL_KINDS})
+    lengths[f"VQA training ({n_questions} Q/A)"] = []
     answer_tokens = []
     for index in range(args.n_scenes):
         scene = world.scene(index)
@@ -348,14 +352,18 @@ def main(argv: list[str] | None = None) -> None:
         captions = make_captions(scene, rng)
         lengths["caption"] += [len(tok.encode(c)) for c in captions]
         lengths["description"].append(len(tok.encode(make_description(scene, rng))))
-        for kind in KINDS:
+        for kind in ALL_KINDS:
             ids, mask = tok.render(make_conversation(scene, captions, rng, kind))
             lengths[f"conversation ({kind})"].append(len(ids))
             answer_tokens.append(sum(mask))
+        turns = scene_turns(scene, captions, rng, world.config, vqa=True, vqa_questions=n_questions)
+        lengths[f"VQA training ({n_questions} Q/A)"].append(len(tok.render(turns)[0]))
     for what, values in lengths.items():
         print(f"  {what:28s} mean {sum(values) / len(values):6.1f} tokens, max {max(values)}")
     n_system = len(tok.encode_ordinary(tok.system))
-    print(f"  (conversations include the {n_system}-token system line, <image> counts as 1)")
+    n_suffix = len(tok.encode_ordinary(ANSWER_SUFFIX))
+    print(f"  (conversations include the {n_system}-token system line, <image> counts as 1;")
+    print(f"   a VQA conversation's first question ends with the {n_suffix}-token answer suffix)")
     mean_answer = sum(answer_tokens) / len(answer_tokens)
     print(f"  trained-on (answer) tokens per conversation: {mean_answer:.1f}")
 

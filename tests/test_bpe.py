@@ -4,6 +4,7 @@ import base64
 import random
 
 import pytest
+import regex
 import tiktoken
 import tiktoken.load
 
@@ -118,3 +119,20 @@ def test_load_errors_name_the_file(tmp_path):
     bad.write_text("AA== 0\nnot-a-line\n")
     with pytest.raises(ValueError, match="bad.tiktoken:2"):
         load_ranks(bad)
+
+
+def test_cli_trains_on_the_fixed_prompts_too(tmp_path, capsys):
+    # `python -m minillava.bpe` adds the system line and the data engine's fixed prompts to
+    # world_text: the short-answer suffix (in no world_text string) must come out one token a word.
+    from minillava.bpe import main
+    from minillava.data.instruct import ANSWER_SUFFIX, FIXED_PROMPTS
+    from minillava.tokenizer import SYSTEM, get_tokenizer
+
+    path = tmp_path / "small.tiktoken"
+    main(["--vocab-size", "768", "--n-scenes", "20", "--out", str(path)])
+    assert f"-> {path}" in capsys.readouterr().out
+    tok = get_tokenizer(str(path))
+    pattern = regex.compile(PAT_STR)
+    for text in (SYSTEM, *FIXED_PROMPTS):
+        assert len(tok.encode_ordinary(text)) == len(pattern.findall(text)), text
+    assert [tok.decode([i]) for i in tok.encode_ordinary(ANSWER_SUFFIX)][:2] == ["\n", "Answer"]

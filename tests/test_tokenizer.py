@@ -125,6 +125,15 @@ def test_fixed_strings_cost_one_token_per_word(tok):
     assert len(tok.encode_ordinary(tok.system)) <= 12  # paid in every sequence: keep it short
 
 
+def test_cli_reports_the_lengths_the_model_pays_for(tok, capsys):
+    tokenizer_module.main(["--n-scenes", "4"])
+    out = capsys.readouterr().out
+    assert f"vocab_size={tok.vocab_size}" in out
+    assert "VQA training (8 Q/A)" in out and "conversation (caption)" in out
+    assert f"the {len(tok.encode_ordinary(tok.system))}-token system line" in out
+    assert f"the {len(tok.encode_ordinary(ANSWER_SUFFIX))}-token answer suffix" in out
+
+
 def test_decode_accepts_tensors(tok):
     ids = tok.encode("a red circle")
     assert tok.decode(torch.tensor(ids)) == "a red circle"
