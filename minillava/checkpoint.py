@@ -121,22 +121,52 @@ def config_from_dict(cls: type[T], values: dict) -> T:
     return cls(**kwargs)
 
 
+def check_vocabulary(path: str | Path, vocab_size: int, image_token_id: int, tokenizer) -> None:
+    """Raise if a checkpoint's decoder was trained with another vocabulary than `tokenizer`'s.
+
+    The weights alone cannot tell: an embedding table of 666 rows loads without complaint, and
+    the mismatch would surface only later, as an index error deep inside `nn.Embedding` when the
+    tokenizer hands it id 683, or as silently wrong text when the ids merely shift. The vocabulary
+    size and the id of `<image>` (where the image tokens are spliced in) are the two numbers the
+    model bakes in, so we compare them up front and say what to do.
+    """
+    mismatches = []
+    if vocab_size != tokenizer.vocab_size:
+        mismatches.append(
+            f"vocab_size {vocab_size} in the checkpoint vs {tokenizer.vocab_size} in the tokenizer"
+        )
+    if image_token_id != tokenizer.image_id:
+        mismatches.append(
+            f"<image> id {image_token_id} in the checkpoint vs {tokenizer.image_id} in the "
+            "tokenizer"
+        )
+    if mismatches:
+        raise ValueError(
+            f"checkpoint {str(path)!r} was trained with another vocabulary than tokenizer "
+            f"{tokenizer.name!r} ({'; '.join(mismatches)}). The tokenizer changed since this "
+            "checkpoint was written; retrain with `minillava train` (or `make train`) to get a "
+            "checkpoint that matches it."
+        )
+
+
 def load_llava(path: str | Path, device: str | torch.device = "auto"):
     """Rebuild the trained LLaVA from a checkpoint: returns (model in eval mode, tokenizer, info).
 
     `info` is the checkpoint dict without the weights: `info["config"]` is the training preset as
     a dict (its `world` entry is the ShapesWorld config the model was trained on, so evaluation
     renders images the same way), `info["model_config"]` the `LlavaConfig` as a dict.
+    Raises ValueError if the checkpoint's vocabulary is not the tokenizer's (`check_vocabulary`).
     """
     from minillava.device import pick_device
     from minillava.llava import Llava, LlavaConfig
     from minillava.tokenizer import get_tokenizer
 
     ckpt = load_checkpoint(path)
+    info = {key: value for key, value in ckpt.items() if key not in ("model", "optimizer")}
+    tokenizer = get_tokenizer(info["config"].get("tokenizer", "shapesworld"))
     config = config_from_dict(LlavaConfig, ckpt["model_config"])
+    check_vocabulary(path, config.text.vocab_size, config.image_token_id, tokenizer)
     model = Llava(config)
     model.load_state_dict(ckpt["model"])
     model.to(pick_device(str(device))).eval()
-    info = {key: value for key, value in ckpt.items() if key not in ("model", "optimizer")}
-    tokenizer = get_tokenizer(info["config"].get("tokenizer", "shapesworld"))
     return model, tokenizer, info

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -106,3 +107,64 @@ def test_config_from_dict_rebuilds_nested_dataclasses_and_tuples():
     assert rebuilt == preset and dataclasses.is_dataclass(rebuilt.model)
     with pytest.raises(ValueError, match="unknown fields"):
         config_from_dict(Preset, {**as_dict, "bogus": 1})
+
+
+def _save_tiny_llava(path, *, vocab_size=None, image_token_id=None):
+    """A tiny LLaVA checkpoint as `minillava train` writes it, optionally with the decoder built
+    for another vocabulary (what a checkpoint from before a tokenizer change looks like)."""
+    from tiny_models import tiny_llava_config
+
+    from minillava.llava import Llava
+    from minillava.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer("shapesworld")
+    vocabulary = SimpleNamespace(  # what the model is built for: by default, this tokenizer
+        vocab_size=vocab_size or tokenizer.vocab_size, image_id=image_token_id or tokenizer.image_id
+    )
+    model = Llava(config := tiny_llava_config(vocabulary))
+    save_checkpoint(
+        path,
+        model=model,
+        step=3,
+        config={"tokenizer": "shapesworld"},
+        model_config=dataclasses.asdict(config),
+    )
+    return model, tokenizer
+
+
+def test_load_llava_rebuilds_a_checkpoint_made_with_the_current_tokenizer(tmp_path):
+    from minillava.checkpoint import load_llava
+
+    saved, tokenizer = _save_tiny_llava(tmp_path / "llava.pt")
+    model, loaded_tokenizer, info = load_llava(tmp_path / "llava.pt", device="cpu")
+    assert loaded_tokenizer.vocab_size == tokenizer.vocab_size and info["step"] == 3
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_load_llava_refuses_a_checkpoint_from_another_vocabulary(tmp_path):
+    from minillava.checkpoint import load_llava
+    from minillava.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer("shapesworld")
+    old = tokenizer.vocab_size - 18  # e.g. the 666-id vocabulary before the system-line merges
+    path = tmp_path / "old_llava.pt"
+    _save_tiny_llava(path, vocab_size=old, image_token_id=old - 4)  # specials sit at the end
+    with pytest.raises(ValueError) as error:
+        load_llava(path, device="cpu")
+    message = str(error.value)
+    assert "old_llava.pt" in message  # names the file
+    assert f"vocab_size {old} in the checkpoint vs {tokenizer.vocab_size}" in message
+    assert "minillava train" in message and "vocabulary" in message  # says what to do and why
+
+
+def test_load_llava_refuses_a_checkpoint_whose_image_token_moved(tmp_path):
+    from minillava.checkpoint import load_llava
+    from minillava.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer("shapesworld")
+    moved = (tokenizer.image_id + 1) % tokenizer.vocab_size
+    path = tmp_path / "llava.pt"
+    _save_tiny_llava(path, image_token_id=moved)
+    with pytest.raises(ValueError, match=rf"<image> id {moved} in the checkpoint vs "
+                       rf"{tokenizer.image_id}.*minillava train"):  # fmt: skip
+        load_llava(path, device="cpu")
