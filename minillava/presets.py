@@ -65,6 +65,13 @@ class DataSizes:
     # ("...\nAnswer with a single word or phrase."), as LLaVA-1.5 mixed VQAv2/GQA into its data.
     vqa_fraction: float = 0.85
     vqa_questions: int = 8  # questions per VQA conversation (one image, several answers)
+    # How often `instruct` asks each question type, relative (a type not named: 1). The types
+    # that need one object found in the image (colour, shape, position) are asked more: the
+    # others reach their answer priors within a few dozen steps, and with a uniform mix the
+    # decoder learns to look an object up late or not at all in a CPU budget (docs/results.md).
+    vqa_type_weights: dict[str, float] = field(
+        default_factory=lambda: {"colour": 3.0, "shape": 3.0, "position": 2.0}
+    )
 
 
 @dataclass

@@ -210,6 +210,7 @@ def scene_turns(
     vqa: bool = False,
     vqa_questions: int = 1,
     kinds: tuple[str, ...] = ("conversation", "detail", "reasoning"),
+    type_weights: dict[str, float] | None = None,
 ) -> list[dict]:
     """One training conversation about `scene`, "<image>" opening its first human turn.
 
@@ -219,6 +220,8 @@ def scene_turns(
     ("<image>\\n{question}\\nAnswer with a single word or phrase."); the others follow as more
     turns, without repeating the instruction: the image and the system line are paid for once,
     and the model gets `vqa_questions` answers to learn from instead of one.
+    `type_weights` (e.g. {"colour": 3.0}) makes some question types more frequent in VQA
+    conversations; a type it does not name has weight 1 (all 1: the uniform mix).
     Otherwise: a conversation of one of the data engine's `kinds` (conversation, detail,
     reasoning, caption).
     """
@@ -227,9 +230,10 @@ def scene_turns(
     if not vqa:
         turns = make_conversation(scene, captions, rng, rng.choice(kinds), config=config)
     else:
+        weights = question_type_weights(type_weights)
         turns = []
         for _ in range(vqa_questions):
-            qa = ask(scene, rng.choice(QUESTION_TYPES), rng, config)
+            qa = ask(scene, rng.choices(QUESTION_TYPES, weights)[0], rng, config)
             turns += [{"from": "human", "value": qa.question}, {"from": "gpt", "value": qa.answer}]
         turns[0]["value"] = "<image>\n" + turns[0]["value"] + ANSWER_SUFFIX
     # Answers start with a space, as a word inside a sentence does: our BPE has one token for
@@ -238,6 +242,23 @@ def scene_turns(
     for turn in turns[1::2]:
         turn["value"] = " " + turn["value"]
     return turns
+
+
+def question_type_weights(type_weights: dict[str, float] | None) -> list[float]:
+    """One weight per entry of QUESTION_TYPES (1 where `type_weights` is silent), checked."""
+    from minillava.data.instruct import QUESTION_TYPES
+
+    type_weights = type_weights or {}
+    unknown = sorted(set(type_weights) - set(QUESTION_TYPES))
+    if unknown:
+        raise ValueError(
+            f"data.vqa_type_weights: unknown question types {unknown}; expected some of "
+            f"{QUESTION_TYPES}"
+        )
+    weights = [float(type_weights.get(t, 1.0)) for t in QUESTION_TYPES]
+    if any(w < 0 for w in weights) or not any(weights):
+        raise ValueError(f"data.vqa_type_weights must be >= 0, not all 0; got {type_weights}")
+    return weights
 
 
 def _choose_vqa(rng: random.Random, mix: dict) -> dict:
@@ -427,7 +448,7 @@ def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, wor
         batches = ConversationBatches(
             "instruct", images, tokenizer, config, seed, preset.data.max_len,
             vqa_fraction=preset.data.vqa_fraction, vqa_questions=preset.data.vqa_questions,
-            **dist,
+            type_weights=preset.data.vqa_type_weights, **dist,
         )  # fmt: skip
         return StagePlan(model, batches, asdict(cfg))
     raise ValueError(f"unknown stage {name!r}; expected one of {Preset.STAGES}")

@@ -358,3 +358,38 @@ def test_vqa_training_conversations_open_with_exactly_the_eval_prompt():
     assert turns[0]["value"] == vqa_prompt(question)  # what `minillava eval` asks
     assert all(len(t["value"].split()) <= 2 for t in turns[1::2])  # short answers
     assert sum("<image>" in t["value"] for t in turns) == 1
+
+
+def test_vqa_type_weights_change_the_question_mix_and_reject_unknown_types():
+    import random
+    from collections import Counter
+
+    from minillava.data.shapes import ShapesWorld, WorldConfig
+    from minillava.stages import scene_turns
+
+    world = ShapesWorld("train", 40, WorldConfig(image_size=16))
+
+    def colour_share(weights) -> float:
+        rng, asked = random.Random(0), Counter()
+        for i in range(len(world)):
+            turns = scene_turns(
+                world.scene(i), [], rng, world.config, vqa=True, vqa_questions=8,
+                type_weights=weights,
+            )  # fmt: skip
+            asked.update("colo" in t["value"].lower() for t in turns[0::2])
+        return asked[True] / sum(asked.values())
+
+    # 8 types: colour is 1/8 of the uniform mix and 8/15 with weight 8 (colour words also
+    # appear in a few other questions, so the shares are not exact).
+    assert colour_share(None) < 0.3
+    assert colour_share({"colour": 8.0}) > 0.45
+    with pytest.raises(ValueError, match="unknown question types.*'colours'"):
+        scene_turns(
+            world.scene(0), [], random.Random(0), world.config, vqa=True,
+            type_weights={"colours": 2.0},
+        )  # fmt: skip
+
+
+def test_vqa_type_weights_can_be_set_from_the_command_line():
+    preset = apply_overrides(get_preset("cpu"), ["data.vqa_type_weights={'count': 2.0}"])
+    assert preset.data.vqa_type_weights == {"count": 2.0}
