@@ -238,8 +238,10 @@ class Attention(nn.Module):
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, T_total, D)
 
         dropout_p = self.dropout if self.training else 0.0
+        # No mask: plain causal attention, or one new query (a decoding step) that sees every key.
+        is_causal = mask is None and q.shape[-2] > 1
         out = attention(
-            q, k, v, mask=mask, dropout_p=dropout_p, use_sdpa=self.use_sdpa, is_causal=mask is None
+            q, k, v, mask=mask, dropout_p=dropout_p, use_sdpa=self.use_sdpa, is_causal=is_causal
         )
         return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
 
@@ -463,13 +465,17 @@ def build_attention_mask(
     so even a padding query has one key left (a row with no key at all gives softmax NaN); the
     outputs at padding positions are meaningless and never scored.
 
-    Returns None when plain causal attention gives the same outputs at every real position, so
-    no (B, 1, T, T) mask has to be built or read: no cache, and no padding or only padding on
-    the right (training batches). A real token then never looks right of itself, so it never
-    sees the padding; only the padding positions' own (unused) outputs change. Attention then
-    runs with `is_causal=True`, which also lets SDPA pick FlashAttention on a GPU.
+    Returns None when no mask is needed, so none has to be built or read:
+    - no cache, and no padding or only padding on the right (training batches): plain causal
+      attention gives the same outputs at every real position. A real token never looks right
+      of itself, so it never sees the padding; only the padding positions' own (unused) outputs
+      change. Attention then runs with `is_causal=True`, which also lets SDPA pick
+      FlashAttention on a GPU;
+    - one new position and no padding (a decoding step with the cache): it may see every key.
     """
     if T == total_len and (attention_mask is None or is_right_padded(attention_mask)):
+        return None
+    if T == 1 and (attention_mask is None or bool(attention_mask.all())):
         return None
     allowed = causal_mask(T, total_len, device=device)[None, None]  # (1, 1, T, T_total)
     if attention_mask is None:

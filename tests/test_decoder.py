@@ -385,7 +385,11 @@ def test_right_padding_needs_no_mask_and_left_padding_keeps_it():
     assert build_attention_mask(left, 9, 9, None).shape == (3, 1, 9, 9)
     holes = torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1, 1]])  # a 0 between real tokens
     assert build_attention_mask(holes, 9, 9, None) is not None
-    assert build_attention_mask(torch.ones(3, 10), 1, 10, None) is not None  # with a cache
+    # With a cache: a single new token and no padding sees every key, so no mask either; with
+    # left padding, or several new tokens, the mask is needed.
+    assert build_attention_mask(torch.ones(3, 10), 1, 10, None) is None
+    assert build_attention_mask(F.pad(left, (0, 1), value=1), 1, 10, None).shape == (3, 1, 1, 10)
+    assert build_attention_mask(torch.ones(3, 10), 2, 10, None).shape == (3, 1, 2, 10)
 
 
 @pytest.mark.parametrize("use_sdpa", [False, True])
