@@ -74,7 +74,7 @@ def make_batch(tokenizer, batch_size: int, data: str = "vqa", seed: int = 0) -> 
 SAVINGS = {
     "loss-only": "return_logits=False: the loss alone, no (B, T, V) logits (this also turns "
     "off last-layer and padding-mlp, which live in that path)",
-    "last-layer": "the last decoder layer and the LM head only at the scored positions",
+    "last-layer": "the last decoder layer only at the scored positions (all the loss reads)",
     "padding-mlp": "the other decoder layers' MLPs only at the real (non-padding) tokens",
     "causal-mask": "right-padded batches: plain is_causal attention, no (B, 1, T, T) mask",
     "vit-early-exit": "the ViT stops at vision_feature_layer (-2: its last block never runs)",
