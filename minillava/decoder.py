@@ -276,11 +276,10 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C).
 
-        keep (B, T) bool, optional: the only positions whose output will be read. Attention
-        still runs at every position (later layers read every position's keys and values), but
-        the MLP, which works on each token alone, runs only at `keep`. The other positions come
-        out half-done (attention added, MLP skipped): fine for padding, or after the last layer
-        for tokens the loss does not score, since nothing reads them.
+        keep (B, T) bool, optional: the only positions whose output will be read (the real
+        tokens, when training). Attention still runs at every position, but the MLP, which works
+        on each token alone, runs only at `keep`. The other positions come out half-done
+        (attention added, MLP skipped): fine for padding, which no real token ever attends to.
         """
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
         if keep is None:
