@@ -9,9 +9,9 @@ With the cache, the prompt is read once (prefill) and each step feeds one token,
 stored keys and values: O(n) in total. The gap therefore grows with the number of new tokens.
 
 The model is the `cpu` preset's LLaVA (randomly initialised: speed does not depend on the weights)
-with max_seq_len raised to 512 so that 36 image tokens + the prompt + 256 new tokens fit. No stop
-token is given, so every run generates exactly `--new-tokens` tokens. Both runs produce the same
-tokens (greedy), which the script checks.
+with max_seq_len raised to 512 so that the image tokens (9 at the cpu preset) + the prompt + 256
+new tokens fit. No stop token is given, so every run generates exactly `--new-tokens` tokens.
+Both runs produce the same tokens (greedy), which the script checks.
 """
 
 from __future__ import annotations

@@ -1,18 +1,23 @@
 """Training-step throughput: minillava's Llava against transformers' LlavaForConditionalGeneration.
 
-    python bench/bench_train.py                       # cpu preset sizes, batch 32, 2 threads
+    python bench/bench_train.py --threads 1                     # a VQA batch of the instruct stage
+    python bench/bench_train.py --threads 1 --data conversation # a batch of long conversations
     python bench/bench_train.py --steps 20 --batch-size 16 --out bench/results/train.json
 
 The comparison is kept fair on purpose:
 
 - the same architecture and the same weights: the transformers model is built by
-  `minillava.interop.to_hf` from the minillava model (cpu preset sizes: ViT 4x128 on 48x48
-  images = 36 image tokens, decoder 4x128, MLP projector, tokenizer vocabulary);
-- the same batch: ShapesWorld instruction conversations collated once. transformers wants each
-  `<image>` expanded to 36 placeholder ids beforehand (its processor's job), minillava expands it
-  inside forward, so both see the same sequence;
+  `minillava.interop.to_hf` from the minillava model, at the cpu preset's sizes (what `make
+  train` trains: ViT 4x128 on 48x48 images in 16x16 patches = 9 image tokens, decoder 4x128,
+  MLP projector, the tokenizer's vocabulary);
+- the same batch: one batch exactly as the instruct stage builds it (`stages.ConversationBatches`:
+  short-answer VQA, 8 questions per image, or the data engine's conversations), collated once.
+  transformers wants each `<image>` expanded to P placeholder ids beforehand (its processor's
+  job), minillava expands it inside forward, so both see the same sequence;
 - the same work per step: forward, loss on the assistant's tokens, backward, AdamW step, both in
-  train mode, both fp32, both with PyTorch's SDPA attention, same thread count, same process;
+  train mode, both fp32, both with PyTorch's SDPA attention, same thread count, same process.
+  Each model is called the way its training loop calls it: minillava as `minillava.train` does
+  (`return_logits=False`: the loss alone), transformers with its defaults;
 - interleaved timing: after warm-up, the two models take turns step by step, so a noisy
   neighbour slows both alike; we report the median step time of each.
 """
@@ -44,15 +49,70 @@ def tiny_llava_config(tokenizer, max_seq_len: int | None = None):
     return config
 
 
-def make_batch(tokenizer, image_size: int, batch_size: int, max_len: int = 160, seed: int = 0):
-    """One batch of ShapesWorld instruction conversations, as the instruct stage sees them."""
-    from minillava.data.collate import collate_conversations
-    from minillava.data.instruct import InstructDataset
-    from minillava.data.shapes import WorldConfig
+def make_batch(tokenizer, batch_size: int, data: str = "vqa", seed: int = 0) -> dict:
+    """One batch of the cpu preset's instruct stage, built by the stage's own code.
 
-    dataset = InstructDataset("train", size=batch_size, config=WorldConfig(image_size), seed=seed)
-    samples = [dataset[i] for i in range(batch_size)]
-    return collate_conversations(samples, tokenizer, max_len=max_len)
+    data="vqa": short-answer questions, `vqa_questions` per image (85% of instruct batches);
+    "conversation": the data engine's conversations, descriptions and reasoning (the other 15%).
+    """
+    from minillava.data.shapes import ShapesWorld
+    from minillava.presets import get_preset
+    from minillava.stages import ConversationBatches, world_config
+
+    preset = get_preset("cpu")
+    stage = dataclasses.replace(preset.instruct, batch_size=batch_size, grad_accum=1)
+    images = ShapesWorld("train", batch_size, world_config(preset), seed=seed)
+    batches = ConversationBatches(
+        "instruct", images, tokenizer, stage, seed, preset.data.max_len,
+        vqa_fraction=1.0 if data == "vqa" else 0.0, vqa_questions=preset.data.vqa_questions,
+    )  # fmt: skip
+    return batches[0]
+
+
+# Where minillava's training step saves work over transformers' (same loss, same gradients).
+# `--disable` switches them off one by one, to measure what each is worth.
+SAVINGS = {
+    "loss-only": "return_logits=False: the loss alone, no (B, T, V) logits (this also turns "
+    "off last-layer and padding-mlp, which live in that path)",
+    "last-layer": "the last decoder layer only at the scored positions (all the loss reads)",
+    "padding-mlp": "the other decoder layers' MLPs only at the real (non-padding) tokens",
+    "causal-mask": "right-padded batches: plain is_causal attention, no (B, 1, T, T) mask",
+    "vit-early-exit": "the ViT stops at vision_feature_layer (-2: its last block never runs)",
+}
+
+
+def disable_savings(names: list[str]) -> None:
+    """Put back the work a saving avoids, by patching minillava in this process only."""
+    from minillava import decoder
+    from minillava.llava import Llava
+
+    if "causal-mask" in names:  # build the explicit mask as for left padding
+        decoder.is_right_padded = lambda attention_mask: False
+    if "padding-mlp" in names:  # every layer's MLP at every position
+        layer_forward = decoder.DecoderLayer.forward
+        decoder.DecoderLayer.forward = lambda self, x, cos, sin, mask, cache=None, keep=None: (
+            layer_forward(self, x, cos, sin, mask, cache)
+        )
+    if "last-layer" in names:  # the whole last layer, then pick the scored positions
+        built = {}
+        build_mask = decoder.build_attention_mask
+
+        def recording_build_mask(*args, **kwargs):
+            built["mask"] = build_mask(*args, **kwargs)
+            return built["mask"]
+
+        def whole_layer_at(self, x, cos, sin, mask, queries):
+            return decoder.gather_positions(self(x, cos, sin, built["mask"]), queries)
+
+        decoder.build_attention_mask = recording_build_mask
+        decoder.DecoderLayer.forward_at = whole_layer_at
+    if "vit-early-exit" in names:  # every ViT block, as transformers' LLaVA runs them
+
+        def encode_images(self, pixel_values):
+            hidden_states = self.vision_tower(pixel_values).hidden_states
+            return self.projector(hidden_states[self.config.vision_feature_layer][:, 1:])
+
+        Llava.encode_images = encode_images
 
 
 def machine() -> str:
@@ -71,7 +131,12 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-len", type=int, default=160, help="token cap per conversation")
+    parser.add_argument(
+        "--data",
+        choices=["vqa", "conversation"],
+        default="vqa",
+        help="which kind of instruct-stage batch (see make_batch)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
     parser.add_argument("--steps", type=int, default=15, help="timed steps per model")
     parser.add_argument("--threads", type=int, default=2)
@@ -80,9 +145,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="train only projector + decoder (the instruct stage); default: every parameter",
     )
+    parser.add_argument(
+        "--disable",
+        default="",
+        help="comma-separated savings of minillava to switch off ('all', or any of: "
+        + ", ".join(SAVINGS)
+        + "), to measure what each is worth",
+    )
     parser.add_argument("--out", default="bench/results/train.json")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    disabled = list(SAVINGS) if args.disable == "all" else [s for s in args.disable.split(",") if s]
+    unknown = set(disabled) - set(SAVINGS)
+    if unknown:
+        parser.error(f"--disable: unknown saving(s) {sorted(unknown)}; known: {list(SAVINGS)}")
+    disable_savings(disabled)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -90,13 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     from minillava.interop import to_hf
     from minillava.llava import Llava
     from minillava.tokenizer import get_tokenizer
+    from minillava.train import loss_only_kwargs
 
     tokenizer = get_tokenizer()
     config = tiny_llava_config(tokenizer)
     ours = Llava(config).train()
     theirs = to_hf(ours).train()  # same weights, copied
     theirs.config.use_cache = False
-    batch = make_batch(tokenizer, config.vision.image_size, args.batch_size, args.max_len)
+    batch = make_batch(tokenizer, args.batch_size, args.data, args.seed)
     hf_batch = expand_image_tokens(
         batch["input_ids"],
         config.vision.num_patches,
@@ -107,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     hf_batch["pixel_values"] = batch["pixel_values"]
     n_tokens = int(hf_batch["attention_mask"].sum())
+    n_scored = int((hf_batch["labels"][:, 1:] != -100).sum())
+    n_positions = hf_batch["input_ids"].numel()
+    # minillava is called as its training loop calls it (the loss alone, no (B, T, V) logits).
+    ours_kwargs = {} if "loss-only" in disabled else loss_only_kwargs(ours)
 
     def trainable(model: torch.nn.Module, vision_prefix: str):
         for name, param in model.named_parameters():
@@ -114,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return [p for p in model.parameters() if p.requires_grad]
 
     runs = {
-        "minillava": (ours, batch, trainable(ours, "vision_tower")),
+        "minillava": (ours, {**batch, **ours_kwargs}, trainable(ours, "vision_tower")),
         "transformers": (theirs, hf_batch, trainable(theirs, "model.vision_tower")),
     }
     optimizers = {name: torch.optim.AdamW(params, lr=1e-4) for name, (_, _, params) in runs.items()}
@@ -151,8 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
     attn = getattr(theirs.config, "_attn_implementation", "?")
     print(
-        f"train step: batch {args.batch_size}, {n_tokens} tokens (36 image tokens per row), "
-        f"{args.threads} threads, {'vision frozen' if args.freeze_vision else 'all parameters'}"
+        f"train step: {args.data} batch of {args.batch_size}, {n_positions} positions, "
+        f"{n_tokens} real tokens ({config.num_image_tokens} image tokens per image), {n_scored} "
+        f"scored, {args.threads} threads, "
+        f"{'vision frozen' if args.freeze_vision else 'all parameters'}"
+        + (f"; minillava savings disabled: {', '.join(disabled)}" if disabled else "")
     )
     print(f"{'model':<13} {'median s/step':>13} {'tokens/s':>9} {'CPU s/step':>10}")
     for name, median in medians.items():
@@ -167,8 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "load_average": load,
         "threads": args.threads,
+        "data": args.data,
         "batch_size": args.batch_size,
+        "positions_per_batch": n_positions,
         "tokens_per_batch": n_tokens,
+        "scored_per_batch": n_scored,
+        "image_tokens_per_image": config.num_image_tokens,
+        "minillava_forward_kwargs": ours_kwargs,
+        "minillava_savings_disabled": disabled,
         "freeze_vision": args.freeze_vision,
         "transformers_attn_implementation": attn,
         "first_loss": first,

@@ -24,7 +24,9 @@ Parameter names follow Hugging Face's `LlamaForCausalLM` (minus its `model.` pre
 The model also takes:
 - `inputs_embeds` instead of token ids: LLaVA feeds image features this way;
 - an `attention_mask` (1 = real token, 0 = padding), with padding on the left or the right;
-- a `KVCache`, so that generating one more token costs one position, not the whole sequence.
+- a `KVCache`, so that generating one more token costs one position, not the whole sequence;
+- `return_logits=False` when training: the loss alone, computed only where it is read (the
+  scored positions for the last layer and the LM head, the real tokens for the other MLPs).
 """
 
 from __future__ import annotations
@@ -110,10 +112,10 @@ class KVCache:
 
 @dataclass
 class DecoderOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None when return_logits=False
     loss: torch.Tensor | None  # mean next-token cross-entropy, when labels are given
     past_key_values: KVCache | None  # when use_cache=True
-    hidden_states: torch.Tensor  # (B, T, C) after the final norm
+    hidden_states: torch.Tensor | None  # (B, T, C) after the final norm; None if loss only
 
 
 class RMSNorm(nn.Module):
@@ -206,15 +208,27 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
+        queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, C); mask (B, 1, T, T_total) True where allowed, or None for plain causal
-        (no padding, no cache) -> (B, T, C)."""
-        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        (no padding, no cache) -> (B, T, C).
+
+        queries (B, Q), optional: the only positions whose output is wanted, so the only ones
+        that ask (every position is still a key and a value). The result is then (B, Q, C), and
+        `mask` (B, 1, Q, T_total) must say what each of them may see (`query_attention_mask`).
+        """
+        if queries is None:
+            x_q, cos_q, sin_q = x, cos, sin
+        elif mask is None:
+            raise ValueError("Attention: `queries` needs a mask of shape (B, 1, Q, T_total)")
+        else:  # the asking positions' inputs and rotation angles
+            x_q, cos_q, sin_q = (gather_positions(t, queries) for t in (x, cos, sin))
+        q = rearrange(self.q_proj(x_q), "b t (h d) -> b h t d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
         v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
 
         # Position enters only here: queries and keys are rotated, values are not.
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos, sin)
 
         if cache is not None:
             # Cache the rotated keys and the *un-repeated* kv heads: that is what GQA saves.
@@ -224,8 +238,10 @@ class Attention(nn.Module):
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, T_total, D)
 
         dropout_p = self.dropout if self.training else 0.0
+        # No mask: plain causal attention, or one new query (a decoding step) that sees every key.
+        is_causal = mask is None and q.shape[-2] > 1
         out = attention(
-            q, k, v, mask=mask, dropout_p=dropout_p, use_sdpa=self.use_sdpa, is_causal=mask is None
+            q, k, v, mask=mask, dropout_p=dropout_p, use_sdpa=self.use_sdpa, is_causal=is_causal
         )
         return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
 
@@ -255,10 +271,33 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x, cos, sin, mask, cache: KVCache | None = None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C).
+
+        keep (B, T) bool, optional: the only positions whose output will be read (the real
+        tokens, when training). Attention still runs at every position, but the MLP, which works
+        on each token alone, runs only at `keep`. The other positions come out half-done
+        (attention added, MLP skipped): fine for padding, which no real token ever attends to.
+        """
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
-        x = x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
-        return x
+        if keep is None:
+            return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        kept = x[keep]  # (N, C): the N positions to finish
+        kept = kept + self.dropout(self.mlp(self.post_attention_layernorm(kept)))
+        return x.index_put((keep,), kept)  # a copy of x with those N positions replaced
+
+    def forward_at(self, x, cos, sin, mask, queries: torch.Tensor) -> torch.Tensor:
+        """The layer's output at some positions only: x (B, T, C), queries (B, Q) -> (B, Q, C).
+
+        Every position of x is read (as a key and a value), but only the Q asking positions
+        are computed; mask (B, 1, Q, T) from `query_attention_mask`. The last layer, when only
+        the loss is wanted, needs nothing more: its other outputs would never be read.
+        """
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, queries=queries)
+        x = gather_positions(x, queries) + self.dropout(attended)  # (B, Q, C)
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
 class Decoder(nn.Module):
@@ -299,6 +338,7 @@ class Decoder(nn.Module):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         labels: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> DecoderOutput:
         """Run the model on T new positions (after any already in `past_key_values`).
 
@@ -307,6 +347,11 @@ class Decoder(nn.Module):
         position_ids (B, T): default counts real tokens only, so padding never shifts positions.
         labels (B, T): the token each position *is*; the model shifts them itself so position t
             is scored on predicting labels[t + 1] (Hugging Face convention). -100 = not scored.
+        return_logits: False when only the loss is wanted (the training loop; needs labels, no
+            cache): the same loss and gradients, for less work. The last layer and the LM head
+            then run only at the scored positions (10-30% of them in instruction data, where
+            prompts and images are not scored), the other layers' MLPs only at the real
+            (non-padding) tokens; `logits` and `hidden_states` are None.
         """
         x = self._embed(input_ids, inputs_embeds)  # (B, T, C)
         B, T, _ = x.shape
@@ -327,6 +372,11 @@ class Decoder(nn.Module):
                 f"({B}, {total_len}): cached ({past_len}) + new ({T}) positions"
             )
 
+        if labels is not None and labels.shape != (B, T):
+            raise ValueError(f"labels must be (B, T) = {(B, T)}, got {tuple(labels.shape)}")
+        if not return_logits and labels is not None and cache is not None:
+            raise ValueError("return_logits=False (the loss alone) cannot be used with a KV cache")
+
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, past_len, T, x.device)
         cos, sin = self.rotary(position_ids.expand(B, T))
@@ -334,19 +384,34 @@ class Decoder(nn.Module):
         mask = build_attention_mask(attention_mask, T, total_len, x.device)
 
         checkpointing = self.config.gradient_checkpointing and self.training and cache is None
-        for layer in self.layers:
-            if checkpointing:
-                # Keep only each layer's input; recompute its insides during backward.
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache)
 
-        hidden_states = self.norm(x)
-        logits = self.lm_head(hidden_states)  # (B, T, V)
+        def run(layer_fn, *args, **kwargs):
+            if checkpointing:  # keep only the layer's input; recompute its insides in backward
+                return checkpoint(layer_fn, *args, **kwargs, use_reentrant=False)
+            return layer_fn(*args, **kwargs)
 
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels)
+        logits, loss, hidden_states = None, None, None
+        if labels is not None and not return_logits:
+            # The loss alone. It reads the last layer's output only at the scored positions, and
+            # the other layers' outputs are read (by the next layer's attention) only at the real
+            # ones: compute just that, for the same loss and gradients.
+            next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+            queries, valid = positions_where(next_labels != IGNORE_INDEX)  # (B, Q) each
+            real = None if attention_mask is None else attention_mask[:, past_len:].bool()
+            for layer in self.layers[:-1]:
+                x = run(layer, x, cos, sin, mask, keep=real)  # MLP on real tokens only
+            query_mask = query_attention_mask(queries, attention_mask, total_len)
+            x = run(self.layers[-1].forward_at, x, cos, sin, query_mask, queries)  # (B, Q, C)
+            scored_logits = self.lm_head(self.norm(x[valid]))  # (N, V), not (B, T, V)
+            loss = F.cross_entropy(scored_logits.float(), next_labels.gather(1, queries)[valid])
+        else:
+            for layer in self.layers:
+                x = run(layer, x, cos, sin, mask, cache)
+            hidden_states = self.norm(x)
+            if return_logits:
+                logits = self.lm_head(hidden_states)  # (B, T, V)
+            if labels is not None:
+                loss = causal_lm_loss(logits, labels)
         return DecoderOutput(
             logits=logits,
             loss=loss,
@@ -399,10 +464,17 @@ def build_attention_mask(
     so even a padding query has one key left (a row with no key at all gives softmax NaN); the
     outputs at padding positions are meaningless and never scored.
 
-    Returns None in the common training case (no padding mask, no cache): attention then runs
-    with `is_causal=True`, which lets SDPA pick FlashAttention on a GPU.
+    Returns None when no mask is needed, so none has to be built or read:
+    - no cache, and no padding or only padding on the right (training batches): plain causal
+      attention gives the same outputs at every real position. A real token never looks right
+      of itself, so it never sees the padding; only the padding positions' own (unused) outputs
+      change. Attention then runs with `is_causal=True`, which also lets SDPA pick
+      FlashAttention on a GPU;
+    - one new position and no padding (a decoding step with the cache): it may see every key.
     """
-    if attention_mask is None and T == total_len:
+    if T == total_len and (attention_mask is None or is_right_padded(attention_mask)):
+        return None
+    if T == 1 and (attention_mask is None or bool(attention_mask.all())):
         return None
     allowed = causal_mask(T, total_len, device=device)[None, None]  # (1, 1, T, T_total)
     if attention_mask is None:
@@ -411,6 +483,46 @@ def build_attention_mask(
     own_key = torch.arange(total_len - T, total_len, device=device)[:, None]  # (T, 1)
     itself = own_key == torch.arange(total_len, device=device)  # (T, T_total): key = the query
     return allowed & (is_real_key | itself)
+
+
+def query_attention_mask(
+    queries: torch.Tensor, attention_mask: torch.Tensor | None, total_len: int
+) -> torch.Tensor:
+    """Boolean (B, 1, Q, T_total) for queries at positions `queries` (B, Q) (no cache): each
+    sees the real keys up to its own position, and always itself (so no row is empty)."""
+    keys = torch.arange(total_len, device=queries.device)  # (T_total,)
+    allowed = keys <= queries[..., None]  # (B, Q, T_total): causal
+    if attention_mask is not None:
+        itself = keys == queries[..., None]
+        allowed = allowed & (attention_mask.bool()[:, None, :] | itself)
+    return allowed[:, None]
+
+
+def positions_where(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) bool -> (positions (B, Q), valid (B, Q)): each row's True positions, in order.
+
+    Rows have different numbers of them, so each is padded to Q = the largest count (at least
+    1) with other positions of the row; `valid` is False there. Example:
+        keep [[0 1 0 1], [1 0 0 0]] -> positions [[1 3], [0 1]], valid [[1 1], [1 0]]
+    """
+    counts = keep.sum(-1)  # (B,)
+    Q = max(int(counts.max()), 1)
+    # A stable sort of "not kept" puts each row's kept positions first, in their order.
+    positions = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)[:, :Q]
+    valid = torch.arange(Q, device=keep.device) < counts[:, None]
+    return positions, valid
+
+
+def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x (B, T, ...), positions (B, Q) -> (B, Q, ...): row b's entries at positions[b]."""
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]  # (B, 1)
+    return x[rows, positions]
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True if every row of the (B, T) mask is ones then zeros (1 1 1 0 0): no 1 after a 0."""
+    real = attention_mask.bool()
+    return not bool((real[:, 1:] & ~real[:, :-1]).any())
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

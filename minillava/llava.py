@@ -68,7 +68,7 @@ class LlavaConfig:
 @dataclass
 class LlavaOutput:
     loss: torch.Tensor | None  # next-token loss on the positions whose label is not -100
-    logits: torch.Tensor  # (B, T', V), T' = length after splicing in the images
+    logits: torch.Tensor | None  # (B, T', V), T' = length after splicing; None if not asked for
     attention_mask: torch.Tensor  # (B, T') 1 = real position (text or image), 0 = padding
     labels: torch.Tensor | None  # (B, T') after splicing: -100 on images and padding
 
@@ -166,9 +166,14 @@ class Llava(nn.Module):
         self.language_model = Decoder(config.text)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N_img, 3, H, W) -> (N_img, P, C_text): one decoder-sized vector per image patch."""
-        hidden_states = self.vision_tower(pixel_values).hidden_states
-        patch_features = hidden_states[self.config.vision_feature_layer][:, 1:]  # drop [CLS]
+        """(N_img, 3, H, W) -> (N_img, P, C_text): one decoder-sized vector per image patch.
+
+        The features are hidden_states[vision_feature_layer] without [CLS]; the ViT stops at that
+        layer (with -2, its last block never runs: its output would be thrown away).
+        """
+        patch_features = self.vision_tower.patch_features(
+            pixel_values, layer=self.config.vision_feature_layer
+        )  # (N_img, P, C_vision)
         return self.projector(patch_features)
 
     def embed_multimodal(
@@ -207,17 +212,24 @@ class Llava(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         padding_side: str = "right",
+        return_logits: bool = True,
     ) -> LlavaOutput:
         """input_ids (B, T) with <image> tokens, pixel_values (N_img, 3, H, W) -> LlavaOutput.
 
         labels (B, T) are aligned with input_ids (-100 where not scored; the decoder shifts them).
         The logits, mask and labels returned are those of the spliced sequence (B, T').
+        return_logits=False: the loss alone, computed at the scored positions only (training);
+        `logits` is then None (see `Decoder.forward`).
         """
         embeds, mask, labels, position_ids = self.embed_multimodal(
             input_ids, pixel_values, attention_mask, labels, padding_side
         )
         out = self.language_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, labels=labels
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            labels=labels,
+            return_logits=return_logits,
         )
         return LlavaOutput(loss=out.loss, logits=out.logits, attention_mask=mask, labels=labels)
 

@@ -19,6 +19,7 @@ What the loop does, step by step:
         lr <- warm-up then cosine schedule
         for each of grad_accum micro-batches:    (gradient accumulation: a big batch in pieces)
             loss = model(**batch).loss / grad_accum        under bf16 autocast on GPU
+                (with return_logits=False when the model takes it: the loss alone is cheaper)
             stop if the loss is NaN/inf                    (the last good checkpoint is kept)
             loss.backward()                                (DDP averages gradients over GPUs)
         clip the global gradient norm, optimizer.step(), zero the gradients
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -173,6 +175,18 @@ class StageResult:
     resumed_from: int = 0
 
 
+def loss_only_kwargs(model: nn.Module) -> dict:
+    """Extra forward arguments that ask a model for its loss alone, if it can skip the logits.
+
+    The loop reads only `.loss`. `Decoder` and `Llava` take `return_logits=False` and then run
+    their last layer and LM head only at the positions that have a label (one in ten in VQA
+    batches) instead of building (B, T, V) logits: the same loss and gradients, less work.
+    Other models (CLIP) get nothing extra.
+    """
+    accepts = "return_logits" in inspect.signature(unwrap_model(model).forward).parameters
+    return {"return_logits": False} if accepts else {}
+
+
 def count_tokens(batch: dict) -> int:
     """Tokens in a batch, for tokens/s: non-padding positions, else the batch size."""
     if isinstance(batch.get("attention_mask"), torch.Tensor):
@@ -301,6 +315,7 @@ def train_stage(
     if compile:
         train_model = torch.compile(train_model)
     train_model.train()
+    forward_kwargs = loss_only_kwargs(model)  # {"return_logits": False} for Decoder and Llava
 
     # Batch k is item k of `batches`; start where we stopped. Workers build batches in parallel
     # with training; pinned (page-locked) memory makes the host-to-GPU copy asynchronous.
@@ -349,7 +364,7 @@ def train_stage(
                 skip_sync = info.world_size > 1 and micro < accum - 1
                 with ddp_model.no_sync() if skip_sync else contextlib.nullcontext():
                     with autocast(device, dtype):
-                        loss = train_model(**batch).loss / accum
+                        loss = train_model(**batch, **forward_kwargs).loss / accum
                     # Checked every micro-step (a GPU sync, cheap next to a step): a NaN must
                     # stop us before backward() spreads it into the weights.
                     if not torch.isfinite(_mean_over_ranks(loss.detach(), info)):

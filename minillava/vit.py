@@ -359,10 +359,14 @@ class VisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         init_clip_weights(self, config.num_layers)
 
-    def forward(self, pixel_values: Tensor, output_attentions: bool = False) -> ViTOutput:
+    def embed(self, pixel_values: Tensor) -> Tensor:
+        """Pixels (B, 3, S, S) -> what the first block reads, hidden_states[0] (B, 1 + N, C)."""
         self._check_pixel_values(pixel_values)
         pixel_values = pixel_values.to(self.embeddings.patch_embedding.weight.dtype)
-        x = self.pre_layernorm(self.embeddings(pixel_values))  # (B, 1 + N, C)
+        return self.pre_layernorm(self.embeddings(pixel_values))
+
+    def forward(self, pixel_values: Tensor, output_attentions: bool = False) -> ViTOutput:
+        x = self.embed(pixel_values)  # (B, 1 + N, C)
         hidden_states = [x]
         attentions = []
         for block in self.blocks:
@@ -381,8 +385,21 @@ class VisionTransformer(nn.Module):
         )
 
     def patch_features(self, pixel_values: Tensor, layer: int = -2) -> Tensor:
-        """What LLaVA feeds its projector: hidden_states[layer] without [CLS], (B, N, C)."""
-        return self(pixel_values).hidden_states[layer][:, 1:]
+        """What LLaVA feeds its projector: hidden_states[layer] without [CLS], (B, N, C).
+
+        Only the blocks up to `layer` run: with the default -2, the last block's output would be
+        thrown away, so it is not computed (a 1 / num_layers saving of the ViT's work).
+        """
+        num_states = self.config.num_layers + 1  # the embeddings, then one per block
+        if not -num_states <= layer < num_states:
+            raise ValueError(
+                f"layer={layer} is not one of the ViT's {num_states} hidden states "
+                f"(-{num_states} .. {num_states - 1})"
+            )
+        x = self.embed(pixel_values)  # hidden_states[0]
+        for block in self.blocks[: layer % num_states]:  # hidden_states[i] = output of block i
+            x = block(x)
+        return x[:, 1:]  # drop [CLS]
 
     def _check_pixel_values(self, pixel_values: Tensor) -> None:
         c, s = self.config.num_channels, self.config.image_size

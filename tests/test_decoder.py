@@ -6,13 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minillava import decoder as decoder_module
 from minillava.decoder import (
     Decoder,
     DecoderConfig,
     KVCache,
     RMSNorm,
     apply_rotary,
+    build_attention_mask,
     causal_lm_loss,
+    positions_where,
+    query_attention_mask,
 )
 
 V = 61
@@ -258,3 +262,142 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(model(x).logits, model(x).logits)
     model.train()
     assert not torch.allclose(model(x).logits, model(x).logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training shortcuts: the same loss and gradients for less work
+# ---------------------------------------------------------------------------------------------
+
+
+def padded_batch(side="right"):
+    """Three rows of lengths 9, 5, 7 padded on `side`; labels as collate makes them: -100 on
+    padding and on a 'prompt', the whole of row 1 ignored (a row with no answer)."""
+    x = ids(B=3, T=9, seed=3)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for row, n in enumerate([9, 5, 7]):
+        mask[row, slice(9 - n, 9) if side == "left" else slice(0, n)] = 1
+    labels = x.masked_fill(mask == 0, -100)
+    labels[0, :4] = -100  # a prompt
+    labels[1] = -100  # nothing to learn in this row
+    labels[2, 2:4] = -100
+    return x, mask, labels
+
+
+def loss_and_grads(model, **inputs):
+    model.zero_grad()
+    out = model(**inputs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("side", ["right", "left", None])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_loss_only_equals_the_full_logits_loss_and_gradients(side, checkpointing):
+    model = make(num_kv_heads=2, gradient_checkpointing=checkpointing).train()
+    x, mask, labels = padded_batch(side or "right")
+    mask = None if side is None else mask
+    full, full_grads = loss_and_grads(model, input_ids=x, attention_mask=mask, labels=labels)
+    cheap, cheap_grads = loss_and_grads(
+        model, input_ids=x, attention_mask=mask, labels=labels, return_logits=False
+    )
+    assert full.logits.shape == (3, 9, V)
+    assert cheap.logits is None and cheap.hidden_states is None
+    torch.testing.assert_close(cheap.loss, full.loss, atol=1e-6, rtol=0)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(cheap_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_loss_only_computes_the_last_layer_and_head_at_the_scored_positions_only():
+    model = make().train()
+    x, mask, labels = padded_batch()
+    rows_seen = {}
+
+    def count(name):
+        def hook(module, args, output):
+            rows_seen[name] = output.shape[:-1].numel()
+
+        return hook
+
+    model.lm_head.register_forward_hook(count("lm_head"))
+    model.layers[-1].mlp.register_forward_hook(count("last mlp"))
+    model.layers[0].mlp.register_forward_hook(count("first mlp"))
+    model(x, attention_mask=mask, labels=labels, return_logits=False).loss.backward()
+    n_scored = int((labels[:, 1:] != -100).sum())
+    assert rows_seen["lm_head"] == n_scored  # not 3 * 9 positions
+    assert rows_seen["first mlp"] == int(mask.sum())  # the real tokens, not the padding
+    # The last layer runs on each row's scored positions, padded to the longest such row.
+    assert rows_seen["last mlp"] == 3 * int((labels[:, 1:] != -100).sum(-1).max())
+
+
+def test_loss_only_with_nothing_to_score_is_nan_like_the_full_loss():
+    model = make()
+    x = ids()
+    labels = torch.full_like(x, -100)
+    assert model(x, labels=labels).loss.isnan()
+    assert model(x, labels=labels, return_logits=False).loss.isnan()
+
+
+def test_loss_only_needs_no_cache_and_checks_labels():
+    model = make()
+    x = ids()
+    cache = model(x[:, :4], use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="cache"):
+        model(x[:, 4:], past_key_values=cache, labels=x[:, 4:], return_logits=False)
+    with pytest.raises(ValueError, match="labels"):
+        model(x, labels=x[:, :3], return_logits=False)
+
+
+def test_positions_where_lists_each_rows_positions_in_order():
+    keep = torch.tensor([[0, 1, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0]]).bool()
+    positions, valid = positions_where(keep)
+    assert valid.tolist() == [[True, True], [True, False], [False, False]]
+    assert positions[valid].tolist() == [1, 3, 0]
+    positions, valid = positions_where(torch.zeros(2, 5, dtype=torch.bool))
+    assert positions.shape == valid.shape == (2, 1) and not valid.any()  # never empty
+
+
+def test_query_attention_mask_is_the_causal_padding_mask_at_those_rows():
+    x, mask, _ = padded_batch("left")
+    queries = torch.tensor([[8, 2], [8, 6], [5, 0]])  # (B, Q): some real, some padding
+    full = build_attention_mask(mask, 9, 9, None)  # (B, 1, T, T)
+    expected = torch.stack([full[b, 0, queries[b]] for b in range(3)])[:, None]
+    assert torch.equal(query_attention_mask(queries, mask, 9), expected)
+
+
+def test_last_layer_at_some_positions_equals_the_full_layer_there():
+    model = make()
+    layer = model.layers[-1]
+    x = torch.randn(3, 9, 32)
+    _, mask, _ = padded_batch("left")
+    cos, sin = model.rotary(decoder_module.default_position_ids(mask, 0, 9, None))
+    full = layer(x, cos, sin, build_attention_mask(mask, 9, 9, None))
+    queries = torch.tensor([[8, 3], [8, 6], [4, 7]])
+    part = layer.forward_at(x, cos, sin, query_attention_mask(queries, mask, 9), queries)
+    expected = torch.stack([full[b, queries[b]] for b in range(3)])
+    torch.testing.assert_close(part, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_right_padding_needs_no_mask_and_left_padding_keeps_it():
+    _, right, _ = padded_batch("right")
+    _, left, _ = padded_batch("left")
+    assert build_attention_mask(right, 9, 9, None) is None  # plain causal attention
+    assert build_attention_mask(torch.ones(3, 9), 9, 9, None) is None
+    assert build_attention_mask(left, 9, 9, None).shape == (3, 1, 9, 9)
+    holes = torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1, 1]])  # a 0 between real tokens
+    assert build_attention_mask(holes, 9, 9, None) is not None
+    # With a cache: a single new token and no padding sees every key, so no mask either; with
+    # left padding, or several new tokens, the mask is needed.
+    assert build_attention_mask(torch.ones(3, 10), 1, 10, None) is None
+    assert build_attention_mask(F.pad(left, (0, 1), value=1), 1, 10, None).shape == (3, 1, 1, 10)
+    assert build_attention_mask(torch.ones(3, 10), 2, 10, None).shape == (3, 1, 2, 10)
+
+
+@pytest.mark.parametrize("use_sdpa", [False, True])
+def test_right_padding_shortcut_gives_the_masked_outputs_at_real_positions(use_sdpa, monkeypatch):
+    model = make(use_sdpa=use_sdpa)
+    x, mask, _ = padded_batch("right")
+    fast = model(x, attention_mask=mask).logits
+    monkeypatch.setattr(decoder_module, "is_right_padded", lambda attention_mask: False)
+    masked = model(x, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(fast[real], masked[real], atol=1e-6, rtol=1e-5)

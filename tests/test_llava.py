@@ -128,13 +128,19 @@ def batch(seed=0, side="right"):
     return ids, mask, pixels
 
 
-def test_encode_images_drops_cls_and_projects():
-    model = make()
+@pytest.mark.parametrize("feature_layer", [-2, -1, 1])
+def test_encode_images_drops_cls_and_projects(feature_layer):
+    model = make(vision_feature_layer=feature_layer)
     pixels = torch.randn(2, 3, 8, 8)
+    hidden = model.vision_tower(pixels).hidden_states[feature_layer]  # (2, 1 + P, 24)
+    blocks_run = []
+    for i, block in enumerate(model.vision_tower.blocks):
+        block.register_forward_hook(lambda module, args, out, i=i: blocks_run.append(i))
     features = model.encode_images(pixels)
     assert features.shape == (2, P, 32)
-    hidden = model.vision_tower(pixels).hidden_states[-2]  # (2, 1 + P, 24)
-    torch.testing.assert_close(features, model.projector(hidden[:, 1:]))
+    torch.testing.assert_close(features, model.projector(hidden[:, 1:]), atol=0, rtol=0)
+    # The ViT stops at the layer it is read from: with -2, its last block never runs.
+    assert blocks_run == list(range(feature_layer % 3))
 
 
 def test_forward_shapes_and_loss():
@@ -147,6 +153,28 @@ def test_forward_shapes_and_loss():
     assert out.attention_mask.shape == out.labels.shape == (3, T_new)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert model(ids, pixels, attention_mask=mask).loss is None
+
+
+def test_loss_only_equals_the_full_logits_loss_and_gradients():
+    """return_logits=False (what the training loop asks for): same loss, same gradients."""
+    model = make().train()
+    ids, mask, pixels = batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, :3] = -100  # a prompt
+    labels[1] = -100  # a row with nothing to learn
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        out = model(ids, pixels, mask, labels, return_logits=return_logits)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (full, full_grads), (cheap, cheap_grads) = results
+    assert cheap.logits is None and full.logits.shape[:2] == cheap.labels.shape
+    torch.testing.assert_close(cheap.loss, full.loss, atol=1e-6, rtol=0)
+    assert full_grads.keys() == cheap_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(cheap_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_each_sample_alone_gives_the_same_logits_as_in_the_batch():

@@ -147,6 +147,28 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_loop_asks_models_that_can_for_the_loss_alone():
+    """Decoder and Llava take return_logits=False (no (B, T, V) logits); other models get
+    their batch unchanged."""
+    from minillava.decoder import Decoder, DecoderConfig
+    from minillava.train import loss_only_kwargs
+
+    seen = []
+
+    class LossOnly(Toy):
+        def forward(self, x, y, return_logits=True):
+            seen.append(return_logits)
+            return super().forward(x, y)
+
+    cfg = StageConfig(steps=2, lr=1e-2, warmup_steps=1)
+    train_stage(LossOnly(), ToyBatches(), cfg, progress=False)
+    assert seen == [False, False]
+    train_stage(Toy(), ToyBatches(), cfg, progress=False)  # no such argument: not passed
+    decoder = Decoder(DecoderConfig(vocab_size=11, hidden_size=8, num_layers=1, num_heads=2))
+    assert loss_only_kwargs(decoder) == {"return_logits": False}
+    assert loss_only_kwargs(Toy()) == {}
+
+
 @pytest.mark.slow
 def test_compile_flag_runs_the_same_loop():
     pytest.importorskip("torch._dynamo")

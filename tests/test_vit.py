@@ -59,6 +59,24 @@ def test_hidden_states_follow_hf_clip_convention():
     torch.testing.assert_close(model.patch_features(x), out.hidden_states[-2][:, 1:])
 
 
+def test_patch_features_runs_only_the_blocks_that_layer_needs():
+    torch.manual_seed(0)
+    model = VisionTransformer(tiny_config(num_layers=3)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    hidden_states = model(x).hidden_states
+    calls = []
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda module, args, out, i=i: calls.append(i))
+    for layer, blocks_run in [(-2, [0, 1]), (-1, [0, 1, 2]), (0, []), (1, [0]), (-4, [])]:
+        calls.clear()
+        features = model.patch_features(x, layer=layer)
+        assert calls == blocks_run, f"layer={layer}"
+        torch.testing.assert_close(features, hidden_states[layer][:, 1:], atol=0, rtol=0)
+    for bad in (4, -5):
+        with pytest.raises(ValueError, match="hidden states"):
+            model.patch_features(x, layer=bad)
+
+
 def test_parameter_names_match_the_contract():
     names = set(VisionTransformer(tiny_config(num_layers=1)).state_dict())
     expected = {
