@@ -1,0 +1,221 @@
+"""How fast can the decoder learn ShapesWorld VQA if its image tokens were perfect?
+
+The `instruct` stage of `make train` plateaus near 50% test accuracy. Is that the eyes (ViT +
+projector) or the brain (the decoder)? This script takes the eyes out of the question: each of the
+9 grid cells becomes one "oracle" image token, the sum of learned embeddings of what is really in
+the cell (colour, shape, size, written character, and the cell's position), built from the scene
+annotation. The decoder (the cpu preset's size by default, random init) is trained on exactly the
+instruct stage's VQA conversations with those tokens in place of the projected image, and its
+accuracy per question type is measured on validation images (teacher-forced: an answer counts if
+every one of its tokens is the argmax).
+
+    python bench/oracle_vqa.py                          # all types, 1000 steps (~15 min, 1 core)
+    python bench/oracle_vqa.py --types colour --steps 200
+    python bench/oracle_vqa.py --hidden-size 256 --steps 200
+
+If the decoder cannot learn the mixture from perfect tokens within the steps a CPU budget allows,
+no change to the vision side can make `make train` reach the accuracy goal within that budget.
+Results: docs/results.md, "What limits the accuracy".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from minillava.data.instruct import ANSWER_SUFFIX, QUESTION_TYPES, ask  # noqa: E402
+from minillava.data.shapes import COLOURS, SHAPES, SIZES, Scene, ShapesWorld, WorldConfig  # noqa: E402
+from minillava.decoder import Decoder, DecoderConfig  # noqa: E402
+from minillava.tokenizer import get_tokenizer  # noqa: E402
+
+GRID = 9  # ShapesWorld's 3 x 3 cells: one oracle token each
+
+
+class OracleCells(nn.Module):
+    """Scene annotation -> (9, C): per cell, embeddings of its contents plus its position."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.colours, self.shapes, self.sizes = list(COLOURS), list(SHAPES), list(SIZES)
+        # The last row of each table means "nothing here" (an empty cell).
+        self.colour = nn.Embedding(len(self.colours) + 1, hidden_size)
+        self.shape = nn.Embedding(len(self.shapes) + 1, hidden_size)
+        self.size = nn.Embedding(len(self.sizes) + 1, hidden_size)
+        self.char = nn.Embedding(128, hidden_size)  # ASCII code of a written letter/digit; 0: none
+        self.position = nn.Embedding(GRID, hidden_size)
+        for table in self.parameters():
+            nn.init.normal_(table, std=0.02)  # the decoder's token embeddings' scale
+
+    def forward(self, scene: Scene) -> torch.Tensor:
+        colour = torch.full((GRID,), len(self.colours))
+        shape = torch.full((GRID,), len(self.shapes))
+        size = torch.full((GRID,), len(self.sizes))
+        char = torch.zeros(GRID, dtype=torch.long)
+        for obj in scene.objects:
+            cell = obj.row * 3 + obj.col
+            colour[cell] = self.colours.index(obj.colour)
+            shape[cell] = self.shapes.index(obj.shape)
+            size[cell] = self.sizes.index(obj.size)
+        if scene.text is not None:
+            char[scene.text_row * 3 + scene.text_col] = ord(scene.text)
+        cells = self.colour(colour) + self.shape(shape) + self.size(size) + self.char(char)
+        return cells + self.position(torch.arange(GRID))  # (9, C)
+
+
+def conversation(scene: Scene, types: tuple[str, ...], questions: int, rng, config) -> tuple:
+    """The instruct stage's VQA conversation (stages.scene_turns, vqa=True) and each turn's type."""
+    turns, asked = [], []
+    for _ in range(questions):
+        qa = ask(scene, rng.choice(types), rng, config)
+        turns += [
+            {"from": "human", "value": qa.question},
+            {"from": "gpt", "value": " " + qa.answer},
+        ]
+        asked.append(qa.type)
+    turns[0]["value"] = "<image>\n" + turns[0]["value"] + ANSWER_SUFFIX
+    return turns, asked
+
+
+def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells):
+    """(inputs_embeds (B, T, C), labels (B, T), attention_mask (B, T), types per row)."""
+    rows, labels, asked = [], [], []
+    for i in indices:
+        scene = world.scene(i)  # the annotation only: no pixels are drawn
+        turns, row_types = conversation(scene, types, questions, rng, world.config)
+        ids, scored = tokenizer.render(turns)
+        at = ids.index(tokenizer.image_id)
+        embed = decoder.embed_tokens
+        rows.append(
+            torch.cat(
+                [embed(torch.tensor(ids[:at])), cells(scene), embed(torch.tensor(ids[at + 1 :]))]
+            )
+        )
+        label = [t if s else -100 for t, s in zip(ids, scored, strict=True)]
+        labels.append(torch.tensor(label[:at] + [-100] * GRID + label[at + 1 :]))
+        asked.append(row_types)
+    T = max(len(r) for r in rows)
+    x = torch.zeros(len(rows), T, rows[0].shape[-1])
+    y = torch.full((len(rows), T), -100)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, (row, label) in enumerate(zip(rows, labels, strict=True)):
+        x[b, : len(row)], y[b, : len(label)], mask[b, : len(row)] = row, label, 1
+    return x, y, mask, asked
+
+
+@torch.no_grad()
+def accuracy(decoder, cells, world, tokenizer, types, n_images=240) -> dict[str, float]:
+    """Teacher-forced exact match per type on `n_images` validation images, 2 questions each."""
+    decoder.eval()
+    rng, right, total = random.Random(123), {}, {}
+    for start in range(0, n_images, 48):
+        indices = range(start, min(start + 48, n_images))
+        x, y, mask, asked = make_batch(world, indices, types, 2, rng, tokenizer, decoder, cells)
+        predicted = decoder(inputs_embeds=x, attention_mask=mask).logits[:, :-1].argmax(-1)
+        target = y[:, 1:]
+        for b, row_types in enumerate(asked):
+            positions = (target[b] != -100).nonzero().flatten().tolist()
+            answers: list[list[int]] = []  # consecutive scored positions = one answer (+ EOT)
+            for p in positions:
+                if answers and p == answers[-1][-1] + 1:
+                    answers[-1].append(p)
+                else:
+                    answers.append([p])
+            for kind, answer in zip(row_types, answers, strict=True):
+                ok = bool((predicted[b, answer] == target[b, answer]).all())
+                right[kind] = right.get(kind, 0) + ok
+                total[kind] = total.get(kind, 0) + 1
+    decoder.train()
+    result = {kind: right[kind] / total[kind] for kind in sorted(total)}
+    result["overall"] = sum(right.values()) / sum(total.values())
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--types", default=",".join(QUESTION_TYPES), help="comma-separated")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--questions", type=int, default=8, help="per image, as in instruct")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/oracle_vqa.json"))
+    args = parser.parse_args(argv)
+    types = tuple(args.types.split(","))
+    unknown = [t for t in types if t not in QUESTION_TYPES]
+    if unknown:
+        parser.error(f"--types: unknown {unknown}; expected some of {QUESTION_TYPES}")
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tokenizer = get_tokenizer()
+    width = args.hidden_size
+    decoder = Decoder(
+        DecoderConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=width,
+            num_layers=args.layers,
+            num_heads=max(2, width // 32),
+            intermediate_size=3 * width,
+            max_seq_len=512,
+        )
+    )
+    cells = OracleCells(width)
+    params = list(decoder.parameters()) + list(cells.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    config = WorldConfig(image_size=48)
+    train, val = ShapesWorld("train", 20_000, config), ShapesWorld("val", 500, config)
+
+    rng, history, start = random.Random(args.seed), [], time.time()
+    for step in range(args.steps + 1):
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = accuracy(decoder, cells, val, tokenizer, types)
+            history.append({"step": step, "seconds": round(time.time() - start), **acc})
+            per_type = " ".join(f"{k} {v:.2f}" for k, v in acc.items() if k != "overall")
+            print(f"step {step:5d}  overall {acc['overall']:.3f}  {per_type}", flush=True)
+        if step == args.steps:
+            break
+        # Warm-up over 20 steps, then cosine down to 10% (the training loop's schedule).
+        warm = min(1.0, (step + 1) / 20)
+        cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * warm * cosine
+        indices = [rng.randrange(len(train)) for _ in range(args.batch_size)]
+        x, y, mask, _ = make_batch(
+            train, indices, types, args.questions, rng, tokenizer, decoder, cells
+        )
+        loss = decoder(inputs_embeds=x, attention_mask=mask, labels=y).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": platform.processor() or platform.machine(),
+        "load_average": os.getloadavg(),
+        "history": history,
+    }
+    args.out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
