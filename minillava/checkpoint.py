@@ -121,6 +121,14 @@ def config_from_dict(cls: type[T], values: dict) -> T:
     return cls(**kwargs)
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not fit the code reading it (e.g. trained with another vocabulary).
+
+    Not a bug to debug but a situation to explain: the `minillava` command prints its message in
+    one line instead of a traceback.
+    """
+
+
 def check_vocabulary(path: str | Path, vocab_size: int, image_token_id: int, tokenizer) -> None:
     """Raise if a checkpoint's decoder was trained with another vocabulary than `tokenizer`'s.
 
@@ -141,7 +149,7 @@ def check_vocabulary(path: str | Path, vocab_size: int, image_token_id: int, tok
             "tokenizer"
         )
     if mismatches:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"checkpoint {str(path)!r} was trained with another vocabulary than tokenizer "
             f"{tokenizer.name!r} ({'; '.join(mismatches)}). The tokenizer changed since this "
             "checkpoint was written; retrain with `minillava train` (or `make train`) to get a "

@@ -36,7 +36,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minillava: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    return module.main(rest) or 0
+    from minillava.checkpoint import CheckpointMismatchError
+
+    try:
+        return module.main(rest) or 0
+    except CheckpointMismatchError as error:  # a stale checkpoint: say what to do, no traceback
+        print(f"minillava {name}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

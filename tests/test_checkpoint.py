@@ -168,3 +168,20 @@ def test_load_llava_refuses_a_checkpoint_whose_image_token_moved(tmp_path):
     with pytest.raises(ValueError, match=rf"<image> id {moved} in the checkpoint vs "
                        rf"{tokenizer.image_id}.*minillava train"):  # fmt: skip
         load_llava(path, device="cpu")
+
+
+def test_the_command_line_reports_a_stale_checkpoint_in_one_line(tmp_path, capsys):
+    from minillava import cli
+    from minillava.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer("shapesworld")
+    path = tmp_path / "old_llava.pt"
+    old = tokenizer.vocab_size - 18
+    _save_tiny_llava(path, vocab_size=old, image_token_id=old - 4)
+    image = tmp_path / "scene.png"
+    assert cli.main(["chat", "--sample-image", str(image)]) == 0  # a picture to ask about
+    code = cli.main(["chat", str(image), "What colour is the circle?", "--checkpoint", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("minillava chat: checkpoint") and "minillava train" in err
+    assert "Traceback" not in err
