@@ -445,6 +445,7 @@ def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, wor
                 dropout=preset.lora_dropout,
             )
             print(f"  LoRA rank {preset.lora_rank} on {len(wrapped)} layers of the decoder")
+        question_type_weights(preset.data.vqa_type_weights)  # a bad --set fails now, not later
         batches = ConversationBatches(
             "instruct", images, tokenizer, config, seed, preset.data.max_len,
             vqa_fraction=preset.data.vqa_fraction, vqa_questions=preset.data.vqa_questions,

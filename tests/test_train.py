@@ -415,3 +415,12 @@ def test_vqa_type_weights_change_the_question_mix_and_reject_unknown_types():
 def test_vqa_type_weights_can_be_set_from_the_command_line():
     preset = apply_overrides(get_preset("cpu"), ["data.vqa_type_weights={'count': 2.0}"])
     assert preset.data.vqa_type_weights == {"count": 2.0}
+
+
+def test_a_bad_question_type_weight_is_refused_when_the_instruct_stage_is_built(tmp_path):
+    from minillava.stages import build_stage
+    from minillava.tokenizer import get_tokenizer
+
+    preset = apply_overrides(get_preset("tiny"), ["data.vqa_type_weights={'colour': -1.0}"])
+    with pytest.raises(ValueError, match="vqa_type_weights must be >= 0"):
+        build_stage("instruct", preset, get_tokenizer(), tmp_path)
