@@ -35,9 +35,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from minillava.data.instruct import ANSWER_SUFFIX, QUESTION_TYPES, ask  # noqa: E402
+from minillava.data.instruct import QUESTION_TYPES  # noqa: E402
 from minillava.data.shapes import COLOURS, SHAPES, SIZES, Scene, ShapesWorld, WorldConfig  # noqa: E402
 from minillava.decoder import Decoder, DecoderConfig  # noqa: E402
+from minillava.stages import vqa_turns  # noqa: E402
 from minillava.tokenizer import get_tokenizer  # noqa: E402
 
 GRID = 9  # ShapesWorld's 3 x 3 cells: one oracle token each
@@ -74,26 +75,14 @@ class OracleCells(nn.Module):
         return cells + self.position(torch.arange(GRID))  # (9, C)
 
 
-def conversation(scene: Scene, types: tuple[str, ...], questions: int, rng, config) -> tuple:
-    """The instruct stage's VQA conversation (stages.scene_turns, vqa=True) and each turn's type."""
-    turns, asked = [], []
-    for _ in range(questions):
-        qa = ask(scene, rng.choice(types), rng, config)
-        turns += [
-            {"from": "human", "value": qa.question},
-            {"from": "gpt", "value": " " + qa.answer},
-        ]
-        asked.append(qa.type)
-    turns[0]["value"] = "<image>\n" + turns[0]["value"] + ANSWER_SUFFIX
-    return turns, asked
-
-
 def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells):
     """(inputs_embeds (B, T, C), labels (B, T), attention_mask (B, T), types per row)."""
     rows, labels, asked = [], [], []
     for i in indices:
         scene = world.scene(i)  # the annotation only: no pixels are drawn
-        turns, row_types = conversation(scene, types, questions, rng, world.config)
+        # Exactly the instruct stage's VQA conversation, restricted to `types`.
+        weights = {t: float(t in types) for t in QUESTION_TYPES}
+        turns, row_types = vqa_turns(scene, rng, world.config, questions, weights)
         ids, scored = tokenizer.render(turns)
         at = ids.index(tokenizer.image_id)
         embed = decoder.embed_tokens

@@ -214,31 +214,53 @@ def scene_turns(
 ) -> list[dict]:
     """One training conversation about `scene`, "<image>" opening its first human turn.
 
-    `vqa=True`: `vqa_questions` short-answer questions in the eval convention, as LLaVA-1.5
-    mixed VQAv2 and GQA into its data (without them the model answers in sentences and
-    exact-match accuracy means nothing). The first question is exactly an eval prompt
-    ("<image>\\n{question}\\nAnswer with a single word or phrase."); the others follow as more
-    turns, without repeating the instruction: the image and the system line are paid for once,
-    and the model gets `vqa_questions` answers to learn from instead of one.
-    `type_weights` (e.g. {"colour": 3.0}) makes some question types more frequent in VQA
-    conversations; a type it does not name has weight 1 (all 1: the uniform mix).
+    `vqa=True`: `vqa_questions` short-answer questions (`vqa_turns`, with `type_weights`).
     Otherwise: a conversation of one of the data engine's `kinds` (conversation, detail,
     reasoning, caption).
     """
-    from minillava.data.instruct import ANSWER_SUFFIX, QUESTION_TYPES, ask, make_conversation
+    from minillava.data.instruct import make_conversation
 
-    if not vqa:
-        turns = make_conversation(scene, captions, rng, rng.choice(kinds), config=config)
-    else:
-        weights = question_type_weights(type_weights)
-        turns = []
-        for _ in range(vqa_questions):
-            qa = ask(scene, rng.choices(QUESTION_TYPES, weights)[0], rng, config)
-            turns += [{"from": "human", "value": qa.question}, {"from": "gpt", "value": qa.answer}]
-        turns[0]["value"] = "<image>\n" + turns[0]["value"] + ANSWER_SUFFIX
-    # Answers start with a space, as a word inside a sentence does: our BPE has one token for
-    # " blue" (in captions, descriptions, questions) and another for "blue", and the answer
-    # should be the word the model has read everywhere else. The eval strips the space.
+    if vqa:
+        return vqa_turns(scene, rng, config, vqa_questions, type_weights)[0]
+    return space_answers(make_conversation(scene, captions, rng, rng.choice(kinds), config=config))
+
+
+def vqa_turns(
+    scene,
+    rng: random.Random,
+    config,
+    questions: int,
+    type_weights: dict[str, float] | None = None,
+) -> tuple[list[dict], list[str]]:
+    """`questions` short-answer questions about `scene` in the eval convention, and their types.
+
+    As LLaVA-1.5 mixed VQAv2 and GQA into its data (without them the model answers in sentences
+    and exact-match accuracy means nothing). The first question is exactly an eval prompt
+    ("<image>\\n{question}\\nAnswer with a single word or phrase."); the others follow as more
+    turns, without repeating the instruction: the image and the system line are paid for once,
+    and the model gets `questions` answers to learn from instead of one.
+    `type_weights` (e.g. {"colour": 3.0}) makes some question types more frequent; a type it
+    does not name has weight 1 (all 1: the uniform mix).
+    """
+    from minillava.data.instruct import ANSWER_SUFFIX, QUESTION_TYPES, ask
+
+    weights = question_type_weights(type_weights)
+    turns, types = [], []
+    for _ in range(questions):
+        qa = ask(scene, rng.choices(QUESTION_TYPES, weights)[0], rng, config)
+        turns += [{"from": "human", "value": qa.question}, {"from": "gpt", "value": qa.answer}]
+        types.append(qa.type)
+    turns[0]["value"] = "<image>\n" + turns[0]["value"] + ANSWER_SUFFIX
+    return space_answers(turns), types
+
+
+def space_answers(turns: list[dict]) -> list[dict]:
+    """Start every answer with a space, as a word inside a sentence does (in place).
+
+    Our BPE has one token for " blue" (in captions, descriptions, questions) and another for
+    "blue", and the answer should be the word the model has read everywhere else. The eval
+    strips the space.
+    """
     for turn in turns[1::2]:
         turn["value"] = " " + turn["value"]
     return turns
