@@ -264,6 +264,30 @@ def sample_scene(rng: random.Random, config: WorldConfig, split: str = "train") 
     return scene
 
 
+def swap_one_shape(
+    scene: Scene, rng: random.Random, config: WorldConfig, split: str = "train", tries: int = 8
+) -> Scene | None:
+    """A twin of `scene` that differs in the shape of one object only (None if none is found).
+
+    The twin must belong to the same `split` as the scene (its content hashes there: no val or
+    test scene leaks into training) and must avoid the held-out (shape, colour) pairs outside
+    the heldout split. Used by the `clip` stage as a hard negative (stages.CaptionBatches).
+    """
+    forbidden = set() if split == "heldout" else set(config.heldout_combos)
+    for _ in range(tries):
+        k = rng.randrange(len(scene.objects))
+        old = scene.objects[k]
+        shape = rng.choice([x for x in config.shapes if x != old.shape])
+        if (shape, old.colour) in forbidden:
+            continue
+        objects = list(scene.objects)
+        objects[k] = SceneObject(shape, old.colour, old.size, old.row, old.col, old.box)
+        twin = Scene(objects, scene.text, scene.text_row, scene.text_col, scene.text_box)
+        if split == "heldout" or split_of_signature(twin.signature()) == split:
+            return twin
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Rendering: scene -> pixels
 
@@ -528,21 +552,23 @@ class ShapesWorld(torch.utils.data.Dataset):
         if self.cache is not None and index in self.cache:
             return self.cache[index]
         rng = sample_rng(self.seed, self.split, index)
-        scene = sample_scene(rng, self.config, self.split)
+        sample = self.draw(index, sample_scene(rng, self.config, self.split), rng)
+        if self.cache is not None:
+            self.cache[index] = sample
+        return sample
+
+    def draw(self, index: int, scene: Scene, rng: random.Random) -> Sample:
+        """Render `scene` and write its captions: the Sample that item `index` holds."""
         image = render_scene(scene, self.config, rng)
-        pixel_values = self.processor(image)
-        sample = Sample(
+        return Sample(
             index=index,
             image=image,
-            pixel_values=pixel_values,
+            pixel_values=self.processor(image),
             scene=scene,
             captions=make_captions(scene, rng),
             description=make_description(scene),
             split=self.split,
         )
-        if self.cache is not None:
-            self.cache[index] = sample
-        return sample
 
     def __iter__(self) -> Iterator[Sample]:
         for i in range(self.size):
