@@ -2,9 +2,10 @@
 
 A VQA (visual question answering) benchmark asks short questions about images and compares the
 model's answer with the truth, word for word, after a light normalisation (case, spaces, a final
-full stop). We ask in LLaVA-1.5's short-answer style, the same prompt the instruct stage trained on:
+full stop). We ask in LLaVA-1.5's short-answer style, with the question before the image
+(`data.instruct.vqa_prompt` says why), the same prompt the instruct stage trained on:
 
-    <|user|><image>\\nWhat colour is the circle?\\nAnswer with a single word or phrase.<|assistant|>
+    <|user|>What colour is the circle?\\n<image>\\nAnswer with a single word or phrase.<|assistant|>
 
 and decode greedily (temperature 0) with the KV cache until the end-of-turn token.
 
@@ -47,7 +48,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from minillava.data.instruct import ANSWER_SUFFIX  # the short-answer prompt the instruct stage used
+from minillava.data.instruct import vqa_prompt  # the short-answer prompt the instruct stage used
 
 BLIND_MODES = ("blank", "no_image")
 DEFAULT_CHECKPOINT = "runs/cpu/llava.pt"
@@ -67,12 +68,6 @@ def normalise_answer(text: str) -> str:
     """Lower-case, collapse whitespace, strip trailing punctuation: "  Top Left. " -> "top left"."""
     text = " ".join(text.lower().split())
     return text.rstrip(TRAILING_PUNCTUATION).strip()
-
-
-def vqa_prompt(question: str, with_image: bool = True) -> str:
-    """The human turn of the eval convention (LLaVA-1.5 short-answer style)."""
-    image = "<image>\n" if with_image else ""
-    return f"{image}{question}{ANSWER_SUFFIX}"
 
 
 @dataclass

@@ -183,16 +183,39 @@ class StageBatches(Dataset):
 
 
 class CaptionBatches(StageBatches):
-    """`clip` stage: images with one of their captions, as CLIP's (pixel_values, input_ids)."""
+    """`clip` stage: images with one of their captions, as CLIP's (pixel_values, input_ids).
 
-    def __init__(self, world, tokenizer, config: StageConfig, seed: int, **dist):
-        self.world, self.tokenizer = world, tokenizer
+    `hard_negatives=True`: every second image is a *twin* of the one before it, the same scene
+    with one object's shape changed (`shapes.swap_one_shape`), with its own caption. CLIP
+    learns what tells the images of its batch apart, and in a random batch colour and count
+    nearly always do: shape is left out ("CLIP behaves like a bag of words", Yuksekgonul et
+    al., 2023, fixed the same way with hard negatives). Beside its twin, only the shape tells
+    an image from its neighbour. The batch keeps its size: half of it are twins.
+    """
+
+    def __init__(
+        self, world, tokenizer, config: StageConfig, seed: int, hard_negatives=False, **dist
+    ):
+        self.world, self.tokenizer, self.hard_negatives = world, tokenizer, hard_negatives
         super().__init__("clip", len(world), config, seed, **dist)
+
+    def with_twins(self, samples: list, rng: random.Random) -> list:
+        """Replace every second sample by a shape-swapped twin of the one before it."""
+        from minillava.data.shapes import swap_one_shape
+
+        for j in range(1, len(samples), 2):
+            original = samples[j - 1]
+            twin = swap_one_shape(original.scene, rng, self.world.config, self.world.split)
+            if twin is not None:  # else keep the ordinary sample: rare (8 tries)
+                samples[j] = self.world.draw(original.index, twin, rng)
+        return samples
 
     def make_batch(self, indices: list[int], rng: random.Random) -> dict:
         from minillava.data.collate import collate_text
 
         samples = [self.world[i] for i in indices]
+        if self.hard_negatives:
+            samples = self.with_twins(samples, rng)
         captions = [rng.choice(s.captions) for s in samples]
         text = collate_text(captions, self.tokenizer, max_len=CLIP_TEXT_LEN)
         return {
@@ -212,7 +235,7 @@ def scene_turns(
     kinds: tuple[str, ...] = ("conversation", "detail", "reasoning"),
     type_weights: dict[str, float] | None = None,
 ) -> list[dict]:
-    """One training conversation about `scene`, "<image>" opening its first human turn.
+    """One training conversation about `scene`, "<image>" in its first human turn.
 
     `vqa=True`: `vqa_questions` short-answer questions (`vqa_turns`, with `type_weights`).
     Otherwise: a conversation of one of the data engine's `kinds` (conversation, detail,
@@ -236,13 +259,14 @@ def vqa_turns(
 
     As LLaVA-1.5 mixed VQAv2 and GQA into its data (without them the model answers in sentences
     and exact-match accuracy means nothing). The first question is exactly an eval prompt
-    ("<image>\\n{question}\\nAnswer with a single word or phrase."); the others follow as more
-    turns, without repeating the instruction: the image and the system line are paid for once,
-    and the model gets `questions` answers to learn from instead of one.
+    ("{question}\\n<image>\\nAnswer with a single word or phrase.", `vqa_prompt`: the question
+    before the image); the others follow as more turns, without repeating the instruction: the
+    image and the system line are paid for once, and the model gets `questions` answers instead
+    of one (at the price of later questions that the image tokens cannot read).
     `type_weights` (e.g. {"colour": 3.0}) makes some question types more frequent; a type it
     does not name has weight 1 (all 1: the uniform mix).
     """
-    from minillava.data.instruct import ANSWER_SUFFIX, QUESTION_TYPES, ask
+    from minillava.data.instruct import QUESTION_TYPES, ask, vqa_prompt
 
     weights = question_type_weights(type_weights)
     turns, types = [], []
@@ -250,7 +274,7 @@ def vqa_turns(
         qa = ask(scene, rng.choices(QUESTION_TYPES, weights)[0], rng, config)
         turns += [{"from": "human", "value": qa.question}, {"from": "gpt", "value": qa.answer}]
         types.append(qa.type)
-    turns[0]["value"] = "<image>\n" + turns[0]["value"] + ANSWER_SUFFIX
+    turns[0]["value"] = vqa_prompt(turns[0]["value"])
     return space_answers(turns), types
 
 
@@ -426,7 +450,9 @@ def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, wor
         from minillava.clip import CLIP
 
         cfg = clip_config(preset, tokenizer.vocab_size)
-        batches = CaptionBatches(images, tokenizer, config, seed, **dist)
+        batches = CaptionBatches(
+            images, tokenizer, config, seed, hard_negatives=preset.data.clip_hard_negatives, **dist
+        )
         return StagePlan(CLIP(cfg), batches, asdict(cfg))
 
     from minillava.llava import Llava

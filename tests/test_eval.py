@@ -60,7 +60,7 @@ def test_normalise_answer():
 
 def test_vqa_prompt_follows_the_eval_convention():
     assert (
-        vqa_prompt("What colour?") == "<image>\nWhat colour?\nAnswer with a single word or phrase."
+        vqa_prompt("What colour?") == "What colour?\n<image>\nAnswer with a single word or phrase."
     )
     assert vqa_prompt("What colour?", with_image=False).startswith("What colour?\n")
 

@@ -129,7 +129,10 @@ def test_cli_reports_the_lengths_the_model_pays_for(tok, capsys):
     tokenizer_module.main(["--n-scenes", "4"])
     out = capsys.readouterr().out
     assert f"vocab_size={tok.vocab_size}" in out
-    assert "VQA training (8 Q/A)" in out and "conversation (caption)" in out
+    from minillava.presets import DataSizes
+
+    n_questions = DataSizes().vqa_questions  # as the stages ask them
+    assert f"VQA training ({n_questions} Q/A)" in out and "conversation (caption)" in out
     assert f"the {len(tok.encode_ordinary(tok.system))}-token system line" in out
     assert f"the {len(tok.encode_ordinary(ANSWER_SUFFIX))}-token answer suffix" in out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -232,6 +233,29 @@ def test_batches_depend_only_on_seed_stage_and_index_and_shard_the_global_batch(
         StageBatches("x", 20, StageConfig(batch_size=6, grad_accum=4), seed=0)
 
 
+def test_clip_hard_negatives_pair_each_image_with_its_shape_swapped_twin():
+    from minillava.data.shapes import ShapesWorld, WorldConfig
+    from minillava.stages import CaptionBatches
+    from minillava.tokenizer import get_tokenizer
+
+    world, tok = ShapesWorld("train", 40, WorldConfig(image_size=16)), get_tokenizer()
+    cfg = StageConfig(batch_size=8)
+    twins = CaptionBatches(world, tok, cfg, seed=0, hard_negatives=True)
+    plain = CaptionBatches(world, tok, cfg, seed=0)
+    samples = twins.with_twins([world[i] for i in twins.indices(0)], random.Random(0))
+    for original, twin in zip(samples[0::2], samples[1::2], strict=True):
+        assert twin.index == original.index  # the twin of the sample before it
+        pairs = zip(original.scene.objects, twin.scene.objects, strict=True)
+        assert sum(a.shape != b.shape for a, b in pairs) == 1  # only one shape differs
+        assert not torch.equal(twin.pixel_values, original.pixel_values)
+    batch, again = twins[0], CaptionBatches(world, tok, cfg, seed=0, hard_negatives=True)[0]
+    assert torch.equal(batch["pixel_values"], again["pixel_values"])  # still reproducible
+    assert torch.equal(batch["input_ids"], again["input_ids"])
+    ordinary = plain[0]["pixel_values"]
+    assert torch.equal(batch["pixel_values"][0::2], ordinary[0::2])  # originals unchanged
+    assert not torch.equal(batch["pixel_values"][1::2], ordinary[1::2])
+
+
 @pytest.mark.slow
 def test_all_stages_two_steps_each_hand_weights_on_and_freeze_the_right_parts(tmp_path):
     from minillava.checkpoint import load_llava
@@ -376,8 +400,9 @@ def test_vqa_training_conversations_open_with_exactly_the_eval_prompt():
         sample.scene, sample.captions, random.Random(0), world.config, vqa=True, vqa_questions=3
     )
     assert [t["from"] for t in turns] == ["human", "gpt"] * 3
-    question = turns[0]["value"].removeprefix("<image>\n").removesuffix(ANSWER_SUFFIX)
+    question = turns[0]["value"].removesuffix("\n<image>" + ANSWER_SUFFIX)
     assert turns[0]["value"] == vqa_prompt(question)  # what `minillava eval` asks
+    assert question.endswith("?") or question.endswith(".")  # the question comes before the image
     assert all(len(t["value"].split()) <= 2 for t in turns[1::2])  # short answers
     assert sum("<image>" in t["value"] for t in turns) == 1
 

@@ -447,6 +447,26 @@ ANSWER_SUFFIX = "\nAnswer with a single word or phrase."
 FIXED_PROMPTS: tuple[str, ...] = (*DETAIL_PROMPTS, *CAPTION_PROMPTS, EXPLAIN_SUFFIX, ANSWER_SUFFIX)
 
 
+def vqa_prompt(question: str, with_image: bool = True) -> str:
+    """The human turn of a short-answer question: what `instruct` trains on and `eval` asks.
+
+        What colour is the circle?\n<image>\nAnswer with a single word or phrase.
+
+    The question comes *before* the image. LLaVA-1.5 asks its VQA benchmarks with the image
+    first, and its training data has both orders (LLaVA-Instruct's first turns start or end
+    with "<image>"). For a tiny decoder the order matters, because attention is causal: a
+    token reads only what came before it. Image first, the image tokens are computed before
+    the question exists, so the answer position must carry the question's referent ("the
+    circle") and look it up among the image tokens itself: two steps to learn at once.
+    Question first, every image token can read the question in the first layer and mark
+    itself as the object asked about; the answer position then reads the marked token.
+    Measured in the cpu preset (docs/results.md): position questions go from chance to more
+    than half right in the same number of steps.
+    """
+    image = "\n<image>" if with_image else ""
+    return f"{question}{image}{ANSWER_SUFFIX}"
+
+
 def _turn(speaker: str, value: str, type_: str | None = None) -> dict:
     turn = {"from": speaker, "value": value}
     if type_ is not None:
