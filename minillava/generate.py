@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from minillava.decoder import Decoder
+from minillava.decoder import Decoder, KVCache
 
 
 def sample_next_token(
@@ -129,11 +129,14 @@ def generate(
     new_tokens: list[torch.Tensor] = []
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
-    # Prefill: run the whole prompt once (and fill the cache).
+    # Prefill: run the whole prompt once (and fill the cache). The cache reserves room for the
+    # prompt and every new token now, so that no step has to grow it (see `KVCache`).
+    capacity = min(T + max_new_tokens, decoder.config.max_seq_len)
     out = decoder(
         input_ids=input_ids,
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
+        past_key_values=KVCache(decoder.config.num_layers, max_len=capacity) if use_cache else None,
         use_cache=use_cache,
     )
     for step in range(max_new_tokens):
