@@ -92,14 +92,17 @@ class KVCache:
     (B, H_kv, max_len, D), and every later step writes its new positions into the next free
     slots, in place. The simple alternative, `torch.cat([cached, new], dim=2)`, copies every
     cached key and value at every step (O(T) work and a fresh allocation per layer per token,
-    O(T²) over a generation); here a step copies only its own new positions. This is what
-    inference servers do (vLLM's paged blocks, Hugging Face's `StaticCache`): reserve the memory
-    for the whole generation up front, and track how much of it is filled (`length`). Attention
-    then reads only the filled part, `buffer[:, :, :length]`, a view that costs no copy.
+    O(T²) over a generation); here a step copies only its own new positions. Hugging Face's
+    `StaticCache` works the same way, and inference servers likewise reserve KV memory ahead
+    rather than reallocating it per token: fixed shapes, no allocator churn, and (on a GPU) steps
+    that can be captured once and replayed. `length` tracks how much of the buffers is filled;
+    attention reads only that part, `buffer[:, :, :length]`, a view that costs no copy.
 
-    max_len: the most positions the cache can hold (prompt + new tokens); `update` raises
-    ValueError rather than run past it. The decoder makes its own cache of `max_seq_len`
-    positions; `generate` passes one sized for the prompt and `max_new_tokens`.
+    max_len (default 2048): the most positions the cache can hold (prompt + new tokens);
+    `update` raises ValueError rather than run past it. The decoder makes its own cache of
+    `max_seq_len` positions; `generate` passes one sized for the prompt and `max_new_tokens`.
+    Writes are in place, so a cache is one sequence's history: it cannot be forked to continue
+    the same prefix two ways (prefill twice instead).
     """
 
     def __init__(self, num_layers: int, max_len: int = 2048):
