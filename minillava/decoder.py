@@ -37,7 +37,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from minillava.attention import attention, causal_mask
@@ -88,26 +87,74 @@ class KVCache:
     When generating, token t attends to the keys and values of tokens 0..t. Those of 0..t-1 do
     not change (the model is causal), so we keep them: each step then only runs the model on the
     one new token. `keys[i]` and `values[i]` are (B, H_kv, T_cached, D) for layer i.
+
+    The cache is *preallocated*: the first `update` of a layer allocates buffers of
+    (B, H_kv, max_len, D), and every later step writes its new positions into the next free
+    slots, in place. The simple alternative, `torch.cat([cached, new], dim=2)`, copies every
+    cached key and value at every step (O(T) work and a fresh allocation per layer per token,
+    O(T²) over a generation); here a step copies only its own new positions. Hugging Face's
+    `StaticCache` works the same way, and inference servers likewise reserve KV memory ahead
+    rather than reallocating it per token: fixed shapes, no allocator churn, and (on a GPU) steps
+    that can be captured once and replayed. `length` tracks how much of the buffers is filled;
+    attention reads only that part, `buffer[:, :, :length]`, a view that costs no copy.
+
+    max_len (default 2048): the most positions the cache can hold (prompt + new tokens);
+    `update` raises ValueError rather than run past it. The decoder makes its own cache of
+    `max_seq_len` positions; `generate` passes one sized for the prompt and `max_new_tokens`.
+    Writes are in place, so a cache is one sequence's history: it cannot be forked to continue
+    the same prefix two ways (prefill twice instead).
     """
 
-    def __init__(self, num_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
+    def __init__(self, num_layers: int, max_len: int = 2048):
+        if max_len < 1:
+            raise ValueError(f"KVCache: max_len must be >= 1, got {max_len}")
+        self.max_len = max_len
+        # Per layer: the (B, H_kv, max_len, D) buffers, None until the layer's first update, and
+        # how many positions of them are filled.
+        self._key_buffers: list[torch.Tensor | None] = [None] * num_layers
+        self._value_buffers: list[torch.Tensor | None] = [None] * num_layers
+        self._lengths = [0] * num_layers
 
     @property
     def length(self) -> int:
         """Number of positions cached (those of layer 0; all layers agree after a forward)."""
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+        return self._lengths[0]
+
+    @property
+    def keys(self) -> list[torch.Tensor | None]:
+        """Per layer, the cached keys (B, H_kv, T_cached, D): views of the filled part."""
+        return [self._filled(self._key_buffers, i) for i in range(len(self._lengths))]
+
+    @property
+    def values(self) -> list[torch.Tensor | None]:
+        """Per layer, the cached values (B, H_kv, T_cached, D): views of the filled part."""
+        return [self._filled(self._value_buffers, i) for i in range(len(self._lengths))]
+
+    def _filled(self, buffers: list[torch.Tensor | None], i: int) -> torch.Tensor | None:
+        return None if buffers[i] is None else buffers[i][:, :, : self._lengths[i]]
 
     def update(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new positions' k, v (B, H_kv, T_new, D); return all of them so far."""
-        if self.keys[layer_idx] is not None:
-            k = torch.cat([self.keys[layer_idx], k], dim=2)
-            v = torch.cat([self.values[layer_idx], v], dim=2)
-        self.keys[layer_idx], self.values[layer_idx] = k, v
-        return k, v
+        """Write the new positions' k, v (B, H_kv, T_new, D) after the cached ones; return all
+        of them so far, (B, H_kv, T_cached + T_new, D), as views of the buffers."""
+        start = self._lengths[layer_idx]
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(
+                f"KVCache: capacity is max_len={self.max_len} positions, but layer {layer_idx} "
+                f"would hold {end} ({start} cached + {k.shape[2]} new); make the cache with a "
+                f"larger max_len"
+            )
+        if self._key_buffers[layer_idx] is None:  # first call: reserve the whole generation
+            B, H_kv, _, D = k.shape
+            self._key_buffers[layer_idx] = k.new_empty(B, H_kv, self.max_len, D)
+            self._value_buffers[layer_idx] = v.new_empty(B, H_kv, self.max_len, D)
+        keys, values = self._key_buffers[layer_idx], self._value_buffers[layer_idx]
+        keys[:, :, start:end] = k  # in place: only the new positions are copied
+        values[:, :, start:end] = v
+        self._lengths[layer_idx] = end
+        return keys[:, :, :end], values[:, :, :end]
 
 
 @dataclass
@@ -141,22 +188,29 @@ class RotaryEmbedding(nn.Module):
 
     Frequencies go from 1 (fast: neighbouring tokens differ a lot) down to 1/theta (slow: tells
     far-apart tokens apart), as in sinusoidal position encodings.
+
+    The angles depend only on the position, so the cos and sin of every position the model can
+    see (0 .. max_positions - 1) are computed once, here, and each forward just looks its
+    positions up in the table: a decoding step then costs one indexing op instead of
+    recomputing angles, cos and sin for its one position (Hugging Face precomputes them too).
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0, max_positions: int = 2048):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-        # Not a learned weight and not saved: it is recomputed from the config.
+        angles = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq  # (P, D/2)
+        # Hugging Face Llama pairs dim i with dim i + D/2 (not 2i with 2i+1), so each angle is
+        # used twice: once for the first half of the dims and once for the second half.
+        angles = torch.cat([angles, angles], dim=-1)  # (P, D)
+        # Not learned weights and not saved: they are recomputed from the config.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos_table", angles.cos(), persistent=False)
+        self.register_buffer("sin_table", angles.sin(), persistent=False)
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) -> cos, sin, each (B, T, D)."""
-        angles = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
-        # Hugging Face Llama pairs dim i with dim i + D/2 (not 2i with 2i+1), so each angle is
-        # used twice: once for the first half of the dims and once for the second half.
-        angles = torch.cat([angles, angles], dim=-1)  # (B, T, D)
-        return angles.cos(), angles.sin()
+        """position_ids (B, T), each < max_positions -> cos, sin, each (B, T, D)."""
+        return self.cos_table[position_ids], self.sin_table[position_ids]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -172,6 +226,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """
     cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
     return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, T, H * D) -> (B, H, T, D): einops' "b t (h d) -> b h t d", a view (no copy).
+
+    Written with view ops rather than `einops.rearrange` because it runs three times per layer
+    on every decoding step, where einops' own Python bookkeeping costs more than the view.
+    """
+    return x.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) -> (B, T, H * D): "b h t d -> b t (h d)", the heads side by side again."""
+    return x.transpose(1, 2).flatten(2)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -223,9 +291,9 @@ class Attention(nn.Module):
             raise ValueError("Attention: `queries` needs a mask of shape (B, 1, Q, T_total)")
         else:  # the asking positions' inputs and rotation angles
             x_q, cos_q, sin_q = (gather_positions(t, queries) for t in (x, cos, sin))
-        q = rearrange(self.q_proj(x_q), "b t (h d) -> b h t d", d=self.head_dim)
-        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
-        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        q = split_heads(self.q_proj(x_q), self.head_dim)  # (B, H, T, D)
+        k = split_heads(self.k_proj(x), self.head_dim)  # (B, H_kv, T, D)
+        v = split_heads(self.v_proj(x), self.head_dim)
 
         # Position enters only here: queries and keys are rotated, values are not.
         q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos, sin)
@@ -243,7 +311,7 @@ class Attention(nn.Module):
         out = attention(
             q, k, v, mask=mask, dropout_p=dropout_p, use_sdpa=self.use_sdpa, is_causal=is_causal
         )
-        return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
+        return self.o_proj(merge_heads(out))  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -310,7 +378,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_seq_len)
         self._init_weights()
         if config.tie_embeddings:
             # One matrix both reads tokens in and scores them out: fewer parameters, and a
@@ -358,7 +426,7 @@ class Decoder(nn.Module):
 
         cache = past_key_values
         if use_cache and cache is None:
-            cache = KVCache(self.config.num_layers)
+            cache = KVCache(self.config.num_layers, max_len=self.config.max_seq_len)
         past_len = cache.length if cache is not None else 0
         total_len = past_len + T
         if total_len > self.config.max_seq_len:

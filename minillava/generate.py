@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from minillava.decoder import Decoder
+from minillava.decoder import Decoder, KVCache
 
 
 def sample_next_token(
@@ -110,17 +110,21 @@ def generate(
     prompt = input_ids if input_ids is not None else inputs_embeds
     B, T = prompt.shape[:2]
     device = prompt.device
-    if attention_mask is None:
-        attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
-    if attention_mask.shape != (B, T):
-        raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {T})"
-        )
-    if not bool(attention_mask[:, -1].all()):
-        raise ValueError(
-            "generate needs left-padded prompts: attention_mask[:, -1] must be 1 in every row "
-            "(pad on the left so that each row's last position is its last real token)"
-        )
+    if attention_mask is not None:
+        if attention_mask.shape != (B, T):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {T})"
+            )
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError(
+                "generate needs left-padded prompts: attention_mask[:, -1] must be 1 in every "
+                "row (pad on the left so that each row's last position is its last real token)"
+            )
+        # Without padding the mask says nothing the decoder does not assume anyway (every key
+        # is real, positions count 0, 1, 2, ...): drop it, so that no step extends, counts or
+        # checks it. On one-token steps that bookkeeping is a sizeable share of the work.
+        if bool(attention_mask.all()):
+            attention_mask = None
 
     was_training = decoder.training
     decoder.eval()  # no dropout while generating
@@ -129,11 +133,14 @@ def generate(
     new_tokens: list[torch.Tensor] = []
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
-    # Prefill: run the whole prompt once (and fill the cache).
+    # Prefill: run the whole prompt once (and fill the cache). The cache reserves room for the
+    # prompt and every new token now, so that no step has to grow it (see `KVCache`).
+    capacity = min(T + max_new_tokens, decoder.config.max_seq_len)
     out = decoder(
         input_ids=input_ids,
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
+        past_key_values=KVCache(decoder.config.num_layers, max_len=capacity) if use_cache else None,
         use_cache=use_cache,
     )
     for step in range(max_new_tokens):
@@ -145,8 +152,8 @@ def generate(
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
 
-        # The new token is a real token: extend the mask by one column of ones.
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+        if attention_mask is not None:  # the new token is real: extend the mask by a column
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
         if use_cache:
             # Only the new position goes through the model; earlier keys/values are cached.
             out = decoder(

@@ -143,6 +143,54 @@ def test_kv_cache_matches_full_forward(num_kv_heads):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_preallocated_kv_cache_grows_in_place_over_steps():
+    """The buffers are allocated once; each update writes the next slots and returns the
+    filled part, exactly what concatenating would have given."""
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 3, 2, 7, 4).unbind(0)  # (B, H_kv, T, D) each
+    cache = KVCache(num_layers=2, max_len=7)
+    assert cache.length == 0 and cache.keys == [None, None]
+    buffer = None
+    for start, end in [(0, 3), (3, 4), (4, 5), (5, 7)]:  # a prefill of 3, then steps
+        for layer in range(2):
+            got_k, got_v = cache.update(layer, k[:, :, start:end], v[:, :, start:end])
+            assert torch.equal(got_k, k[:, :, :end]) and torch.equal(got_v, v[:, :, :end])
+        assert cache.length == end
+        assert cache.keys[1].shape == (3, 2, end, 4) and torch.equal(cache.values[1], v[:, :, :end])
+        # The same storage every step: nothing is reallocated or copied as the cache grows.
+        assert buffer is None or got_k.data_ptr() == buffer
+        buffer = got_k.data_ptr()
+
+
+def test_kv_cache_refuses_to_overflow_its_capacity():
+    cache = KVCache(num_layers=1, max_len=5)
+    cache.update(0, torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8))
+    with pytest.raises(ValueError, match=r"max_len=5 .* would hold 6 \(4 cached \+ 2 new\)"):
+        cache.update(0, torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8))
+    assert cache.length == 4  # the failed update changed nothing
+    with pytest.raises(ValueError, match="max_len must be >= 1"):
+        KVCache(num_layers=1, max_len=0)
+
+
+def test_decoder_cache_holds_max_seq_len_positions():
+    model = make()
+    cache = model(ids(T=3), use_cache=True).past_key_values
+    assert cache.max_len == model.config.max_seq_len
+
+
+def test_rope_table_equals_angles_computed_on_the_fly():
+    model = make()
+    D = model.config.head_dim
+    positions = torch.tensor([[0, 1, 5, 63], [2, 2, 7, 40]])
+    inv_freq = 1.0 / (model.config.rope_theta ** (torch.arange(0, D, 2).float() / D))
+    angles = positions[..., None].float() * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, D)
+    cos, sin = model.rotary(positions)
+    assert cos.shape == sin.shape == (2, 4, D)
+    torch.testing.assert_close(cos, angles.cos(), atol=0, rtol=0)
+    torch.testing.assert_close(sin, angles.sin(), atol=0, rtol=0)
+
+
 def test_kv_cache_with_left_padding():
     model = make()
     x = ids(T=8)

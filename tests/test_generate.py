@@ -154,6 +154,21 @@ def test_cached_greedy_equals_uncached(num_kv_heads):
     assert torch.equal(cached, uncached)
 
 
+def test_cached_generation_fills_the_whole_context():
+    """The preallocated cache is sized for the prompt and the new tokens, capped at max_seq_len:
+    a generation that feeds exactly max_seq_len positions fits, and equals the uncached one."""
+    model = lively_decoder(max_seq_len=24)
+    input_ids, mask = left_padded_prompts(lengths=(4, 7))
+    n_new = 24 - 7 + 1  # the last new token is sampled, never fed back
+    cached = generate(model, input_ids, attention_mask=mask, max_new_tokens=n_new)
+    uncached = generate(
+        model, input_ids, attention_mask=mask, max_new_tokens=n_new, use_cache=False
+    )
+    assert cached.shape == (2, n_new) and torch.equal(cached, uncached)
+    with pytest.raises(ValueError, match="max_seq_len=24"):  # one more is the decoder's limit
+        generate(model, input_ids, attention_mask=mask, max_new_tokens=n_new + 1)
+
+
 def test_cached_sampling_equals_uncached_with_same_generator():
     model = lively_decoder()
     input_ids, mask = left_padded_prompts()
