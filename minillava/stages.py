@@ -318,13 +318,15 @@ def _choose_vqa(rng: random.Random, mix: dict) -> dict:
 class SceneTextBatches(StageBatches):
     """`lm` stage: the instruct conversations, with the image replaced by the scene in words.
 
-        <system><|user|>The image shows two shapes ... In the top left there is a large red
-        circle. ...\nWhat colour is the circle?\nAnswer with a single word or phrase.
-        <|assistant|>red<|endoftext|>...
+        <system><|user|>What colour is the circle?\nThe image shows two shapes ... In the top
+        left there is a large red circle. ...\nAnswer with a single word or phrase.
+        <|assistant|> red<|endoftext|>
 
     Before it ever sees a pixel, the decoder learns the world's language, the chat template, to
     answer tersely when asked to, and (the hard part for a tiny model) to look an answer up in
-    what came before the question. The projector's job in the later stages is then to make the
+    the description, which stands where the image will (after the question: `vqa_prompt`).
+    Within the cpu preset's 150 steps it learns the first three, not the look-up
+    (docs/results.md, session 3). The projector's job in the later stages is then to make the
     image tokens readable like that description. Every token is a target, as in pretraining.
     """
 
