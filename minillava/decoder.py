@@ -203,7 +203,6 @@ class RotaryEmbedding(nn.Module):
         # used twice: once for the first half of the dims and once for the second half.
         angles = torch.cat([angles, angles], dim=-1)  # (P, D)
         # Not learned weights and not saved: they are recomputed from the config.
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("cos_table", angles.cos(), persistent=False)
         self.register_buffer("sin_table", angles.sin(), persistent=False)
 
