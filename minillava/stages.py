@@ -199,23 +199,29 @@ class CaptionBatches(StageBatches):
         self.world, self.tokenizer, self.hard_negatives = world, tokenizer, hard_negatives
         super().__init__("clip", len(world), config, seed, **dist)
 
-    def with_twins(self, samples: list, rng: random.Random) -> list:
-        """Replace every second sample by a shape-swapped twin of the one before it."""
+    def with_twins(self, indices: list[int], rng: random.Random) -> list:
+        """The samples of `indices`, every second one replaced by a shape-swapped twin of the
+        one before it (only the samples kept are drawn)."""
         from minillava.data.shapes import swap_one_shape
 
-        for j in range(1, len(samples), 2):
-            original = samples[j - 1]
-            twin = swap_one_shape(original.scene, rng, self.world.config, self.world.split)
-            if twin is not None:  # else keep the ordinary sample: rare (8 tries)
-                samples[j] = self.world.draw(original.index, twin, rng)
+        samples = []
+        for j, index in enumerate(indices):
+            if j % 2 == 1:
+                original = samples[-1]
+                twin = swap_one_shape(original.scene, rng, self.world.config, self.world.split)
+                if twin is not None:  # else the ordinary sample: rare (8 tries)
+                    samples.append(self.world.draw(original.index, twin, rng))
+                    continue
+            samples.append(self.world[index])
         return samples
 
     def make_batch(self, indices: list[int], rng: random.Random) -> dict:
         from minillava.data.collate import collate_text
 
-        samples = [self.world[i] for i in indices]
         if self.hard_negatives:
-            samples = self.with_twins(samples, rng)
+            samples = self.with_twins(indices, rng)
+        else:
+            samples = [self.world[i] for i in indices]
         captions = [rng.choice(s.captions) for s in samples]
         text = collate_text(captions, self.tokenizer, max_len=CLIP_TEXT_LEN)
         return {
