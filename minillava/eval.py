@@ -90,6 +90,20 @@ class EvalResult:
     def n(self) -> int:
         return len(self.records)
 
+    @property
+    def by_objects(self) -> dict[int, tuple[float, int]]:
+        """Accuracy and count by the number of shapes in the image (records that know it).
+
+        One shape: "the circle" can only be that one. With more, the model must *find* the object
+        the question names before it reads its colour or cell; a model that reads but does not
+        find scores about 1/k on k-shape images (docs/results.md, session 4).
+        """
+        groups: dict[int, list[bool]] = {}
+        for record in self.records:
+            if "objects" in record:
+                groups.setdefault(record["objects"], []).append(record["correct"])
+        return {k: (sum(v) / len(v), len(v)) for k, v in sorted(groups.items())}
+
     def to_dict(self) -> dict:
         """JSON-ready summary (no tensors)."""
         records = [{k: v for k, v in r.items() if k != "pixel_values"} for r in self.records]
@@ -99,6 +113,7 @@ class EvalResult:
             "accuracy": self.accuracy,
             "per_type": self.per_type,
             "counts": self.counts,
+            "by_objects": {str(k): acc for k, (acc, _) in self.by_objects.items()},
             "blind": self.blind,
             "blind_mode": self.blind_mode,
             "records": records,
@@ -131,6 +146,8 @@ def score(
                 "prediction": prediction,
                 "correct": normalise_answer(prediction) == normalise_answer(item["answer"]),
             }
+            if item.get("scene") is not None:
+                record["objects"] = len(item["scene"].objects)
             if len(records) < keep_images and item.get("pixel_values") is not None:
                 record["pixel_values"] = item["pixel_values"].detach().cpu()
             records.append(record)
@@ -348,6 +365,11 @@ def format_table(result: EvalResult, blind: EvalResult | None = None) -> str:
         lines.append(row(kind, result.counts[kind], acc, blind_acc))
     lines.append("-" * len(header))
     lines.append(row("overall", result.n, result.accuracy, blind.accuracy if blind else None))
+    if result.by_objects:
+        shapes = ", ".join(
+            f"{k}: {acc:.0%} (n={count})" for k, (acc, count) in result.by_objects.items()
+        )
+        lines.append(f"by shapes in the image: {shapes}")
     return "\n".join(lines)
 
 

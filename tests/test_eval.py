@@ -91,6 +91,20 @@ def test_per_type_accuracy_is_the_fraction_right_in_each_type():
     assert result.accuracy == pytest.approx(3 / 6)
 
 
+def test_accuracy_by_the_number_of_shapes_in_the_image(items):
+    """A reader that never finds the object: right on every 1-shape image, wrong on the others."""
+
+    def reads_the_only_shape(batch):
+        return [item["answer"] if len(item["scene"].objects) == 1 else "zzz" for item in batch]
+
+    result = score(items, reads_the_only_shape)
+    counts = {k: sum(len(i["scene"].objects) == k for i in items) for k in range(1, 5)}
+    assert result.by_objects == {k: (1.0 if k == 1 else 0.0, n) for k, n in counts.items() if n}
+    assert result.to_dict()["by_objects"] == {str(k): a for k, (a, _) in result.by_objects.items()}
+    assert "by shapes in the image: 1: 100%" in format_table(result)
+    assert score([{"question": "q", "answer": "a", "type": "t"}], lambda b: ["a"]).by_objects == {}
+
+
 def test_evaluate_on_a_tiny_random_model(tiny_model, tokenizer, items):
     result = evaluate(tiny_model, tokenizer, "test", items=items, batch_size=8, max_new_tokens=3)
     assert isinstance(result, EvalResult)
