@@ -161,7 +161,9 @@ def hf_config(model_or_config):
             image_token_index=config.image_token_id,
             projector_hidden_act="gelu",  # exact GELU, as our MLPProjector
             vision_feature_select_strategy="default",  # drop [CLS], keep the patch tokens
-            vision_feature_layer=config.vision_feature_layer,
+            # Counted from the end: transformers reads a layer of 0 as "not given" (falsy).
+            vision_feature_layer=config.vision_feature_layer % (config.vision.num_layers + 1)
+            - (config.vision.num_layers + 1),
             image_seq_length=config.num_image_tokens,
             multimodal_projector_bias=True,
             tie_word_embeddings=config.text.tie_embeddings,

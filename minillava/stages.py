@@ -103,6 +103,7 @@ def llava_config(preset: Preset, tokenizer):
         vision=vit_config(preset),
         text=decoder_config(preset, tokenizer.vocab_size),
         projector=preset.model.projector,
+        vision_feature_layer=preset.model.vision_feature_layer,
         image_token_id=tokenizer.image_id,
     )
 
@@ -176,9 +177,10 @@ class StageBatches(Dataset):
     def __getitem__(self, m: int) -> dict:
         # A per-sample random stream (caption choice, question types), also a function of m only.
         rng = random.Random(f"{self.seed}:{self.stage}:{m}:{self.rank}")
-        return self.make_batch(self.indices(m), rng)
+        return self.make_batch(self.indices(m), rng, step=m // self.accum)
 
-    def make_batch(self, indices: list[int], rng: random.Random) -> dict:
+    def make_batch(self, indices: list[int], rng: random.Random, step: int = 0) -> dict:
+        """The micro-batch of these samples; `step` is the optimizer step it belongs to."""
         raise NotImplementedError
 
 
@@ -215,7 +217,7 @@ class CaptionBatches(StageBatches):
             samples.append(self.world[index])
         return samples
 
-    def make_batch(self, indices: list[int], rng: random.Random) -> dict:
+    def make_batch(self, indices: list[int], rng: random.Random, step: int = 0) -> dict:
         from minillava.data.collate import collate_text
 
         if self.hard_negatives:
@@ -313,6 +315,43 @@ def question_type_weights(type_weights: dict[str, float] | None) -> list[float]:
     return weights
 
 
+def curriculum_phases(curriculum, type_weights: dict | None) -> list[tuple[int, dict]]:
+    """data.curriculum ((types, steps), ...) -> [(first step after the phase, type weights)].
+
+    Each phase keeps `type_weights` for its own types and 0 for the others.
+    """
+    from minillava.data.instruct import QUESTION_TYPES
+
+    weights = dict(zip(QUESTION_TYPES, question_type_weights(type_weights), strict=True))
+    phases, end = [], 0
+    for phase in curriculum:
+        types, steps = phase if len(phase) == 2 else (None, None)
+        types = (types,) if isinstance(types, str) else tuple(types or ())
+        unknown = sorted(set(types) - set(QUESTION_TYPES))
+        if not types or unknown or not isinstance(steps, int) or steps < 1:
+            raise ValueError(
+                f"data.curriculum: each phase is ((question types...), steps >= 1) with types "
+                f"from {QUESTION_TYPES}; got {phase!r}"
+            )
+        phase_weights = {t: w if t in types else 0.0 for t, w in weights.items()}
+        if not any(phase_weights.values()):
+            raise ValueError(f"data.curriculum: {types} all weigh 0 in data.vqa_type_weights")
+        end += steps
+        phases.append((end, phase_weights))
+    return phases
+
+
+def check_curriculum(preset: Preset) -> None:
+    """Fail before any training if data.curriculum is malformed or leaves no step for the mix."""
+    phases = curriculum_phases(preset.data.curriculum, preset.data.vqa_type_weights)
+    if phases and phases[-1][0] >= preset.instruct.steps:
+        raise ValueError(
+            f"data.curriculum takes {phases[-1][0]} instruct steps and instruct.steps is "
+            f"{preset.instruct.steps}: the whole question mix would never be trained; shorten "
+            f"the phases or --set 'data.curriculum=()'"
+        )
+
+
 def _choose_vqa(rng: random.Random, mix: dict) -> dict:
     """Whole batches are VQA or not (with probability vqa_fraction): rows of one batch then have
     similar lengths, and little compute goes to padding."""
@@ -351,7 +390,7 @@ class SceneTextBatches(StageBatches):
         ids, _ = self.tokenizer.render(turns)
         return ids[: self.max_len]
 
-    def make_batch(self, indices: list[int], rng: random.Random) -> dict:
+    def make_batch(self, indices: list[int], rng: random.Random, step: int = 0) -> dict:
         mix = _choose_vqa(rng, self.mix)
         rows = [self.text_ids(i, rng, mix) for i in indices]
         length = max(len(row) for row in rows)
@@ -371,17 +410,30 @@ class ConversationBatches(StageBatches):
     """
 
     def __init__(
-        self, stage: str, world, tokenizer, config: StageConfig, seed: int, max_len: int, **mix
+        self,
+        stage: str,
+        world,
+        tokenizer,
+        config: StageConfig,
+        seed: int,
+        max_len: int,
+        curriculum: tuple = (),
+        **mix,
     ):
         self.world, self.tokenizer, self.max_len = world, tokenizer, max_len
         dist = {key: mix.pop(key) for key in ("rank", "world_size") if key in mix}
         self.mix = mix
+        self.phases = curriculum_phases(curriculum, mix.get("type_weights"))
         super().__init__(stage, len(world), config, seed, **dist)
 
-    def make_batch(self, indices: list[int], rng: random.Random) -> dict:
+    def make_batch(self, indices: list[int], rng: random.Random, step: int = 0) -> dict:
         from minillava.data.collate import collate_conversations
 
         mix = _choose_vqa(rng, self.mix)
+        for last_step, weights in self.phases:  # a curriculum phase: only its question types
+            if step < last_step:
+                mix.update(vqa=True, type_weights=weights)
+                break
         samples = []
         for i in indices:
             sample = self.world[i]
@@ -502,10 +554,12 @@ def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, wor
             )
             print(f"  LoRA rank {preset.lora_rank} on {len(wrapped)} layers of the decoder")
         question_type_weights(preset.data.vqa_type_weights)  # a bad --set fails now, not later
+        check_curriculum(preset)
         batches = ConversationBatches(
             "instruct", images, tokenizer, config, seed, preset.data.max_len,
             vqa_fraction=preset.data.vqa_fraction, vqa_questions=preset.data.vqa_questions,
-            type_weights=preset.data.vqa_type_weights, **dist,
+            type_weights=preset.data.vqa_type_weights, curriculum=preset.data.curriculum,
+            **dist,
         )  # fmt: skip
         return StagePlan(model, batches, asdict(cfg))
     raise ValueError(f"unknown stage {name!r}; expected one of {Preset.STAGES}")

@@ -511,12 +511,14 @@ def main(argv: list[str] | None = None) -> int:
     from minillava.tokenizer import get_tokenizer
 
     args = build_parser().parse_args(argv)
+    stages = Preset.STAGES if args.stage == "all" else (args.stage,)
     try:
         preset = resolve_preset(args)
+        if "instruct" in stages:
+            stage_lib.check_curriculum(preset)  # before lm, clip and align spend their minutes
     except ValueError as error:
         print(f"minillava train: {error}", file=sys.stderr)
         return 2
-    stages = Preset.STAGES if args.stage == "all" else (args.stage,)
     info, device = setup_distributed(preset.device)
     if preset.num_threads > 0:
         torch.set_num_threads(preset.num_threads)

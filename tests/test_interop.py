@@ -159,7 +159,7 @@ def llava_batch(seed=0):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("feature_layer", [-2, -1])
+@pytest.mark.parametrize("feature_layer", [-2, -1, 0])
 def test_llava_matches_hf_llava(side, feature_layer):
     torch.manual_seed(0)
     ours = randomise(Llava(tiny_llava(vision_feature_layer=feature_layer)))

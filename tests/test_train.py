@@ -371,6 +371,7 @@ def test_cli_flags_and_overrides(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["tiny", "cpu", "gpu"])
 def test_every_preset_makes_consistent_configs(name):
+    from minillava.stages import check_curriculum as stages_check_curriculum
     from minillava.stages import clip_config, llava_config, world_config
     from minillava.tokenizer import get_tokenizer
 
@@ -381,9 +382,24 @@ def test_every_preset_makes_consistent_configs(name):
     assert llava.image_token_id == tokenizer.image_id and llava.text.vocab_size == len(tokenizer)
     assert clip_config(preset, len(tokenizer)).vision == llava.vision  # CLIP's ViT is LLaVA's
     assert world_config(preset).image_size == llava.vision.image_size
+    assert llava.vision_feature_layer == preset.model.vision_feature_layer
+    assert llava.vision_feature_layer == (0 if name == "cpu" else -2)  # -2: LLaVA-1.5's
+    stages_check_curriculum(preset)  # its phases are valid and leave steps for the whole mix
     for stage in Preset.STAGES:
         cfg = preset.stage(stage)
         assert cfg.batch_size % cfg.grad_accum == 0 and cfg.warmup_steps < cfg.steps
+
+
+def test_vision_feature_layer_is_a_preset_field_the_llava_config_follows():
+    from minillava.presets import apply_overrides
+    from minillava.stages import llava_config
+    from minillava.tokenizer import get_tokenizer
+
+    preset = apply_overrides(get_preset("tiny"), ["model.vision_feature_layer=0"])
+    assert llava_config(preset, get_tokenizer()).vision_feature_layer == 0
+    with pytest.raises(ValueError, match="vision_feature_layer"):
+        llava_config(apply_overrides(get_preset("tiny"), ["model.vision_feature_layer=9"]),
+                     get_tokenizer())  # fmt: skip
 
 
 def test_vqa_training_conversations_open_with_exactly_the_eval_prompt():
@@ -449,3 +465,52 @@ def test_a_bad_question_type_weight_is_refused_when_the_instruct_stage_is_built(
     preset = apply_overrides(get_preset("tiny"), ["data.vqa_type_weights={'colour': -1.0}"])
     with pytest.raises(ValueError, match="vqa_type_weights must be >= 0"):
         build_stage("instruct", preset, get_tokenizer(), tmp_path)
+
+
+def test_the_curriculum_asks_only_each_phases_types_then_the_whole_mix(tmp_path, monkeypatch):
+    from minillava import stages
+    from minillava.tokenizer import get_tokenizer
+
+    preset = apply_overrides(
+        get_preset("tiny"),
+        ["data.curriculum=((('colour', 'position'), 2), (('shape',), 1))", "instruct.steps=5",
+         "data.vqa_fraction=0.0"],  # after the curriculum: never VQA, so the switch shows
+    )  # fmt: skip
+    batches = stages.build_stage("instruct", preset, get_tokenizer(), tmp_path).batches
+    asked = []
+    real_scene_turns = stages.scene_turns
+
+    def recording_scene_turns(*args, **mix):
+        asked.append((mix["vqa"], mix.get("type_weights")))
+        return real_scene_turns(*args, **mix)
+
+    monkeypatch.setattr(stages, "scene_turns", recording_scene_turns)
+    expected = {0: {"colour", "position"}, 1: {"colour", "position"}, 2: {"shape"}}
+    for step in range(5):
+        asked.clear()
+        batches[step]  # grad_accum 1: item m is step m
+        assert asked
+        for vqa, weights in asked:
+            if step in expected:
+                assert vqa and {t for t, w in weights.items() if w > 0} == expected[step]
+                assert weights.get("colour", 0) in (0.0, 3.0)  # the preset's weights, kept
+            else:
+                assert not vqa and weights == preset.data.vqa_type_weights
+    too_long = apply_overrides(preset, ["data.curriculum=((('colour',), 5),)"])
+    with pytest.raises(ValueError, match="whole question mix would never be trained"):
+        stages.build_stage("instruct", too_long, get_tokenizer(), tmp_path)
+    for bad in ["((('colours',), 2),)", "((('colour',), 0),)", "(('colour',),)"]:
+        with pytest.raises(ValueError, match="data.curriculum"):
+            stages.build_stage(
+                "instruct", apply_overrides(preset, [f"data.curriculum={bad}"]), get_tokenizer(),
+                tmp_path,
+            )  # fmt: skip
+
+
+def test_a_curriculum_longer_than_instruct_stops_the_run_before_any_stage(tmp_path, capsys):
+    # --steps 3 cuts every stage of the cpu preset to 3 steps, its curriculum stays 1,000 long.
+    assert _train(tmp_path, "--preset", "cpu", "--steps", "3") == 2
+    assert "data.curriculum takes 1000 instruct steps" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.pt"))  # nothing was trained
+    assert _train(tmp_path, "--preset", "cpu", "--steps", "3", "--stage", "clip", "--set",
+                  "clip.batch_size=4", "--set", "data.train_images=8") == 0  # fmt: skip
