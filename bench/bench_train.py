@@ -38,7 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
 
-def tiny_llava_config(tokenizer, max_seq_len: int | None = None):
+def tiny_llava_config(
+    tokenizer, max_seq_len: int | None = None, vision_feature_layer: int | None = None
+):
     """The LlavaConfig that `make train` (the cpu preset) trains, built by minillava.stages."""
     from minillava.presets import get_preset
     from minillava.stages import llava_config
@@ -46,6 +48,8 @@ def tiny_llava_config(tokenizer, max_seq_len: int | None = None):
     config = llava_config(get_preset("cpu"), tokenizer)
     if max_seq_len is not None:
         config.text = dataclasses.replace(config.text, max_seq_len=max_seq_len)
+    if vision_feature_layer is not None:  # e.g. -2, LLaVA's, to compare with older figures
+        config.vision_feature_layer = vision_feature_layer
     return config
 
 
@@ -77,7 +81,8 @@ SAVINGS = {
     "last-layer": "the last decoder layer only at the scored positions (all the loss reads)",
     "padding-mlp": "the other decoder layers' MLPs only at the real (non-padding) tokens",
     "causal-mask": "right-padded batches: plain is_causal attention, no (B, 1, T, T) mask",
-    "vit-early-exit": "the ViT stops at vision_feature_layer (-2: its last block never runs)",
+    "vit-early-exit": "the ViT stops at vision_feature_layer (the cpu preset's 0: no block runs; "
+    "-2: the last block does not)",
 }
 
 
@@ -154,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="bench/results/train.json")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--vision-feature-layer",
+        type=int,
+        help="ViT layer the projector reads (default: the cpu preset's, 0; LLaVA's is -2)",
+    )
     args = parser.parse_args(argv)
     disabled = list(SAVINGS) if args.disable == "all" else [s for s in args.disable.split(",") if s]
     unknown = set(disabled) - set(SAVINGS)
@@ -170,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     from minillava.train import loss_only_kwargs
 
     tokenizer = get_tokenizer()
-    config = tiny_llava_config(tokenizer)
+    config = tiny_llava_config(tokenizer, vision_feature_layer=args.vision_feature_layer)
     ours = Llava(config).train()
     theirs = to_hf(ours).train()  # same weights, copied
     theirs.config.use_cache = False
@@ -258,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_batch": n_tokens,
         "scored_per_batch": n_scored,
         "image_tokens_per_image": config.num_image_tokens,
+        "vision_feature_layer": config.vision_feature_layer,
         "minillava_forward_kwargs": ours_kwargs,
         "minillava_savings_disabled": disabled,
         "freeze_vision": args.freeze_vision,

@@ -79,8 +79,8 @@ class DataSizes:
     vqa_type_weights: dict[str, float] = field(
         default_factory=lambda: {"colour": 3.0, "shape": 3.0, "position": 2.0}
     )
-    # `instruct` may open with a curriculum: phases of (question types, steps), each asking only
-    # those types (every batch short-answer VQA, same type weights), before the whole mixture.
+    # `instruct` may open with a curriculum: phases of (question types, steps) whose short-answer
+    # batches ask only those types (same weights; conversations keep their share), then the mix.
     # E.g. ((("colour",), 500),): finding the object a question names forms within a few hundred
     # steps of one type alone, not in the mixture (docs/results.md, session 4).
     curriculum: tuple[tuple[tuple[str, ...], int], ...] = ()
@@ -201,12 +201,9 @@ def cpu_preset() -> Preset:
         model=ModelSizes(vision_feature_layer=0),
         # Finding the object a question names forms in a few hundred steps of one look-up type
         # alone, never within this budget in the whole mixture: so instruct opens with colour,
-        # then position, then shape questions only (data.curriculum), then the mixture, 95%
-        # short-answer VQA (docs/results.md, session 4).
-        data=DataSizes(
-            vqa_fraction=0.95,
-            curriculum=((("colour",), 400), (("position",), 300), (("shape",), 300)),
-        ),
+        # then position, then shape questions only (data.curriculum), then the whole mixture
+        # (docs/results.md, session 4).
+        data=DataSizes(curriculum=((("colour",), 400), (("position",), 300), (("shape",), 300))),
         # One question per conversation (data.vqa_questions) makes rows about half as long as
         # eight did: twice the rows per batch cost what the old batches cost.
         lm=StageConfig(steps=150, batch_size=32, lr=2e-3, warmup_steps=15, ckpt_every=50),

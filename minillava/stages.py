@@ -318,7 +318,8 @@ def question_type_weights(type_weights: dict[str, float] | None) -> list[float]:
 def curriculum_phases(curriculum, type_weights: dict | None) -> list[tuple[int, dict]]:
     """data.curriculum ((types, steps), ...) -> [(first step after the phase, type weights)].
 
-    Each phase keeps `type_weights` for its own types and 0 for the others.
+    Each phase keeps `type_weights` for its own types and 0 for the others: its short-answer
+    batches ask only those types; the other batches (1 - vqa_fraction) stay conversations.
     """
     from minillava.data.instruct import QUESTION_TYPES
 
@@ -432,7 +433,7 @@ class ConversationBatches(StageBatches):
         mix = _choose_vqa(rng, self.mix)
         for last_step, weights in self.phases:  # a curriculum phase: only its question types
             if step < last_step:
-                mix.update(vqa=True, type_weights=weights)
+                mix["type_weights"] = weights  # (conversations keep their share: chat stays)
                 break
         samples = []
         for i in indices:

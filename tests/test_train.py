@@ -473,30 +473,35 @@ def test_the_curriculum_asks_only_each_phases_types_then_the_whole_mix(tmp_path,
 
     preset = apply_overrides(
         get_preset("tiny"),
-        ["data.curriculum=((('colour', 'position'), 2), (('shape',), 1))", "instruct.steps=5",
-         "data.vqa_fraction=0.0"],  # after the curriculum: never VQA, so the switch shows
+        ["data.curriculum=((('colour', 'position'), 10), (('shape',), 10))", "instruct.steps=40",
+         "data.vqa_fraction=0.5"],
     )  # fmt: skip
     batches = stages.build_stage("instruct", preset, get_tokenizer(), tmp_path).batches
     asked = []
     real_scene_turns = stages.scene_turns
 
     def recording_scene_turns(*args, **mix):
-        asked.append((mix["vqa"], mix.get("type_weights")))
+        asked.append((step, mix["vqa"], mix.get("type_weights")))
         return real_scene_turns(*args, **mix)
 
     monkeypatch.setattr(stages, "scene_turns", recording_scene_turns)
-    expected = {0: {"colour", "position"}, 1: {"colour", "position"}, 2: {"shape"}}
-    for step in range(5):
-        asked.clear()
+    for step in range(40):
         batches[step]  # grad_accum 1: item m is step m
-        assert asked
-        for vqa, weights in asked:
-            if step in expected:
-                assert vqa and {t for t, w in weights.items() if w > 0} == expected[step]
-                assert weights.get("colour", 0) in (0.0, 3.0)  # the preset's weights, kept
-            else:
-                assert not vqa and weights == preset.data.vqa_type_weights
-    too_long = apply_overrides(preset, ["data.curriculum=((('colour',), 5),)"])
+    expected = {
+        **dict.fromkeys(range(10), {"colour", "position"}),
+        **dict.fromkeys(range(10, 20), {"shape"}),
+    }
+    vqa_steps = {s for s, vqa, _ in asked if vqa}
+    assert vqa_steps & set(range(10)) and vqa_steps & set(range(10, 20))  # each phase asked
+    assert vqa_steps - set(range(20))  # and the whole mix after them
+    assert {s for s, vqa, _ in asked if not vqa} & set(range(20))  # conversations stay in phases
+    for s, vqa, weights in asked:
+        if vqa and s in expected:
+            assert {t for t, w in weights.items() if w > 0} == expected[s]
+            assert weights.get("colour", 0) in (0.0, 3.0)  # the preset's weights, kept
+        elif vqa:
+            assert weights == preset.data.vqa_type_weights
+    too_long = apply_overrides(preset, ["data.curriculum=((('colour',), 40),)"])
     with pytest.raises(ValueError, match="whole question mix would never be trained"):
         stages.build_stage("instruct", too_long, get_tokenizer(), tmp_path)
     for bad in ["((('colours',), 2),)", "((('colour',), 0),)", "(('colour',),)"]:
