@@ -326,7 +326,8 @@ def curriculum_phases(curriculum, type_weights: dict | None) -> list[tuple[int, 
     weights = dict(zip(QUESTION_TYPES, question_type_weights(type_weights), strict=True))
     phases, end = [], 0
     for phase in curriculum:
-        types, steps = phase if len(phase) == 2 else (None, None)
+        is_pair = isinstance(phase, tuple | list) and len(phase) == 2
+        types, steps = phase if is_pair else (None, None)
         types = (types,) if isinstance(types, str) else tuple(types or ())
         unknown = sorted(set(types) - set(QUESTION_TYPES))
         if not types or unknown or not isinstance(steps, int) or steps < 1:
@@ -407,7 +408,9 @@ class SceneTextBatches(StageBatches):
 class ConversationBatches(StageBatches):
     """`align` and `instruct`: one conversation per image (`scene_turns`), chat-templated.
 
-    `align` uses the "caption" kind only; `instruct` the mix of VQA and the data engine's kinds.
+    `align` uses the "caption" kind only; `instruct` the mix of VQA and the data engine's kinds,
+    whose short-answer batches ask only the current phase's question types while a `curriculum`
+    (`curriculum_phases`) runs.
     """
 
     def __init__(

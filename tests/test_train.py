@@ -504,7 +504,7 @@ def test_the_curriculum_asks_only_each_phases_types_then_the_whole_mix(tmp_path,
     too_long = apply_overrides(preset, ["data.curriculum=((('colour',), 40),)"])
     with pytest.raises(ValueError, match="whole question mix would never be trained"):
         stages.build_stage("instruct", too_long, get_tokenizer(), tmp_path)
-    for bad in ["((('colours',), 2),)", "((('colour',), 0),)", "(('colour',),)"]:
+    for bad in ["((('colours',), 2),)", "((('colour',), 0),)", "(('colour',),)", "(3,)"]:
         with pytest.raises(ValueError, match="data.curriculum"):
             stages.build_stage(
                 "instruct", apply_overrides(preset, [f"data.curriculum={bad}"]), get_tokenizer(),
