@@ -365,10 +365,9 @@ def format_table(result: EvalResult, blind: EvalResult | None = None) -> str:
         lines.append(row(kind, result.counts[kind], acc, blind_acc))
     lines.append("-" * len(header))
     lines.append(row("overall", result.n, result.accuracy, blind.accuracy if blind else None))
-    if result.by_objects:
-        shapes = ", ".join(
-            f"{k}: {acc:.0%} (n={count})" for k, (acc, count) in result.by_objects.items()
-        )
+    by_objects = result.by_objects  # a property that walks every record: once
+    if by_objects:
+        shapes = ", ".join(f"{k}: {acc:.0%} (n={count})" for k, (acc, count) in by_objects.items())
         lines.append(f"by shapes in the image: {shapes}")
     return "\n".join(lines)
 
