@@ -104,11 +104,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tokenizer = get_tokenizer()
     names = ("align", "instruct") if args.realign else ("instruct",)
     batches, types = val_batches(preset, tokenizer, args.per_type)
-    curve: list[dict] = []
 
     def evaluate(model) -> dict:
         accuracy = teacher_forced_accuracy(model, batches, types)
-        curve.append(accuracy)
         print(" ".join(f"{t} {a:.3f}" for t, a in accuracy.items()), flush=True)
         return {f"val_{t}": a for t, a in accuracy.items()}
 
@@ -119,10 +117,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             model_config=plan.model_config, run_config=preset.to_dict(), progress=False,
             eval_fn=evaluate if name == "instruct" else None, eval_every=args.eval_every,
         )  # fmt: skip
-    steps = list(range(args.eval_every, preset.instruct.steps + 1, args.eval_every))
-    if not steps or steps[-1] != preset.instruct.steps:
-        steps.append(preset.instruct.steps)  # train_stage also evaluates at the last step
-    records = [{"step": s, **a} for s, a in zip(steps, curve, strict=False)]
+    # train_stage logs each evaluation with its step in the stage's metrics: read them back.
+    logged = [json.loads(line) for line in (out / "instruct.jsonl").read_text().splitlines()]
+    records = [
+        {"step": r["step"], **{k[len("val_") :]: v for k, v in r.items() if k.startswith("val_")}}
+        for r in logged
+        if "val_overall" in r
+    ]
     (out / "curve.json").write_text(json.dumps(records, indent=1) + "\n")
     return records
 
