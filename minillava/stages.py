@@ -343,8 +343,9 @@ def curriculum_phases(curriculum, type_weights: dict | None) -> list[tuple[int, 
     return phases
 
 
-def check_curriculum(preset: Preset) -> None:
-    """Fail before any training if data.curriculum is malformed or leaves no step for the mix."""
+def check_curriculum(preset: Preset) -> list[tuple[int, dict]]:
+    """data.curriculum's phases (`curriculum_phases`); fails before any training if they are
+    malformed or leave no step of instruct for the whole mix."""
     phases = curriculum_phases(preset.data.curriculum, preset.data.vqa_type_weights)
     if phases and phases[-1][0] >= preset.instruct.steps:
         raise ValueError(
@@ -352,6 +353,7 @@ def check_curriculum(preset: Preset) -> None:
             f"{preset.instruct.steps}: the whole question mix would never be trained; shorten "
             f"the phases or --set 'data.curriculum=()'"
         )
+    return phases
 
 
 def _choose_vqa(rng: random.Random, mix: dict) -> dict:
@@ -409,8 +411,9 @@ class ConversationBatches(StageBatches):
     """`align` and `instruct`: one conversation per image (`scene_turns`), chat-templated.
 
     `align` uses the "caption" kind only; `instruct` the mix of VQA and the data engine's kinds,
-    whose short-answer batches ask only the current phase's question types while a `curriculum`
-    (`curriculum_phases`) runs.
+    whose short-answer batches ask only the current phase's question types while the phases of
+    data.curriculum (`phases`, from `check_curriculum`) run. `conversation_rows`: the share of
+    the rows that a batch of conversations keeps (they are longer than short-answer rows).
     """
 
     def __init__(
@@ -421,19 +424,25 @@ class ConversationBatches(StageBatches):
         config: StageConfig,
         seed: int,
         max_len: int,
-        curriculum: tuple = (),
+        phases: list[tuple[int, dict]] = (),
+        conversation_rows: float = 1.0,
         **mix,
     ):
+        if not 0.0 < conversation_rows <= 1.0:
+            raise ValueError(f"data.conversation_rows must be in (0, 1]; got {conversation_rows}")
         self.world, self.tokenizer, self.max_len = world, tokenizer, max_len
         dist = {key: mix.pop(key) for key in ("rank", "world_size") if key in mix}
         self.mix = mix
-        self.phases = curriculum_phases(curriculum, mix.get("type_weights"))
+        self.phases = phases  # curriculum_phases(data.curriculum, ...): checked by the caller
+        self.conversation_rows = conversation_rows
         super().__init__(stage, len(world), config, seed, **dist)
 
     def make_batch(self, indices: list[int], rng: random.Random, step: int = 0) -> dict:
         from minillava.data.collate import collate_conversations
 
         mix = _choose_vqa(rng, self.mix)
+        if not mix["vqa"]:  # a conversation is ~3x a one-question row: fewer rows, same tokens
+            indices = indices[: max(1, round(len(indices) * self.conversation_rows))]
         for last_step, weights in self.phases:  # a curriculum phase: only its question types
             if step < last_step:
                 mix["type_weights"] = weights  # (conversations keep their share: chat stays)
@@ -557,13 +566,11 @@ def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, wor
                 dropout=preset.lora_dropout,
             )
             print(f"  LoRA rank {preset.lora_rank} on {len(wrapped)} layers of the decoder")
-        question_type_weights(preset.data.vqa_type_weights)  # a bad --set fails now, not later
-        check_curriculum(preset)
         batches = ConversationBatches(
             "instruct", images, tokenizer, config, seed, preset.data.max_len,
             vqa_fraction=preset.data.vqa_fraction, vqa_questions=preset.data.vqa_questions,
-            type_weights=preset.data.vqa_type_weights, curriculum=preset.data.curriculum,
-            **dist,
+            type_weights=preset.data.vqa_type_weights, phases=check_curriculum(preset),
+            conversation_rows=preset.data.conversation_rows, **dist,
         )  # fmt: skip
         return StagePlan(model, batches, asdict(cfg))
     raise ValueError(f"unknown stage {name!r}; expected one of {Preset.STAGES}")

@@ -512,6 +512,32 @@ def test_the_curriculum_asks_only_each_phases_types_then_the_whole_mix(tmp_path,
             )  # fmt: skip
 
 
+def test_conversation_batches_hold_their_share_of_the_rows_and_vqa_batches_all(tmp_path):
+    from minillava.stages import build_stage
+    from minillava.tokenizer import get_tokenizer
+
+    preset = apply_overrides(
+        get_preset("tiny"),
+        ["instruct.batch_size=12", "data.vqa_fraction=0.5", "data.conversation_rows=0.25"],
+    )
+    batches = build_stage("instruct", preset, get_tokenizer(), tmp_path).batches
+    rows = [batches[m]["input_ids"].shape[0] for m in range(30)]
+    assert set(rows) == {12, 3}  # VQA batches keep 12 rows, conversation batches a quarter
+    full = apply_overrides(preset, ["data.conversation_rows=1.0"])
+    full_batches = build_stage("instruct", full, get_tokenizer(), tmp_path).batches
+    for m in range(30):  # the same batches otherwise: the first rows of the full one
+        short, whole = batches[m], full_batches[m]
+        n = short["input_ids"].shape[0]
+        assert torch.equal(short["pixel_values"], whole["pixel_values"][:n])
+    # align trains on captions alone: its batches are never cut
+    align = build_stage("align", preset, get_tokenizer(), tmp_path).batches
+    assert align[0]["input_ids"].shape[0] == preset.align.batch_size
+    for bad in ("0.0", "1.5"):
+        with pytest.raises(ValueError, match="data.conversation_rows must be in"):
+            build_stage("instruct", apply_overrides(preset, [f"data.conversation_rows={bad}"]),
+                        get_tokenizer(), tmp_path)  # fmt: skip
+
+
 def test_a_curriculum_longer_than_instruct_stops_the_run_before_any_stage(tmp_path, capsys):
     # --steps 3 cuts every stage of the cpu preset to 3 steps, its curriculum stays 1,000 long.
     assert _train(tmp_path, "--preset", "cpu", "--steps", "3") == 2
