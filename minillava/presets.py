@@ -192,10 +192,10 @@ def tiny_preset() -> Preset:
 def cpu_preset() -> Preset:
     """The default of `make train`: all stages, eval included, in under 15 minutes on 2 cores.
 
-    Where the minutes go (measured on a quiet 2-core CPU: 11 min 51 s in all, docs/results.md):
-    instruct, the stage that teaches the model to use the image, gets 582 s of them; the decoder
-    stays small (4 x 128) and images small (48 px, 9 image tokens), because on a CPU every
-    position of every sequence costs time.
+    Where the minutes go (measured on a quiet 2-core CPU: MINUTES in all, docs/results.md):
+    instruct, the stage that teaches the model to use the image, gets INSTRUCT_S of them; the
+    decoder stays small (4 x 128) and images small (48 px, 9 image tokens), because on a CPU
+    every position of every sequence costs time.
     """
     return Preset(
         name="cpu",
@@ -204,11 +204,28 @@ def cpu_preset() -> Preset:
         # elsewhere (bench/probe_vit_layers.py), which makes the object a question names harder
         # to find. LLaVA's -2 stays the default elsewhere (the gpu preset: 4 x 4 patches a cell).
         model=ModelSizes(vision_feature_layer=0),
-        # Finding the object a question names forms in a few hundred steps of one look-up type
-        # alone, never within this budget in the whole mixture: so instruct opens with colour,
-        # then position, then shape questions only (data.curriculum), then the whole mixture
-        # (docs/results.md, session 4).
-        data=DataSizes(curriculum=((("colour",), 400), (("position",), 300), (("shape",), 300))),
+        data=DataSizes(
+            # Finding the object a question names forms in a few hundred steps of one look-up
+            # type alone, never within this budget in the whole mixture: so instruct opens with
+            # colour, then position, then shape questions only, then the whole mixture
+            # (docs/results.md, sessions 4 and 5).
+            curriculum=((("colour",), 400), (("position",), 300), (("shape",), 300)),
+            # The mixture finishes what the phases began (colour, position and shape end near
+            # 100%) and must teach the slower types as well: count, relation and reasoning are
+            # asked twice as often as in the default mix.
+            vqa_type_weights={
+                "colour": 3.0,
+                "shape": 3.0,
+                "position": 2.0,
+                "count": 2.0,
+                "relation": 2.0,
+                "reasoning": 2.0,
+            },
+            # A batch of conversations holds a third of the rows (each is ~3 one-question rows
+            # long): about the tokens, and the cost, of a short-answer batch. The time full
+            # batches of them took pays for the longer mixture.
+            conversation_rows=1 / 3,
+        ),
         # One question per conversation (data.vqa_questions) makes rows about half as long as
         # eight did: twice the rows per batch cost what the old batches cost.
         lm=StageConfig(steps=150, batch_size=32, lr=2e-3, warmup_steps=15, ckpt_every=50),
@@ -216,7 +233,7 @@ def cpu_preset() -> Preset:
         align=StageConfig(
             steps=100, batch_size=32, lr=2e-3, warmup_steps=10, weight_decay=0.0, ckpt_every=50
         ),
-        instruct=StageConfig(steps=1500, batch_size=96, lr=1e-3, warmup_steps=20, ckpt_every=100),
+        instruct=StageConfig(steps=2400, batch_size=96, lr=1e-3, warmup_steps=20, ckpt_every=100),
         num_threads=2,
         eval_samples=500,
     )
