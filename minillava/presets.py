@@ -89,6 +89,9 @@ class DataSizes:
     # E.g. ((("colour",), 500),): finding the object a question names forms within a few hundred
     # steps of one type alone, not in the mixture (docs/results.md, session 4).
     curriculum: tuple[tuple[tuple[str, ...], int], ...] = ()
+    # Share of short-answer batches while the curriculum's phases run (None: vqa_fraction).
+    # 1.0: the phases ask only their questions, and conversations come back with the mix.
+    curriculum_vqa_fraction: float | None = None
 
 
 @dataclass
@@ -336,5 +339,9 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
         current = getattr(target, leaf)
         if dataclasses.is_dataclass(current):
             raise ValueError(f"--set {key}: {leaf!r} is a section; set one of its fields")
+        annotation = str(next(f.type for f in dataclasses.fields(target) if f.name == leaf))
+        if text.strip() == "None" and annotation.endswith("| None"):
+            setattr(target, leaf, None)  # an optional field back to "not given"
+            continue
         setattr(target, leaf, _parse_value(text, current, key))
     return preset

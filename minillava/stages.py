@@ -412,8 +412,9 @@ class ConversationBatches(StageBatches):
 
     `align` uses the "caption" kind only; `instruct` the mix of VQA and the data engine's kinds,
     whose short-answer batches ask only the current phase's question types while the phases of
-    data.curriculum (`phases`, from `check_curriculum`) run. `conversation_rows`: the share of
-    the rows that a batch of conversations keeps (they are longer than short-answer rows).
+    data.curriculum (`phases`, from `check_curriculum`) run; `phase_vqa_fraction` (if not None)
+    replaces vqa_fraction while they do. `conversation_rows`: the share of the rows that a batch
+    of conversations keeps (they are longer than short-answer rows).
     """
 
     def __init__(
@@ -425,28 +426,37 @@ class ConversationBatches(StageBatches):
         seed: int,
         max_len: int,
         phases: list[tuple[int, dict]] = (),
+        phase_vqa_fraction: float | None = None,
         conversation_rows: float = 1.0,
         **mix,
     ):
         if not 0.0 < conversation_rows <= 1.0:
             raise ValueError(f"data.conversation_rows must be in (0, 1]; got {conversation_rows}")
+        if phase_vqa_fraction is not None and not 0.0 <= phase_vqa_fraction <= 1.0:
+            raise ValueError(
+                f"data.curriculum_vqa_fraction must be in [0, 1] or None; got {phase_vqa_fraction}"
+            )
         self.world, self.tokenizer, self.max_len = world, tokenizer, max_len
         dist = {key: mix.pop(key) for key in ("rank", "world_size") if key in mix}
         self.mix = mix
         self.phases = phases  # curriculum_phases(data.curriculum, ...): checked by the caller
+        self.phase_vqa_fraction = phase_vqa_fraction
         self.conversation_rows = conversation_rows
         super().__init__(stage, len(world), config, seed, **dist)
 
     def make_batch(self, indices: list[int], rng: random.Random, step: int = 0) -> dict:
         from minillava.data.collate import collate_conversations
 
-        mix = _choose_vqa(rng, self.mix)
-        if not mix["vqa"]:  # a conversation is ~3x a one-question row: fewer rows, same tokens
-            indices = indices[: max(1, round(len(indices) * self.conversation_rows))]
+        mix = dict(self.mix)
         for last_step, weights in self.phases:  # a curriculum phase: only its question types
             if step < last_step:
-                mix["type_weights"] = weights  # (conversations keep their share: chat stays)
+                mix["type_weights"] = weights
+                if self.phase_vqa_fraction is not None:
+                    mix["vqa_fraction"] = self.phase_vqa_fraction
                 break
+        mix = _choose_vqa(rng, mix)
+        if not mix["vqa"]:  # a conversation is ~3x a one-question row: fewer rows, same tokens
+            indices = indices[: max(1, round(len(indices) * self.conversation_rows))]
         samples = []
         for i in indices:
             sample = self.world[i]
@@ -570,6 +580,7 @@ def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, wor
             "instruct", images, tokenizer, config, seed, preset.data.max_len,
             vqa_fraction=preset.data.vqa_fraction, vqa_questions=preset.data.vqa_questions,
             type_weights=preset.data.vqa_type_weights, phases=check_curriculum(preset),
+            phase_vqa_fraction=preset.data.curriculum_vqa_fraction,
             conversation_rows=preset.data.conversation_rows, **dist,
         )  # fmt: skip
         return StagePlan(model, batches, asdict(cfg))

@@ -16,6 +16,7 @@ from minillava.data.instruct import (
     ask,
     make_conversations,
     vqa_pairs,
+    vqa_prompt,
     world_text,
 )
 from minillava.data.shapes import HELDOUT_COMBOS, ShapesWorld, WorldConfig
@@ -178,7 +179,7 @@ def test_vqa_mix_is_balanced_and_deterministic():
     assert set(item) >= {"pixel_values", "question", "answer", "type", "scene", "conversations"}
     again = VQADataset("test", 80, SMALL)[5]
     assert (item["question"], item["answer"]) == (again["question"], again["answer"])
-    assert item["conversations"][0]["value"] == "<image>\n" + item["question"]
+    assert item["conversations"][0]["value"] == vqa_prompt(item["question"])  # what eval asks
     assert item["conversations"][1]["value"] == item["answer"]
     check(item["scene"], data.qa(5)[1])
 

@@ -512,6 +512,34 @@ def test_the_curriculum_asks_only_each_phases_types_then_the_whole_mix(tmp_path,
             )  # fmt: skip
 
 
+def test_curriculum_vqa_fraction_sets_the_share_of_short_answers_during_the_phases(tmp_path):
+    from minillava.stages import build_stage
+    from minillava.tokenizer import get_tokenizer
+
+    preset = apply_overrides(
+        get_preset("tiny"),
+        ["data.curriculum=((('colour',), 20),)", "instruct.steps=60", "data.vqa_fraction=0.5",
+         "data.curriculum_vqa_fraction=1.0", "instruct.batch_size=8",
+         "data.conversation_rows=0.5"],
+    )  # fmt: skip
+    batches = build_stage("instruct", preset, get_tokenizer(), tmp_path).batches
+    rows = [batches[m]["input_ids"].shape[0] for m in range(60)]
+    assert set(rows[:20]) == {8}  # phase: every batch short-answer (conversations have 4 rows)
+    assert 4 in rows[20:] and 8 in rows[20:]  # the mix: both kinds again
+    with pytest.raises(ValueError, match="curriculum_vqa_fraction must be in"):
+        build_stage("instruct", apply_overrides(preset, ["data.curriculum_vqa_fraction=1.5"]),
+                    get_tokenizer(), tmp_path)  # fmt: skip
+
+
+def test_an_optional_field_can_be_set_back_to_none_and_others_cannot():
+    preset = apply_overrides(get_preset("cpu"), ["data.curriculum_vqa_fraction=1.0"])
+    assert preset.data.curriculum_vqa_fraction == 1.0
+    apply_overrides(preset, ["data.curriculum_vqa_fraction=None", "model.num_kv_heads=None"])
+    assert preset.data.curriculum_vqa_fraction is None and preset.model.num_kv_heads is None
+    with pytest.raises(ValueError, match="expected a int"):
+        apply_overrides(preset, ["model.hidden_size=None"])
+
+
 def test_conversation_batches_hold_their_share_of_the_rows_and_vqa_batches_all(tmp_path):
     from minillava.stages import build_stage
     from minillava.tokenizer import get_tokenizer

@@ -590,7 +590,9 @@ class VQADataset(torch.utils.data.Dataset):
     """Sample i: ShapesWorld[i] with one short-answer question; types in turn (balanced mix).
 
     Item: {"pixel_values", "question", "answer", "type", "scene", "conversations"} where
-    "conversations" is the question as a human turn (with <image>) and the answer as gpt turn.
+    "conversations" is the question as the human turn the instruct stage trains on and `eval`
+    asks (`vqa_prompt`: question, image, then the short-answer instruction) and the answer as
+    the gpt turn.
     """
 
     def __init__(
@@ -629,7 +631,7 @@ class VQADataset(torch.utils.data.Dataset):
             "type": qa.type,
             "scene": sample.scene,
             "conversations": [
-                _turn("human", f"<image>\n{qa.question}"),
+                _turn("human", vqa_prompt(qa.question)),
                 _turn("gpt", qa.answer, qa.type),
             ],
         }
