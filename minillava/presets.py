@@ -65,10 +65,11 @@ class DataSizes:
     # Share of `instruct` batches that are short-answer VQA in the eval convention
     # ("...\nAnswer with a single word or phrase."), as LLaVA-1.5 mixed VQAv2/GQA into its data.
     vqa_fraction: float = 0.85
-    # Share of instruct's batch_size rows that its conversation batches (the other 1 -
-    # vqa_fraction) hold. A conversation, description or reasoning answer is about three
-    # one-question rows long: 1/3 gives both kinds of batch about the same tokens, and the
-    # step the same cost (the token budget of a batch, not its row count, is what costs).
+    # Share of instruct's batch_size rows (of each process's share, under DDP) that its
+    # conversation batches (the other 1 - vqa_fraction) hold. A conversation, description or
+    # reasoning answer is about three one-question rows long: 1/3 gives both kinds of batch
+    # about the same tokens, and the step the same cost (the token budget of a batch, not its
+    # row count, is what costs).
     conversation_rows: float = 1.0
     # Questions per VQA conversation. Only the first comes before the image (data.instruct.
     # vqa_prompt says why that matters); the others follow it and cannot be read by the image

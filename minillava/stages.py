@@ -425,7 +425,7 @@ class ConversationBatches(StageBatches):
         config: StageConfig,
         seed: int,
         max_len: int,
-        phases: list[tuple[int, dict]] = (),
+        phases: list[tuple[int, dict]] | None = None,
         phase_vqa_fraction: float | None = None,
         conversation_rows: float = 1.0,
         **mix,
@@ -439,7 +439,7 @@ class ConversationBatches(StageBatches):
         self.world, self.tokenizer, self.max_len = world, tokenizer, max_len
         dist = {key: mix.pop(key) for key in ("rank", "world_size") if key in mix}
         self.mix = mix
-        self.phases = phases  # curriculum_phases(data.curriculum, ...): checked by the caller
+        self.phases = phases or []  # curriculum_phases(data.curriculum, ...), checked by the caller
         self.phase_vqa_fraction = phase_vqa_fraction
         self.conversation_rows = conversation_rows
         super().__init__(stage, len(world), config, seed, **dist)
