@@ -334,14 +334,13 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
             if not dataclasses.is_dataclass(target) or not hasattr(target, part):
                 raise ValueError(f"--set {key}: {part!r} is not a section of the preset")
             target = getattr(target, part)
-        names = [f.name for f in dataclasses.fields(target)]
-        if leaf not in names:
-            raise ValueError(f"--set {key}: unknown field {leaf!r}; expected one of {names}")
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        if leaf not in fields:
+            raise ValueError(f"--set {key}: unknown field {leaf!r}; expected one of {list(fields)}")
         current = getattr(target, leaf)
         if dataclasses.is_dataclass(current):
             raise ValueError(f"--set {key}: {leaf!r} is a section; set one of its fields")
-        annotation = str(next(f.type for f in dataclasses.fields(target) if f.name == leaf))
-        if text.strip() == "None" and annotation.endswith("| None"):
+        if text.strip() == "None" and str(fields[leaf].type).endswith("| None"):
             setattr(target, leaf, None)  # an optional field back to "not given"
             continue
         setattr(target, leaf, _parse_value(text, current, key))

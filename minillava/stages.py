@@ -343,10 +343,21 @@ def curriculum_phases(curriculum, type_weights: dict | None) -> list[tuple[int, 
     return phases
 
 
-def check_curriculum(preset: Preset) -> list[tuple[int, dict]]:
-    """data.curriculum's phases (`curriculum_phases`); fails before any training if they are
-    malformed or leave no step of instruct for the whole mix."""
-    phases = curriculum_phases(preset.data.curriculum, preset.data.vqa_type_weights)
+def check_instruct_mix(preset: Preset) -> list[tuple[int, dict]]:
+    """data.curriculum's phases (`curriculum_phases`), after checking the fields that shape the
+    instruct stage's batches; `minillava train` calls it before any stage, so that a bad value
+    fails before lm, clip and align spend their minutes.
+
+    Raises ValueError if the phases are malformed or leave no step of instruct for the whole
+    mix, or if data.conversation_rows or data.curriculum_vqa_fraction is out of range.
+    """
+    data = preset.data
+    if not 0.0 < data.conversation_rows <= 1.0:
+        raise ValueError(f"data.conversation_rows must be in (0, 1]; got {data.conversation_rows}")
+    fraction = data.curriculum_vqa_fraction
+    if fraction is not None and not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"data.curriculum_vqa_fraction must be in [0, 1] or None; got {fraction}")
+    phases = curriculum_phases(data.curriculum, data.vqa_type_weights)
     if phases and phases[-1][0] >= preset.instruct.steps:
         raise ValueError(
             f"data.curriculum takes {phases[-1][0]} instruct steps and instruct.steps is "
@@ -412,7 +423,7 @@ class ConversationBatches(StageBatches):
 
     `align` uses the "caption" kind only; `instruct` the mix of VQA and the data engine's kinds,
     whose short-answer batches ask only the current phase's question types while the phases of
-    data.curriculum (`phases`, from `check_curriculum`) run; `phase_vqa_fraction` (if not None)
+    data.curriculum (`phases`, from `check_instruct_mix`) run; `phase_vqa_fraction` (if not None)
     replaces vqa_fraction while they do. `conversation_rows`: the share of the rows that a batch
     of conversations keeps (they are longer than short-answer rows).
     """
@@ -430,16 +441,11 @@ class ConversationBatches(StageBatches):
         conversation_rows: float = 1.0,
         **mix,
     ):
-        if not 0.0 < conversation_rows <= 1.0:
-            raise ValueError(f"data.conversation_rows must be in (0, 1]; got {conversation_rows}")
-        if phase_vqa_fraction is not None and not 0.0 <= phase_vqa_fraction <= 1.0:
-            raise ValueError(
-                f"data.curriculum_vqa_fraction must be in [0, 1] or None; got {phase_vqa_fraction}"
-            )
         self.world, self.tokenizer, self.max_len = world, tokenizer, max_len
         dist = {key: mix.pop(key) for key in ("rank", "world_size") if key in mix}
         self.mix = mix
-        self.phases = phases or []  # curriculum_phases(data.curriculum, ...), checked by the caller
+        # Checked by the caller (check_instruct_mix), with conversation_rows and the fraction.
+        self.phases = phases or []
         self.phase_vqa_fraction = phase_vqa_fraction
         self.conversation_rows = conversation_rows
         super().__init__(stage, len(world), config, seed, **dist)
@@ -579,7 +585,7 @@ def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, wor
         batches = ConversationBatches(
             "instruct", images, tokenizer, config, seed, preset.data.max_len,
             vqa_fraction=preset.data.vqa_fraction, vqa_questions=preset.data.vqa_questions,
-            type_weights=preset.data.vqa_type_weights, phases=check_curriculum(preset),
+            type_weights=preset.data.vqa_type_weights, phases=check_instruct_mix(preset),
             phase_vqa_fraction=preset.data.curriculum_vqa_fraction,
             conversation_rows=preset.data.conversation_rows, **dist,
         )  # fmt: skip

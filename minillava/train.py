@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preset = resolve_preset(args)
         if "instruct" in stages:
-            stage_lib.check_curriculum(preset)  # before lm, clip and align spend their minutes
+            stage_lib.check_instruct_mix(preset)  # before lm, clip and align spend their minutes
     except ValueError as error:
         print(f"minillava train: {error}", file=sys.stderr)
         return 2

@@ -371,8 +371,7 @@ def test_cli_flags_and_overrides(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["tiny", "cpu", "gpu"])
 def test_every_preset_makes_consistent_configs(name):
-    from minillava.stages import check_curriculum as stages_check_curriculum
-    from minillava.stages import clip_config, llava_config, world_config
+    from minillava.stages import check_instruct_mix, clip_config, llava_config, world_config
     from minillava.tokenizer import get_tokenizer
 
     preset = get_preset(name)
@@ -384,7 +383,7 @@ def test_every_preset_makes_consistent_configs(name):
     assert world_config(preset).image_size == llava.vision.image_size
     assert llava.vision_feature_layer == preset.model.vision_feature_layer
     assert llava.vision_feature_layer == (0 if name == "cpu" else -2)  # -2: LLaVA-1.5's
-    stages_check_curriculum(preset)  # its phases are valid and leave steps for the whole mix
+    check_instruct_mix(preset)  # its phases are valid and leave steps for the whole mix
     for stage in Preset.STAGES:
         cfg = preset.stage(stage)
         assert cfg.batch_size % cfg.grad_accum == 0 and cfg.warmup_steps < cfg.steps
@@ -571,5 +570,8 @@ def test_a_curriculum_longer_than_instruct_stops_the_run_before_any_stage(tmp_pa
     assert _train(tmp_path, "--preset", "cpu", "--steps", "3") == 2
     assert "data.curriculum takes 1000 instruct steps" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.pt"))  # nothing was trained
+    assert _train(tmp_path, "--preset", "tiny", "--set", "data.conversation_rows=0") == 2
+    assert "data.conversation_rows must be in" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.pt"))  # refused before the lm stage too
     assert _train(tmp_path, "--preset", "cpu", "--steps", "3", "--stage", "clip", "--set",
                   "clip.batch_size=4", "--set", "data.train_images=8") == 0  # fmt: skip
