@@ -26,7 +26,8 @@ The model also takes:
 - an `attention_mask` (1 = real token, 0 = padding), with padding on the left or the right;
 - a `KVCache`, so that generating one more token costs one position, not the whole sequence;
 - `return_logits=False` when training: the loss alone, computed only where it is read (the
-  scored positions for the last layer and the LM head, the real tokens for the other MLPs).
+  scored positions for the last layer and the LM head, the real tokens for the other MLPs), and
+  a prefix that every row shares (the system line) computed once (`SharedPrefix`).
 """
 
 from __future__ import annotations
@@ -157,6 +158,37 @@ class KVCache:
         return keys[:, :, :end], values[:, :, :end]
 
 
+class SharedPrefix:
+    """The keys and values of a prefix that every row of a batch shares, computed once.
+
+    Instruction data starts every row with the same tokens: the system line and the user's tag,
+    9 of the ~47 positions of a cpu-preset VQA row. A causal model's outputs at those positions
+    depend on nothing after them, so they are the same in every row, and so are their keys and
+    values. The loss-only path (`Decoder.forward`) runs the prefix on one row, with this object
+    as its cache: each layer's first `update` stores the prefix's keys and values (1, H_kv, n, D).
+    Then it runs the rest of every row, whose `update` puts the stored ones in front of the new
+    ones, broadcast over the B rows: (B, H_kv, n + T_rest, D). The loss and the gradients are
+    those of the whole batch (backward through `expand` sums the rows' gradients for the
+    prefix, as B separate copies would); tests/test_decoder.py checks it. Servers that cache a
+    shared system prompt ("prefix caching") save the same work at inference.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    def update(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer_idx] is None:  # the prefix itself: remember it
+            self.keys[layer_idx], self.values[layer_idx] = k, v
+            return k, v
+        rows = k.shape[0]
+        prefix_k = self.keys[layer_idx].expand(rows, -1, -1, -1)  # a view: no copy per row
+        prefix_v = self.values[layer_idx].expand(rows, -1, -1, -1)
+        return torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
+
+
 @dataclass
 class DecoderOutput:
     logits: torch.Tensor | None  # (B, T, V); None when return_logits=False
@@ -274,7 +306,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: KVCache | None = None,
+        cache: KVCache | SharedPrefix | None = None,
         queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, C); mask (B, 1, T, T_total) True where allowed, or None for plain causal
@@ -355,14 +387,16 @@ class DecoderLayer(nn.Module):
         kept = kept + self.dropout(self.mlp(self.post_attention_layernorm(kept)))
         return x.index_put((keep,), kept)  # a copy of x with those N positions replaced
 
-    def forward_at(self, x, cos, sin, mask, queries: torch.Tensor) -> torch.Tensor:
+    def forward_at(
+        self, x, cos, sin, mask, queries: torch.Tensor, cache: SharedPrefix | None = None
+    ) -> torch.Tensor:
         """The layer's output at some positions only: x (B, T, C), queries (B, Q) -> (B, Q, C).
 
         Every position of x is read (as a key and a value), but only the Q asking positions
         are computed; mask (B, 1, Q, T) from `query_attention_mask`. The last layer, when only
         the loss is wanted, needs nothing more: its other outputs would never be read.
         """
-        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, queries=queries)
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, queries=queries)
         x = gather_positions(x, queries) + self.dropout(attended)  # (B, Q, C)
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
@@ -383,6 +417,9 @@ class Decoder(nn.Module):
             # One matrix both reads tokens in and scores them out: fewer parameters, and a
             # token's input and output representations are learned together.
             self.lm_head.weight = self.embed_tokens.weight
+        # The loss-only path computes a prefix that every row shares once (SharedPrefix).
+        # Exact, so always on; False only to compare against (tests, benchmarks).
+        self.share_prefix = True
 
     def _init_weights(self) -> None:
         """GPT-2 init: every weight matrix N(0, 0.02), norms at 1. The two projections per layer
@@ -418,7 +455,8 @@ class Decoder(nn.Module):
             cache): the same loss and gradients, for less work. The last layer and the LM head
             then run only at the scored positions (10-30% of them in instruction data, where
             prompts and images are not scored), the other layers' MLPs only at the real
-            (non-padding) tokens; `logits` and `hidden_states` are None.
+            (non-padding) tokens, and leading positions that are the same in every row only
+            once (`SharedPrefix`); `logits` and `hidden_states` are None.
         """
         x = self._embed(input_ids, inputs_embeds)  # (B, T, C)
         B, T, _ = x.shape
@@ -465,10 +503,25 @@ class Decoder(nn.Module):
             next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
             queries, valid = positions_where(next_labels != IGNORE_INDEX)  # (B, Q) each
             real = None if attention_mask is None else attention_mask[:, past_len:].bool()
+            n = self.shared_prefix_length(x, attention_mask, position_ids, valid, queries)
+            prefix = None
+            if n:
+                # The first n positions are the same in every row: run them once (row 0),
+                # keep their keys and values, then run only the rest of each row, (B, T - n).
+                prefix = SharedPrefix(len(self.layers))
+                shared = x[:1, :n]  # (1, n, C)
+                for layer in self.layers:
+                    shared = layer(shared, cos[:1, :n], sin[:1, :n], None, prefix)
+                x, cos, sin = x[:, n:], cos[:, n:], sin[:, n:]
+                real = None if real is None else real[:, n:]
+                mask = build_attention_mask(attention_mask, T - n, total_len, x.device)
+            # The scored positions as indices into x (all after the prefix; the unused padding
+            # entries of `queries` may not be, and point at x's first position instead).
+            asking = (queries - n).clamp(min=0)  # (B, Q); queries itself if n == 0
             for layer in self.layers[:-1]:
-                x = run(layer, x, cos, sin, mask, keep=real)  # MLP on real tokens only
-            query_mask = query_attention_mask(queries, attention_mask, total_len)
-            x = run(self.layers[-1].forward_at, x, cos, sin, query_mask, queries)  # (B, Q, C)
+                x = run(layer, x, cos, sin, mask, prefix, keep=real)  # MLP on real tokens only
+            query_mask = query_attention_mask(asking + n, attention_mask, total_len)
+            x = run(self.layers[-1].forward_at, x, cos, sin, query_mask, asking, prefix)
             scored_logits = self.lm_head(self.norm(x[valid]))  # (N, V), not (B, T, V)
             loss = F.cross_entropy(scored_logits.float(), next_labels.gather(1, queries)[valid])
         else:
@@ -485,6 +538,34 @@ class Decoder(nn.Module):
             past_key_values=cache if use_cache else None,
             hidden_states=hidden_states,
         )
+
+    def shared_prefix_length(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        valid: torch.Tensor,
+        queries: torch.Tensor,
+    ) -> int:
+        """How many leading positions the loss-only path may compute once for all rows.
+
+        Those whose inputs x (B, T, C) and positions are equal in every row, that are real
+        tokens in every row, and that no row scores (`queries`, `valid` from positions_where):
+        their outputs are then the same in every row. 0 when there is one row, and in training
+        with dropout (one row's dropout masks shared by all is another computation) or with
+        gradient checkpointing (its recomputation in backward would store the prefix twice).
+        """
+        if not self.share_prefix or x.shape[0] < 2 or not bool(valid.any()):
+            return 0
+        if self.training and (self.config.dropout > 0 or self.config.gradient_checkpointing):
+            return 0
+        same = (x == x[:1]).all(-1).all(0)  # (T,): position t is the same in every row
+        if attention_mask is not None:
+            same &= attention_mask.bool().all(0)
+        if position_ids is not None and position_ids.shape[0] > 1:
+            same &= (position_ids == position_ids[:1]).all(0)
+        n = int(same.long().cumprod(0).sum())  # the leading run of such positions
+        return min(n, int(queries[valid].min()))  # a scored position needs its own row
 
     def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):

@@ -395,6 +395,70 @@ def test_loss_only_needs_no_cache_and_checks_labels():
         model(x, labels=x[:, :3], return_logits=False)
 
 
+def prefixed_batch(n=4, side="right"):
+    """padded_batch whose rows all start with the same n tokens (a system line), none scored."""
+    x, mask, labels = padded_batch(side)
+    x[:, :n] = ids(B=1, T=n, seed=9)
+    labels[:, : n + 1] = -100  # position n - 1 predicts token n: unscored as well
+    return x, mask, labels
+
+
+def shared_length(model, x, mask, labels, position_ids=None):
+    queries, valid = positions_where(F.pad(labels[:, 1:], (0, 1), value=-100) != -100)
+    return model.shared_prefix_length(model.embed_tokens(x), mask, position_ids, valid, queries)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_a_shared_prefix_computed_once_gives_the_same_loss_and_gradients(masked, kv_heads):
+    model = make(num_kv_heads=kv_heads).train()
+    x, mask, labels = prefixed_batch(n=4)
+    mask = mask if masked else None
+    assert shared_length(model, x, mask, labels) == 4
+    results = []
+    for share in (False, True):
+        model.share_prefix = share
+        inputs = dict(input_ids=x, attention_mask=mask, labels=labels, return_logits=False)
+        results.append(loss_and_grads(model, **inputs))
+    (full, full_grads), (shared, shared_grads) = results
+    torch.testing.assert_close(shared.loss, full.loss, atol=1e-6, rtol=0)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_shared_prefix_runs_once_then_the_rest_of_each_row():
+    model = make().train()
+    x, mask, labels = prefixed_batch(n=4)
+    rows_seen = []
+    model.layers[0].mlp.register_forward_hook(
+        lambda module, args, out: rows_seen.append(out.shape[:-1].numel())
+    )
+    model(x, attention_mask=mask, labels=labels, return_logits=False).loss.backward()
+    assert rows_seen == [4, int(mask.sum()) - 3 * 4]  # the prefix once, then the real rest
+
+
+def test_shared_prefix_length_stops_where_rows_differ_or_may_not_share():
+    model = make()
+    x, mask, labels = prefixed_batch(n=4)
+    assert shared_length(model, x, mask, labels) == 4  # the rows differ at position 4
+    scored = labels.clone()
+    scored[0, 3] = x[0, 3]  # position 2 is scored in row 0: it needs that row's own output
+    assert shared_length(model, x, mask, scored) == 2
+    short = mask.clone()
+    short[1, 2:] = 0  # a row whose padding starts inside the prefix
+    assert shared_length(model, x, short, labels) == 2
+    positions = torch.arange(9).repeat(3, 1)
+    positions[2] += 1  # row 2 at other positions: its rotations differ
+    assert shared_length(model, x, mask, labels, positions) == 0
+    assert shared_length(model, x[:1], mask[:1], labels[:1]) == 0  # one row: nothing to share
+    model.share_prefix = False
+    assert shared_length(model, x, mask, labels) == 0
+    for overrides in ({"dropout": 0.1}, {"gradient_checkpointing": True}):
+        other = make(**overrides)
+        assert shared_length(other, x, mask, labels) == 4  # in eval mode they change nothing
+        assert shared_length(other.train(), x, mask, labels) == 0
+
+
 def test_positions_where_lists_each_rows_positions_in_order():
     keep = torch.tensor([[0, 1, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0]]).bool()
     positions, valid = positions_where(keep)

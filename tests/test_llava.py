@@ -177,6 +177,37 @@ def test_loss_only_equals_the_full_logits_loss_and_gradients():
         torch.testing.assert_close(cheap_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_a_system_line_every_row_shares_is_computed_once_with_the_same_gradients():
+    """The decoder's loss-only path runs the rows' common prefix once (decoder.SharedPrefix);
+    spliced image features differ per row, so the prefix ends at the first image."""
+    model = make().train()
+    system = [21, 22, 23]
+    rows = [system + [10, IMAGE, 11, 12], system + [IMAGE, 13, 14], system + [15, 16, IMAGE, 17]]
+    ids, mask = pad_rows(rows)
+    pixels = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :-2] = -100  # the answer: the last two tokens of the longest rows
+    seen = []
+    model.language_model.layers[0].mlp.register_forward_hook(
+        lambda module, args, out: seen.append(out.shape[:-1].numel())
+    )
+    results = []
+    for share in (False, True):
+        model.language_model.share_prefix = share
+        model.zero_grad()
+        out = model(ids, pixels, mask, labels, return_logits=False)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss, grads))
+    real = int(out.attention_mask.sum())
+    assert seen == [real, 3, real - 3 * 3]  # unshared; then the prefix once, and the rest
+    (full, full_grads), (shared, shared_grads) = results
+    torch.testing.assert_close(shared, full, atol=1e-6, rtol=0)
+    assert "projector" in " ".join(shared_grads)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_each_sample_alone_gives_the_same_logits_as_in_the_batch():
     model = make()
     ids, mask, pixels = batch()
