@@ -81,6 +81,8 @@ SAVINGS = {
     "last-layer": "the last decoder layer only at the scored positions (all the loss reads)",
     "padding-mlp": "the other decoder layers' MLPs only at the real (non-padding) tokens",
     "causal-mask": "right-padded batches: plain is_causal attention, no (B, 1, T, T) mask",
+    "shared-prefix": "the positions every row shares (system line, user tag) computed once "
+    "(decoder.SharedPrefix)",
     "vit-early-exit": "the ViT stops at vision_feature_layer (the cpu preset's 0: no block runs; "
     "-2: the last block does not)",
 }
@@ -106,11 +108,13 @@ def disable_savings(names: list[str]) -> None:
             built["mask"] = build_mask(*args, **kwargs)
             return built["mask"]
 
-        def whole_layer_at(self, x, cos, sin, mask, queries):
-            return decoder.gather_positions(self(x, cos, sin, built["mask"]), queries)
+        def whole_layer_at(self, x, cos, sin, mask, queries, cache=None):
+            return decoder.gather_positions(self(x, cos, sin, built["mask"], cache), queries)
 
         decoder.build_attention_mask = recording_build_mask
         decoder.DecoderLayer.forward_at = whole_layer_at
+    if "shared-prefix" in names:  # every row's prefix computed in that row
+        decoder.Decoder.shared_prefix_length = lambda self, *args: 0
     if "vit-early-exit" in names:  # every ViT block, as transformers' LLaVA runs them
 
         def encode_images(self, pixel_values):
