@@ -57,6 +57,10 @@ class DataSizes:
     """How much ShapesWorld each stage sees, and how the instruction mix is made."""
 
     train_images: int = 20_000  # distinct training images (stages draw batches from them)
+    # Keep each training image in memory once drawn (ShapesWorld(cache=True)): `instruct` reads
+    # every one of them a dozen times in the cpu preset, and drawing its batch costs a tenth of
+    # a training step. ~35 KB an image at 48 px (0.7 GB for 20,000), in every process.
+    cache_images: bool = False
     lm_scenes: int = 20_000  # scenes the `lm` stage reads about (as text: no pixels)
     lm_seq_len: int = 320  # longest `lm` text, in tokens (longer ones are cut)
     max_len: int = 256  # longest conversation kept, in tokens before the image is spliced in
@@ -196,8 +200,8 @@ def tiny_preset() -> Preset:
 def cpu_preset() -> Preset:
     """The default of `make train`: all stages, eval included, in under 15 minutes on 2 cores.
 
-    Where the minutes go (measured on a quiet 2-core CPU: 13 min 23 s in all, docs/results.md):
-    instruct, the stage that teaches the model to use the image, gets 677 s of them; the
+    Where the minutes go (measured on a quiet 2-core CPU: 13 min 22 s in all, docs/results.md):
+    instruct, the stage that teaches the model to use the image, gets 681 s of them; the
     decoder stays small (4 x 128) and images small (48 px, 9 image tokens), because on a CPU
     every position of every sequence costs time.
     """
@@ -229,6 +233,8 @@ def cpu_preset() -> Preset:
             # long): about the tokens, and the cost, of a short-answer batch. The time full
             # batches of them took pays for the longer mixture.
             conversation_rows=1 / 3,
+            # Drawn once, read a dozen times: 0.7 GB of memory for about a minute of drawing.
+            cache_images=True,
         ),
         # One question per conversation (data.vqa_questions) makes rows about half as long as
         # eight did: twice the rows per batch cost what the old batches cost.
@@ -237,7 +243,8 @@ def cpu_preset() -> Preset:
         align=StageConfig(
             steps=100, batch_size=32, lr=2e-3, warmup_steps=10, weight_decay=0.0, ckpt_every=50
         ),
-        instruct=StageConfig(steps=2400, batch_size=96, lr=1e-3, warmup_steps=20, ckpt_every=100),
+        # As many steps as fit: 3,200 scored a point more but took 16.5 minutes (session 6).
+        instruct=StageConfig(steps=2800, batch_size=96, lr=1e-3, warmup_steps=20, ckpt_every=100),
         num_threads=2,
         eval_samples=500,
     )

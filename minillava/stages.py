@@ -534,7 +534,9 @@ def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, wor
         )  # fmt: skip
         return StagePlan(Decoder(cfg), batches, asdict(cfg))
 
-    images = ShapesWorld("train", preset.data.train_images, world, seed=seed)
+    images = ShapesWorld(
+        "train", preset.data.train_images, world, seed=seed, cache=preset.data.cache_images
+    )
     if name == "clip":
         from minillava.clip import CLIP
 

@@ -565,6 +565,22 @@ def test_conversation_batches_hold_their_share_of_the_rows_and_vqa_batches_all(t
                         get_tokenizer(), tmp_path)  # fmt: skip
 
 
+def test_cached_images_are_drawn_once_and_give_the_same_batches(tmp_path):
+    from minillava.stages import build_stage
+    from minillava.tokenizer import get_tokenizer
+
+    preset = apply_overrides(get_preset("tiny"), ["data.train_images=24", "instruct.batch_size=8"])
+    plain = build_stage("instruct", preset, get_tokenizer(), tmp_path).batches
+    cached = apply_overrides(preset, ["data.cache_images=true"])  # (in place)
+    batches = build_stage("instruct", cached, get_tokenizer(), tmp_path).batches
+    assert plain.world.cache is None and batches.world.cache == {}
+    for m in range(6):  # two epochs of 3 batches: the second reads only cached images
+        for key, value in plain[m].items():
+            assert torch.equal(batches[m][key], value), (m, key)
+    assert len(batches.world.cache) == 24
+    assert get_preset("cpu").data.cache_images and not get_preset("gpu").data.cache_images
+
+
 def test_a_curriculum_longer_than_instruct_stops_the_run_before_any_stage(tmp_path, capsys):
     # --steps 3 cuts every stage of the cpu preset to 3 steps, its curriculum stays 1,000 long.
     assert _train(tmp_path, "--preset", "cpu", "--steps", "3") == 2
