@@ -514,6 +514,8 @@ class Decoder(nn.Module):
                     shared = layer(shared, cos[:1, :n], sin[:1, :n], None, prefix)
                 x, cos, sin = x[:, n:], cos[:, n:], sin[:, n:]
                 real = None if real is None else real[:, n:]
+                # T - n queries over T keys needs a mask (its diagonal shifted right by n):
+                # SDPA's is_causal would align the queries with the first keys, not the last.
                 mask = build_attention_mask(attention_mask, T - n, total_len, x.device)
             # The scored positions as indices into x (all after the prefix; the unused padding
             # entries of `queries` may not be, and point at x's first position instead).
