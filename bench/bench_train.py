@@ -113,8 +113,6 @@ def disable_savings(names: list[str]) -> None:
 
         decoder.build_attention_mask = recording_build_mask
         decoder.DecoderLayer.forward_at = whole_layer_at
-    if "shared-prefix" in names:  # every row's prefix computed in that row
-        decoder.Decoder.shared_prefix_length = lambda self, *args: 0
     if "vit-early-exit" in names:  # every ViT block, as transformers' LLaVA runs them
 
         def encode_images(self, pixel_values):
@@ -186,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = get_tokenizer()
     config = tiny_llava_config(tokenizer, vision_feature_layer=args.vision_feature_layer)
     ours = Llava(config).train()
+    # The decoder's own switch (the other savings are patched in by disable_savings).
+    ours.language_model.share_prefix = "shared-prefix" not in disabled
     theirs = to_hf(ours).train()  # same weights, copied
     theirs.config.use_cache = False
     batch = make_batch(tokenizer, args.batch_size, args.data, args.seed)
