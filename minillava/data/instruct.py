@@ -462,6 +462,12 @@ def vqa_prompt(question: str, with_image: bool = True) -> str:
     itself as the object asked about; the answer position then reads the marked token.
     Measured in the cpu preset (docs/results.md): position questions go from chance to more
     than half right in the same number of steps.
+
+    The instruction stays after the image, although before the question it would be the same
+    opening in every row, which the training loop computes once per batch (SharedPrefix), for
+    a quarter cheaper steps. Its nine tokens are nine positions that read the image tokens
+    before the answer does, and the model uses them: moved first, it lost two to three points
+    on the look-up questions (docs/results.md, session 7).
     """
     image = "\n<image>" if with_image else ""
     return f"{question}{image}{ANSWER_SUFFIX}"
