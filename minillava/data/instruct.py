@@ -466,8 +466,9 @@ def vqa_prompt(question: str, with_image: bool = True) -> str:
     The instruction stays after the image, although before the question it would be the same
     opening in every row, which the training loop computes once per batch (SharedPrefix), for
     a quarter cheaper steps. Its nine tokens are nine positions that read the image tokens
-    before the answer does, and the model uses them: moved first, it lost two to three points
-    on the look-up questions (docs/results.md, session 7).
+    before the answer does, and the model seems to use them: moved first, the look-up
+    questions formed later and less reliably (79% overall instead of 90% at the cpu preset's
+    steps, docs/results.md, session 7).
     """
     image = "\n<image>" if with_image else ""
     return f"{question}{image}{ANSWER_SUFFIX}"
