@@ -467,8 +467,8 @@ def vqa_prompt(question: str, with_image: bool = True) -> str:
     opening in every row, which the training loop computes once per batch (SharedPrefix), for
     a quarter cheaper steps. Its nine tokens are nine positions that read the image tokens
     before the answer does, and the model seems to use them: moved first, the look-up
-    questions formed later and less reliably (79% overall instead of 90% at the cpu preset's
-    steps, docs/results.md, session 7).
+    questions formed later and less reliably (79.4% overall instead of 89.8% at the cpu
+    preset's steps, docs/results.md, session 7).
     """
     image = "\n<image>" if with_image else ""
     return f"{question}{image}{ANSWER_SUFFIX}"
