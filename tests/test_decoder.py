@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import loss_and_grads
 
 from minillava import decoder as decoder_module
 from minillava.decoder import (
@@ -331,13 +332,6 @@ def padded_batch(side="right"):
     return x, mask, labels
 
 
-def loss_and_grads(model, **inputs):
-    model.zero_grad()
-    out = model(**inputs)
-    out.loss.backward()
-    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("side", ["right", "left", None])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_loss_only_equals_the_full_logits_loss_and_gradients(side, checkpointing):
@@ -351,6 +345,8 @@ def test_loss_only_equals_the_full_logits_loss_and_gradients(side, checkpointing
     assert full.logits.shape == (3, 9, V)
     assert cheap.logits is None and cheap.hidden_states is None
     torch.testing.assert_close(cheap.loss, full.loss, atol=1e-6, rtol=0)
+    every_weight = dict(model.named_parameters()).keys()
+    assert full_grads.keys() == cheap_grads.keys() == every_weight  # all get a gradient
     for name, grad in full_grads.items():
         torch.testing.assert_close(cheap_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
@@ -422,6 +418,8 @@ def test_a_shared_prefix_computed_once_gives_the_same_loss_and_gradients(masked,
         results.append(loss_and_grads(model, **inputs))
     (full, full_grads), (shared, shared_grads) = results
     torch.testing.assert_close(shared.loss, full.loss, atol=1e-6, rtol=0)
+    every_weight = dict(model.named_parameters()).keys()
+    assert full_grads.keys() == shared_grads.keys() == every_weight  # all get a gradient
     for name, grad in full_grads.items():
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
+from tiny_models import loss_and_grads
 
 from minillava.decoder import DecoderConfig
 from minillava.llava import Llava, LlavaConfig, splice_image_tokens
@@ -162,14 +163,8 @@ def test_loss_only_equals_the_full_logits_loss_and_gradients():
     labels = ids.masked_fill(mask == 0, -100)
     labels[0, :3] = -100  # a prompt
     labels[1] = -100  # a row with nothing to learn
-    results = []
-    for return_logits in (True, False):
-        model.zero_grad()
-        out = model(ids, pixels, mask, labels, return_logits=return_logits)
-        out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((out, grads))
-    (full, full_grads), (cheap, cheap_grads) = results
+    full, full_grads = loss_and_grads(model, ids, pixels, mask, labels, return_logits=True)
+    cheap, cheap_grads = loss_and_grads(model, ids, pixels, mask, labels, return_logits=False)
     assert cheap.logits is None and full.logits.shape[:2] == cheap.labels.shape
     torch.testing.assert_close(cheap.loss, full.loss, atol=1e-6, rtol=0)
     assert full_grads.keys() == cheap_grads.keys()
@@ -194,15 +189,11 @@ def test_a_system_line_every_row_shares_is_computed_once_with_the_same_gradients
     results = []
     for share in (False, True):
         model.language_model.share_prefix = share
-        model.zero_grad()
-        out = model(ids, pixels, mask, labels, return_logits=False)
-        out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((out.loss, grads))
-    real = int(out.attention_mask.sum())
-    assert seen == [real, 3, real - 3 * 3]  # unshared; then the prefix once, and the rest
+        results.append(loss_and_grads(model, ids, pixels, mask, labels, return_logits=False))
     (full, full_grads), (shared, shared_grads) = results
-    torch.testing.assert_close(shared, full, atol=1e-6, rtol=0)
+    real = int(shared.attention_mask.sum())
+    assert seen == [real, 3, real - 3 * 3]  # unshared; then the prefix once, and the rest
+    torch.testing.assert_close(shared.loss, full.loss, atol=1e-6, rtol=0)
     assert "projector" in " ".join(shared_grads)
     for name, grad in full_grads.items():
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)

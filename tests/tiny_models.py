@@ -1,4 +1,13 @@
-"""Tiny model configs shared by the model-level tests: `from tiny_models import ...`."""
+"""Tiny model configs and helpers shared by the model-level tests: `from tiny_models import ...`."""
+
+
+def loss_and_grads(model, *args, **kwargs):
+    """One forward and backward from zeroed gradients: (output, {name: gradient}) of every
+    parameter that got one (frozen or unused ones get none)."""
+    model.zero_grad()
+    out = model(*args, **kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def tiny_llava_config(tokenizer, **text_overrides):
