@@ -486,7 +486,6 @@ class Decoder(nn.Module):
             position_ids = default_position_ids(attention_mask, past_len, T, x.device)
         cos, sin = self.rotary(position_ids.expand(B, T))
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        mask = build_attention_mask(attention_mask, T, total_len, x.device)
 
         checkpointing = self.config.gradient_checkpointing and self.training and cache is None
 
@@ -514,9 +513,9 @@ class Decoder(nn.Module):
                     shared = layer(shared, cos[:1, :n], sin[:1, :n], None, prefix)
                 x, cos, sin = x[:, n:], cos[:, n:], sin[:, n:]
                 real = None if real is None else real[:, n:]
-                # T - n queries over T keys needs a mask (its diagonal shifted right by n):
-                # SDPA's is_causal would align the queries with the first keys, not the last.
-                mask = build_attention_mask(attention_mask, T - n, total_len, x.device)
+            # T - n queries over T keys: with a shared prefix the mask's diagonal is shifted
+            # right by n (SDPA's is_causal would align the queries with the first keys).
+            mask = build_attention_mask(attention_mask, T - n, total_len, x.device)
             # The scored positions as indices into x (all after the prefix; the unused padding
             # entries of `queries` may not be, and point at x's first position instead).
             asking = (queries - n).clamp(min=0)  # (B, Q); queries itself if n == 0
@@ -527,6 +526,7 @@ class Decoder(nn.Module):
             scored_logits = self.lm_head(self.norm(x[valid]))  # (N, V), not (B, T, V)
             loss = F.cross_entropy(scored_logits.float(), next_labels.gather(1, queries)[valid])
         else:
+            mask = build_attention_mask(attention_mask, T, total_len, x.device)
             for layer in self.layers:
                 x = run(layer, x, cos, sin, mask, cache)
             hidden_states = self.norm(x)
