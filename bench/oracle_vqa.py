@@ -104,13 +104,18 @@ def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells)
 
 
 @torch.no_grad()
-def accuracy(decoder, cells, world, tokenizer, types, n_images=240) -> dict[str, float]:
-    """Teacher-forced exact match per type on `n_images` validation images, 2 questions each."""
+def accuracy(
+    decoder, cells, world, tokenizer, types, n_images=240, questions=2
+) -> dict[str, float]:
+    """Teacher-forced exact match per type on `n_images` validation images, `questions` each
+    (1: every question before the image, the eval's format; 2: the second one after it)."""
     decoder.eval()
     rng, right, total = random.Random(123), {}, {}
     for start in range(0, n_images, 48):
         indices = range(start, min(start + 48, n_images))
-        x, y, mask, asked = make_batch(world, indices, types, 2, rng, tokenizer, decoder, cells)
+        x, y, mask, asked = make_batch(
+            world, indices, types, questions, rng, tokenizer, decoder, cells
+        )
         predicted = decoder(inputs_embeds=x, attention_mask=mask).logits[:, :-1].argmax(-1)
         target = y[:, 1:]
         for b, row_types in enumerate(asked):
@@ -137,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--questions", type=int, default=8, help="per image, as in instruct")
+    parser.add_argument(
+        "--eval-questions", type=int, default=2, help="per validation image (1: the eval's format)"
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
@@ -173,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     rng, history, start = random.Random(args.seed), [], time.time()
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
-            acc = accuracy(decoder, cells, val, tokenizer, types)
+            acc = accuracy(decoder, cells, val, tokenizer, types, questions=args.eval_questions)
             history.append({"step": step, "seconds": round(time.time() - start), **acc})
             per_type = " ".join(f"{k} {v:.2f}" for k, v in acc.items() if k != "overall")
             print(f"step {step:5d}  overall {acc['overall']:.3f}  {per_type}", flush=True)
