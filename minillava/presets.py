@@ -200,7 +200,8 @@ def tiny_preset() -> Preset:
 def cpu_preset() -> Preset:
     """The default of `make train`: all stages, eval included, in under 15 minutes on 2 cores.
 
-    Where the minutes go (measured on a quiet 2-core CPU: 13 min 22 s in all, docs/results.md):
+    Where the minutes go (measured on a quiet 2-core CPU: 13 min 22 s in all, 16 min 20 s on a
+    day the same machine ran slower; docs/results.md):
     instruct, the stage that teaches the model to use the image, gets 681 s of them; the
     decoder stays small (4 x 128) and images small (48 px, 9 image tokens), because on a CPU
     every position of every sequence costs time.
