@@ -198,7 +198,7 @@ def tiny_preset() -> Preset:
 
 
 def cpu_preset() -> Preset:
-    """The default of `make train`: all stages, eval included, in under 15 minutes on 2 cores.
+    """The default of `make train`: all stages, eval included, sized for 15 minutes on 2 cores.
 
     Where the minutes go (measured on a quiet 2-core CPU: 13 min 22 s in all, 16 min 20 s on a
     day the same machine ran slower; docs/results.md):
