@@ -12,6 +12,9 @@ every one of its tokens is the argmax).
     python bench/oracle_vqa.py                          # all types, 1000 steps (~15 min, 1 core)
     python bench/oracle_vqa.py --types colour --steps 200
     python bench/oracle_vqa.py --hidden-size 256 --steps 200
+    # "Is A left of B?" alone, in two-object scenes, after 300 steps of the look-ups:
+    python bench/oracle_vqa.py --types relation --relation-forms pair --objects 2 \
+        --warm-types colour,position,shape --warm-steps 300 --questions 1 --eval-questions 1
 
 If the decoder cannot learn the mixture from perfect tokens within the steps a CPU budget allows,
 no change to the vision side can make `make train` reach the accuracy goal within that budget.
@@ -75,14 +78,45 @@ class OracleCells(nn.Module):
         return cells + self.position(torch.arange(GRID))  # (9, C)
 
 
-def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells):
-    """(inputs_embeds (B, T, C), labels (B, T), attention_mask (B, T), types per row)."""
+# Relation questions come in three forms (data.instruct.ask_relation); the script can train on
+# some of them only, and reports each apart ("relation:pair" ...), told apart by their wording.
+RELATION_FORMS = ("pair", "any", "nearest")
+
+
+def relation_form(question: str) -> str:
+    """ "Is A left of B?" -> pair; "Is there a shape left of A?" -> any; "Which shape is
+    nearest to A?" (or closest) -> nearest."""
+    if "nearest" in question or "closest" in question:
+        return "nearest"
+    return "any" if "Is there a shape" in question else "pair"
+
+
+def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells, options=None):
+    """(inputs_embeds (B, T, C), labels (B, T), attention_mask (B, T), types per row).
+
+    `options` may restrict the scenes (`objects`: the object counts allowed) and the relation
+    questions (`relation_forms`); a scene that cannot give an allowed question is swapped for
+    another of `world`, drawn with `rng`. A relation question's type reads "relation:FORM".
+    """
+    objects = (options or {}).get("objects")
+    forms = (options or {}).get("relation_forms", RELATION_FORMS)
     rows, labels, asked = [], [], []
     for i in indices:
-        scene = world.scene(i)  # the annotation only: no pixels are drawn
         # Exactly the instruct stage's VQA conversation, restricted to `types`.
         weights = {t: float(t in types) for t in QUESTION_TYPES}
-        turns, row_types = vqa_turns(scene, rng, world.config, questions, weights)
+        for _attempt in range(1000):
+            scene = world.scene(i)  # the annotation only: no pixels are drawn
+            if objects is None or len(scene.objects) in objects:
+                turns, row_types = vqa_turns(scene, rng, world.config, questions, weights)
+                row_types = [
+                    f"{kind}:{relation_form(turn['value'])}" if kind == "relation" else kind
+                    for kind, turn in zip(row_types, turns[::2], strict=True)
+                ]
+                if all(k.split(":")[-1] in forms for k in row_types if k.startswith("relation")):
+                    break
+            i = rng.randrange(len(world))  # e.g. one object: no "Is A left of B?" to ask
+        else:
+            raise RuntimeError(f"no scene of {world.split!r} gives {types} with {options}")
         ids, scored = tokenizer.render(turns)
         at = ids.index(tokenizer.image_id)
         embed = decoder.embed_tokens
@@ -105,16 +139,17 @@ def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells)
 
 @torch.no_grad()
 def accuracy(
-    decoder, cells, world, tokenizer, types, n_images=240, questions=2
+    decoder, cells, world, tokenizer, types, n_images=240, questions=2, options=None
 ) -> dict[str, float]:
     """Teacher-forced exact match per type on `n_images` validation images, `questions` each
-    (1: every question before the image, the eval's format; 2: the second one after it)."""
+    (1: every question before the image, the eval's format; 2: the second one after it).
+    Relation is also reported by form ("relation:pair", ...); "overall" counts each answer once."""
     decoder.eval()
     rng, right, total = random.Random(123), {}, {}
     for start in range(0, n_images, 48):
         indices = range(start, min(start + 48, n_images))
         x, y, mask, asked = make_batch(
-            world, indices, types, questions, rng, tokenizer, decoder, cells
+            world, indices, types, questions, rng, tokenizer, decoder, cells, options
         )
         predicted = decoder(inputs_embeds=x, attention_mask=mask).logits[:, :-1].argmax(-1)
         target = y[:, 1:]
@@ -128,11 +163,13 @@ def accuracy(
                     answers.append([p])
             for kind, answer in zip(row_types, answers, strict=True):
                 ok = bool((predicted[b, answer] == target[b, answer]).all())
-                right[kind] = right.get(kind, 0) + ok
-                total[kind] = total.get(kind, 0) + 1
+                for key in {kind, kind.split(":")[0]}:  # "relation:pair" counts for relation too
+                    right[key] = right.get(key, 0) + ok
+                    total[key] = total.get(key, 0) + 1
     decoder.train()
     result = {kind: right[kind] / total[kind] for kind in sorted(total)}
-    result["overall"] = sum(right.values()) / sum(total.values())
+    plain = [kind for kind in total if ":" not in kind]
+    result["overall"] = sum(right[k] for k in plain) / sum(total[k] for k in plain)
     return result
 
 
@@ -151,12 +188,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--relation-forms",
+        default=",".join(RELATION_FORMS),
+        help="which relation questions to ask (comma-separated; e.g. pair: 'Is A left of B?')",
+    )
+    parser.add_argument(
+        "--objects", default="", help="only scenes with these object counts (e.g. 2 or 2,3)"
+    )
+    parser.add_argument(
+        "--warm-types",
+        default="",
+        help="train on these types first (e.g. colour,position,shape: the look-ups), then --types",
+    )
+    parser.add_argument("--warm-steps", type=int, default=0, help="steps of --warm-types")
+    parser.add_argument("--val-images", type=int, default=240)
     parser.add_argument("--out", type=Path, default=Path("bench/results/oracle_vqa.json"))
     args = parser.parse_args(argv)
     types = tuple(args.types.split(","))
-    unknown = [t for t in types if t not in QUESTION_TYPES]
-    if unknown:
-        parser.error(f"--types: unknown {unknown}; expected some of {QUESTION_TYPES}")
+    warm_types = tuple(args.warm_types.split(",")) if args.warm_types else types
+    for flag, chosen in (("--types", types), ("--warm-types", warm_types)):
+        unknown = [t for t in chosen if t not in QUESTION_TYPES]
+        if unknown:
+            parser.error(f"{flag}: unknown {unknown}; expected some of {QUESTION_TYPES}")
+    forms = tuple(args.relation_forms.split(","))
+    if not set(forms) <= set(RELATION_FORMS) or not forms:
+        parser.error(f"--relation-forms: expected some of {RELATION_FORMS}, got {forms}")
+    try:
+        objects = tuple(int(k) for k in args.objects.split(",")) if args.objects else None
+    except ValueError:
+        parser.error(f"--objects: expected counts like 2 or 2,3, got {args.objects!r}")
+    options = {"relation_forms": forms, "objects": objects}
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -181,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     rng, history, start = random.Random(args.seed), [], time.time()
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
-            acc = accuracy(decoder, cells, val, tokenizer, types, questions=args.eval_questions)
+            acc = accuracy(
+                decoder, cells, val, tokenizer, types, args.val_images, args.eval_questions, options
+            )
             history.append({"step": step, "seconds": round(time.time() - start), **acc})
             per_type = " ".join(f"{k} {v:.2f}" for k, v in acc.items() if k != "overall")
             print(f"step {step:5d}  overall {acc['overall']:.3f}  {per_type}", flush=True)
@@ -193,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * warm * cosine
         indices = [rng.randrange(len(train)) for _ in range(args.batch_size)]
+        step_types = warm_types if step < args.warm_steps else types
         x, y, mask, _ = make_batch(
-            train, indices, types, args.questions, rng, tokenizer, decoder, cells
+            train, indices, step_types, args.questions, rng, tokenizer, decoder, cells, options
         )
         loss = decoder(inputs_embeds=x, attention_mask=mask, labels=y).loss
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,64 @@
+"""bench/oracle_vqa.py: the relation forms it tells apart, and the questions it restricts to."""
+
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+
+from minillava.data.instruct import ask_relation
+from minillava.data.shapes import ShapesWorld, WorldConfig
+from minillava.tokenizer import get_tokenizer
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "oracle_vqa.py"
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    spec = importlib.util.spec_from_file_location("oracle_vqa", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_relation_form_read_from_the_wording_matches_the_query_asked(oracle):
+    # The script tells the forms apart by their wording: if a template changes, this fails.
+    world, rng = ShapesWorld("train", 300, WorldConfig(image_size=48)), random.Random(0)
+    op_to_form = {"relation": "pair", "any_relation": "any", "nearest": "nearest"}
+    seen = set()
+    for i in range(300):
+        qa = ask_relation(world.scene(i), rng, world.config)
+        assert oracle.relation_form(qa.question) == op_to_form[qa.query["op"]], qa.question
+        seen.add(qa.query["op"])
+    assert seen == set(op_to_form)
+
+
+def test_make_batch_asks_only_the_forms_and_scenes_allowed(oracle):
+    tokenizer = get_tokenizer()
+    decoder = oracle.Decoder(
+        oracle.DecoderConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=16, num_layers=1, num_heads=2,
+            intermediate_size=32, max_seq_len=512,
+        )
+    )  # fmt: skip
+    oracle_cells, scenes = oracle.OracleCells(16), []
+
+    def cells(scene):  # the oracle tokens, and a record of the scenes they were built from
+        scenes.append(scene)
+        return oracle_cells(scene)
+
+    world, rng = ShapesWorld("val", 200, WorldConfig(image_size=48)), random.Random(0)
+    options = {"relation_forms": ("pair",), "objects": (2,)}
+    x, y, mask, asked = oracle.make_batch(
+        world, range(24), ("relation",), 1, rng, tokenizer, decoder, cells, options
+    )
+    assert asked == [["relation:pair"]] * 24  # scenes that cannot give one were swapped
+    assert [len(scene.objects) for scene in scenes] == [2] * 24
+    assert x.shape[:2] == y.shape == mask.shape and x.shape[0] == 24
+
+    _, _, _, asked = oracle.make_batch(
+        world, range(48), ("relation", "colour"), 1, rng, tokenizer, decoder, cells
+    )
+    kinds = {kind for row in asked for kind in row}
+    assert "colour" in kinds and kinds <= {"colour", "relation:pair", "relation:any",
+                                           "relation:nearest"}  # fmt: skip
