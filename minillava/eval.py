@@ -75,7 +75,8 @@ class EvalResult:
     """Exact-match accuracy of one run: overall, per question type, and every answer.
 
     `records` holds one dict per question: index, type, question, answer (truth), prediction
-    (raw), correct; the first few also carry "pixel_values" (3, H, W) for `plot_gallery`.
+    (raw), correct, and where the item says so "objects" (shapes in the image) and "op" (the
+    question's program); the first few also carry "pixel_values" (3, H, W) for `plot_gallery`.
     """
 
     split: str
@@ -104,6 +105,26 @@ class EvalResult:
                 groups.setdefault(record["objects"], []).append(record["correct"])
         return {k: (sum(v) / len(v), len(v)) for k, v in sorted(groups.items())}
 
+    @property
+    def by_op(self) -> dict[str, dict[str, tuple[float, int]]]:
+        """Accuracy and count by the program a question runs, for types asked in several ways.
+
+        A type's one number can hide a form the model never learnt: relation is "Is A left of
+        B?" (op "relation"), "Is there a shape left of A?" ("any_relation") and "Which shape is
+        nearest to A?" ("nearest"); the first is a coin flip for the cpu preset's model while
+        the second is mostly right (docs/results.md, session 9). {type: {op: (accuracy, n)}}.
+        """
+        groups: dict[str, dict[str, list[bool]]] = {}
+        for record in self.records:
+            if "op" in record:
+                groups.setdefault(record["type"], {}).setdefault(record["op"], [])
+                groups[record["type"]][record["op"]].append(record["correct"])
+        return {
+            kind: {op: (sum(v) / len(v), len(v)) for op, v in sorted(ops.items())}
+            for kind, ops in sorted(groups.items())
+            if len(ops) > 1
+        }
+
     def to_dict(self) -> dict:
         """JSON-ready summary (no tensors)."""
         records = [{k: v for k, v in r.items() if k != "pixel_values"} for r in self.records]
@@ -114,6 +135,9 @@ class EvalResult:
             "per_type": self.per_type,
             "counts": self.counts,
             "by_objects": {str(k): acc for k, (acc, _) in self.by_objects.items()},
+            "by_op": {
+                kind: {op: acc for op, (acc, _) in ops.items()} for kind, ops in self.by_op.items()
+            },
             "blind": self.blind,
             "blind_mode": self.blind_mode,
             "records": records,
@@ -148,6 +172,8 @@ def score(
             }
             if item.get("scene") is not None:
                 record["objects"] = len(item["scene"].objects)
+            if item.get("op") is not None:
+                record["op"] = item["op"]
             if len(records) < keep_images and item.get("pixel_values") is not None:
                 record["pixel_values"] = item["pixel_values"].detach().cpu()
             records.append(record)
@@ -369,6 +395,9 @@ def format_table(result: EvalResult, blind: EvalResult | None = None) -> str:
     if by_objects:
         shapes = ", ".join(f"{k}: {acc:.0%} (n={count})" for k, (acc, count) in by_objects.items())
         lines.append(f"by shapes in the image: {shapes}")
+    for kind, ops in result.by_op.items():
+        forms = ", ".join(f"{op} {acc:.0%} (n={count})" for op, (acc, count) in ops.items())
+        lines.append(f"{kind} by question form: {forms}")
     return "\n".join(lines)
 
 

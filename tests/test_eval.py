@@ -105,6 +105,35 @@ def test_accuracy_by_the_number_of_shapes_in_the_image(items):
     assert score([{"question": "q", "answer": "a", "type": "t"}], lambda b: ["a"]).by_objects == {}
 
 
+def test_accuracy_by_question_form_for_the_types_asked_in_several_ways():
+    """Relation right on "Is there a shape left of A?", wrong on "Is A left of B?": the split
+    shows in by_op and in the table; a type asked one way only (colour) is not listed."""
+    fake = [
+        {"question": "q", "answer": "yes", "type": "relation", "op": "any_relation"},
+        {"question": "q", "answer": "yes", "type": "relation", "op": "any_relation"},
+        {"question": "q", "answer": "no", "type": "relation", "op": "relation"},
+        {"question": "q", "answer": "no", "type": "relation", "op": "relation"},
+        {"question": "q", "answer": "no", "type": "relation", "op": "relation"},
+        {"question": "q", "answer": "red", "type": "colour", "op": "colour_of"},
+        {"question": "q", "answer": "red", "type": "colour"},  # an item without an op
+    ]
+    result = score(fake, lambda batch: ["yes" for _ in batch])
+    assert result.by_op == {"relation": {"any_relation": (1.0, 2), "relation": (0.0, 3)}}
+    assert result.to_dict()["by_op"] == {"relation": {"any_relation": 1.0, "relation": 0.0}}
+    table = format_table(result)
+    assert "relation by question form: any_relation 100% (n=2), relation 0% (n=3)" in table
+    assert "colour by question form" not in table
+
+
+def test_vqa_items_name_the_program_of_their_question(items):
+    # The eval's items carry the query's op, so by_op works on a real split.
+    assert all(isinstance(item["op"], str) and item["op"] for item in items)
+    ops = {item["type"]: set() for item in items}
+    for item in items:
+        ops[item["type"]].add(item["op"])
+    assert ops.get("colour", {"colour_of"}) == {"colour_of"}
+
+
 def test_evaluate_on_a_tiny_random_model(tiny_model, tokenizer, items):
     result = evaluate(tiny_model, tokenizer, "test", items=items, batch_size=8, max_new_tokens=3)
     assert isinstance(result, EvalResult)

@@ -636,6 +636,7 @@ class VQADataset(torch.utils.data.Dataset):
             "question": qa.question,
             "answer": qa.answer,
             "type": qa.type,
+            "op": qa.query["op"],  # the program the question runs: relation, any_relation, ...
             "scene": sample.scene,
             "conversations": [
                 _turn("human", vqa_prompt(qa.question)),
