@@ -100,10 +100,10 @@ def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells,
     """
     objects = (options or {}).get("objects")
     forms = (options or {}).get("relation_forms", RELATION_FORMS)
+    # Exactly the instruct stage's VQA conversations, restricted to `types`.
+    weights = {t: float(t in types) for t in QUESTION_TYPES}
     rows, labels, asked = [], [], []
     for i in indices:
-        # Exactly the instruct stage's VQA conversation, restricted to `types`.
-        weights = {t: float(t in types) for t in QUESTION_TYPES}
         for _attempt in range(1000):
             scene = world.scene(i)  # the annotation only: no pixels are drawn
             if objects is None or len(scene.objects) in objects:

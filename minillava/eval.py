@@ -117,8 +117,8 @@ class EvalResult:
         groups: dict[str, dict[str, list[bool]]] = {}
         for record in self.records:
             if "op" in record:
-                groups.setdefault(record["type"], {}).setdefault(record["op"], [])
-                groups[record["type"]][record["op"]].append(record["correct"])
+                ops = groups.setdefault(record["type"], {})
+                ops.setdefault(record["op"], []).append(record["correct"])
         return {
             kind: {op: (sum(v) / len(v), len(v)) for op, v in sorted(ops.items())}
             for kind, ops in sorted(groups.items())
