@@ -17,6 +17,11 @@ Before the softmax the cosines are multiplied by a learned scale, exp(logit_scal
 cosines only span [-1, 1], far too flat for a confident choice among B candidates. CLIP starts at
 temperature 0.07 (scale 14.3) and caps the scale at 100 so training cannot make it explode.
 
+Several processes (DDP): each holds a share of the batch, and a loss over its own share alone
+would give each image B / N captions to choose from instead of B. So in training the embeddings
+are gathered from every process first (`gather_batch`), and each one computes the loss of the
+whole batch, exactly as a single process would.
+
 Once trained, the text encoder turns class names into a classifier with no further training: embed
 "a red circle", "a blue square", ... once, then label each image by its most similar text
 (`zero_shot_classify`).
@@ -29,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -162,6 +168,35 @@ class CLIPOutput:
     text_embeds: Tensor  # (B_txt, E), L2-normalised
 
 
+class _GatherBatch(torch.autograd.Function):
+    """all_gather along the batch, with a backward that sends each process its rows' gradient.
+
+    Every process computes the same loss from the gathered batch, so the gradient on process
+    r's rows is the sum of what every process's loss sends them (all_reduce), N times the
+    gradient of the one loss; DDP's average over the N processes then makes it exact.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)  # (N * B_local, ...), process 0's rows first
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # sum over processes (gloo and NCCL both have it)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
+
+
+def gather_batch(x: Tensor) -> Tensor:
+    """(B_local, E) -> (B, E): this process's rows and every other's (itself when alone)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherBatch.apply(x)
+
+
 def clip_loss(logits_per_image: Tensor) -> Tensor:
     """Symmetric cross-entropy: image i should pick text i, and text i should pick image i.
 
@@ -214,6 +249,8 @@ class CLIP(nn.Module):
     ) -> CLIPOutput:
         image_embeds = self.encode_image(pixel_values)  # (B_img, E)
         text_embeds = self.encode_text(input_ids, attention_mask)  # (B_txt, E)
+        if self.training:  # under DDP: contrast against the whole batch, not this share of it
+            image_embeds, text_embeds = gather_batch(image_embeds), gather_batch(text_embeds)
         logits_per_image = self.scale() * image_embeds @ text_embeds.T  # scaled cosines
         square = logits_per_image.shape[0] == logits_per_image.shape[1]
         return CLIPOutput(
