@@ -134,7 +134,12 @@ class Preset:
     compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
     gradient_checkpointing: bool = False  # recompute decoder activations in backward
     num_workers: int = 0  # DataLoader worker processes
-    num_threads: int = 0  # torch CPU threads (0: leave torch's default)
+    num_threads: int = 0  # torch CPU threads, of all processes together (0: torch's default)
+    # On a CPU: train as this many data-parallel processes (DDP over gloo, started as torchrun
+    # would), num_threads shared out among them. A small model's matrix products keep two threads
+    # of one process partly idle; two processes of one thread each, each on half of the batch,
+    # do not (docs/results.md, session 10). Ignored on a GPU, and under torchrun.
+    cpu_processes: int = 1
     # Instruct stage: full fine-tuning of the decoder, or LoRA adapters (lora.py).
     lora: bool = False
     lora_rank: int = 8
@@ -247,6 +252,7 @@ def cpu_preset() -> Preset:
         # As many steps as fit: 3,200 scored a point more but took 16.5 minutes (session 6).
         instruct=StageConfig(steps=2800, batch_size=96, lr=1e-3, warmup_steps=20, ckpt_every=100),
         num_threads=2,
+        cpu_processes=2,
         eval_samples=500,
     )
 

@@ -38,6 +38,7 @@ import inspect
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -505,11 +506,38 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     return apply_overrides(preset, args.set)
 
 
+def threads_per_process(num_threads: int, processes: int) -> int:
+    """A CPU's share of `num_threads` (0: one per core) for each of `processes` processes."""
+    return max(1, (num_threads or os.cpu_count() or 1) // processes)
+
+
+def launch_cpu_processes(preset: Preset, argv: list[str]) -> int:
+    """Run this same command as `preset.cpu_processes` data-parallel processes, as torchrun does.
+
+    Each process takes 1/N of every batch with num_threads / N threads (at least one), and DDP
+    averages their gradients over gloo: the same training, more of the CPU kept busy.
+    """
+    n = preset.cpu_processes
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+        "-m", "minillava.train", *argv,
+    ]  # fmt: skip
+    # torchrun itself would set 1 (with a warning); say it, so OpenMP starts no extra threads.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process(preset.num_threads, n))}
+    process = subprocess.Popen(command, env=env)
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:  # torchrun got the same Ctrl-C and stops its workers
+            continue
+
+
 def main(argv: list[str] | None = None) -> int:
     from minillava import stages as stage_lib
     from minillava.lora import merge_lora
     from minillava.tokenizer import get_tokenizer
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     stages = Preset.STAGES if args.stage == "all" else (args.stage,)
     try:
@@ -519,8 +547,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"minillava train: {error}", file=sys.stderr)
         return 2
+    started_by_torchrun = "WORLD_SIZE" in os.environ
+    if preset.cpu_processes > 1 and not started_by_torchrun:
+        if pick_device(preset.device).type == "cpu":
+            return launch_cpu_processes(preset, argv)
     info, device = setup_distributed(preset.device)
-    if preset.num_threads > 0:
+    if device.type == "cpu" and info.world_size > 1:  # the CPU is shared among the processes
+        torch.set_num_threads(threads_per_process(preset.num_threads, info.world_size))
+    elif preset.num_threads > 0:
         torch.set_num_threads(preset.num_threads)
     say = print if info.is_main else (lambda *a, **k: None)
     out_dir = Path(args.out_dir or Path("runs") / preset.name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from types import SimpleNamespace
 
@@ -589,5 +590,17 @@ def test_a_curriculum_longer_than_instruct_stops_the_run_before_any_stage(tmp_pa
     assert _train(tmp_path, "--preset", "tiny", "--set", "data.conversation_rows=0") == 2
     assert "data.conversation_rows must be in" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.pt"))  # refused before the lm stage too
+    # cpu_processes=1: in this process, not through torchrun.
     assert _train(tmp_path, "--preset", "cpu", "--steps", "3", "--stage", "clip", "--set",
-                  "clip.batch_size=4", "--set", "data.train_images=8") == 0  # fmt: skip
+                  "clip.batch_size=4", "--set", "data.train_images=8",
+                  "--set", "cpu_processes=1") == 0  # fmt: skip
+
+
+def test_the_cpu_threads_are_shared_out_among_the_processes():
+    from minillava.train import threads_per_process
+
+    assert threads_per_process(2, 2) == 1  # the cpu preset: two processes of one thread
+    assert threads_per_process(8, 2) == 4
+    assert threads_per_process(1, 2) == 1  # never none
+    assert threads_per_process(0, 2) == max(1, os.cpu_count() // 2)  # 0: one per core
+    assert get_preset("cpu").cpu_processes == 2 and get_preset("tiny").cpu_processes == 1
