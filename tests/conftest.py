@@ -14,3 +14,28 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_inside_pytests_own_directory(tmp_path_factory):
+    """Point TMPDIR (and so `tempfile`) into this session's pytest directory.
+
+    The notebooks make their run directories with tempfile.mkdtemp (as a learner's session
+    would: kept for them to look at), torchrun its rendezvous files; the processes that make
+    them (kernels, DDP ranks) inherit TMPDIR. Pytest keeps only its last three sessions'
+    directories, so the suite no longer leaves ~50 MB in /tmp each time it runs.
+    """
+    directory = tmp_path_factory.mktemp("tmp")
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(directory)
+    tempfile.tempdir = None  # forget the directory tempfile already chose
+    yield directory
+    if previous is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = previous
+    tempfile.tempdir = None
