@@ -205,11 +205,12 @@ def tiny_preset() -> Preset:
 def cpu_preset() -> Preset:
     """The default of `make train`: all stages, eval included, sized for 15 minutes on 2 cores.
 
-    Where the minutes go (measured on a quiet 2-core CPU: 13 min 22 s in all, 16 min 20 s on a
-    day the same machine ran slower; docs/results.md):
-    instruct, the stage that teaches the model to use the image, gets 681 s of them; the
-    decoder stays small (4 x 128) and images small (48 px, 9 image tokens), because on a CPU
-    every position of every sequence costs time.
+    Where the minutes go (measured on a 2-core CPU, two processes of one thread: 15 min 2 s in
+    all on a slow day, of which instruct 724 s, lm 49 s, clip 59 s, align 10 s, evaluation
+    29 s; one process took 13 min 22 s on a quick day and 16 min 20 s on a slow one;
+    docs/results.md): instruct, the stage that teaches the model to use the image, gets most of
+    them; the decoder stays small (4 x 128) and images small (48 px, 9 image tokens), because
+    on a CPU every position of every sequence costs time.
     """
     return Preset(
         name="cpu",
@@ -249,7 +250,8 @@ def cpu_preset() -> Preset:
         align=StageConfig(
             steps=100, batch_size=32, lr=2e-3, warmup_steps=10, weight_decay=0.0, ckpt_every=50
         ),
-        # As many steps as fit: 3,200 scored a point more but took 16.5 minutes (session 6).
+        # As many steps as fit: 3,200 scored a point more but took 15.5-16.5 minutes (sessions
+        # 6 and 10).
         instruct=StageConfig(steps=2800, batch_size=96, lr=1e-3, warmup_steps=20, ckpt_every=100),
         num_threads=2,
         cpu_processes=2,
