@@ -78,17 +78,11 @@ class OracleCells(nn.Module):
         return cells + self.position(torch.arange(GRID))  # (9, C)
 
 
-# Relation questions come in three forms (data.instruct.ask_relation); the script can train on
-# some of them only, and reports each apart ("relation:pair" ...), told apart by their wording.
-RELATION_FORMS = ("pair", "any", "nearest")
-
-
-def relation_form(question: str) -> str:
-    """ "Is A left of B?" -> pair; "Is there a shape left of A?" -> any; "Which shape is
-    nearest to A?" (or closest) -> nearest."""
-    if "nearest" in question or "closest" in question:
-        return "nearest"
-    return "any" if "Is there a shape" in question else "pair"
+# Relation questions come in three forms (data.instruct.ask_relation), told apart by the op of
+# the query they run; the script can train on some of them only, and reports each apart
+# ("relation:pair" ...).
+FORM_OF_OP = {"relation": "pair", "any_relation": "any", "nearest": "nearest"}
+RELATION_FORMS = tuple(FORM_OF_OP.values())
 
 
 def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells, options=None):
@@ -107,10 +101,10 @@ def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells,
         for _attempt in range(1000):
             scene = world.scene(i)  # the annotation only: no pixels are drawn
             if objects is None or len(scene.objects) in objects:
-                turns, row_types = vqa_turns(scene, rng, world.config, questions, weights)
+                turns, asked_here = vqa_turns(scene, rng, world.config, questions, weights)
                 row_types = [
-                    f"{kind}:{relation_form(turn['value'])}" if kind == "relation" else kind
-                    for kind, turn in zip(row_types, turns[::2], strict=True)
+                    f"relation:{FORM_OF_OP[qa.query['op']]}" if qa.type == "relation" else qa.type
+                    for qa in asked_here
                 ]
                 if all(k.split(":")[-1] in forms for k in row_types if k.startswith("relation")):
                     break

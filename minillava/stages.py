@@ -262,8 +262,9 @@ def vqa_turns(
     config,
     questions: int,
     type_weights: dict[str, float] | None = None,
-) -> tuple[list[dict], list[str]]:
-    """`questions` short-answer questions about `scene` in the eval convention, and their types.
+) -> tuple[list[dict], list]:
+    """`questions` short-answer questions about `scene` in the eval convention, and their `QA`s
+    (type, answer and the query each question runs, e.g. {"op": "relation", ...}).
 
     As LLaVA-1.5 mixed VQAv2 and GQA into its data (without them the model answers in sentences
     and exact-match accuracy means nothing). The first question is exactly an eval prompt
@@ -277,13 +278,13 @@ def vqa_turns(
     from minillava.data.instruct import QUESTION_TYPES, ask, vqa_prompt
 
     weights = question_type_weights(type_weights)
-    turns, types = [], []
+    turns, asked = [], []
     for _ in range(questions):
         qa = ask(scene, rng.choices(QUESTION_TYPES, weights)[0], rng, config)
         turns += [{"from": "human", "value": qa.question}, {"from": "gpt", "value": qa.answer}]
-        types.append(qa.type)
+        asked.append(qa)
     turns[0]["value"] = vqa_prompt(turns[0]["value"])
-    return space_answers(turns), types
+    return space_answers(turns), asked
 
 
 def space_answers(turns: list[dict]) -> list[dict]:
