@@ -138,7 +138,7 @@ class Preset:
     # On a CPU: train as this many data-parallel processes (DDP over gloo, started as torchrun
     # would), num_threads shared out among them. A small model's matrix products keep two threads
     # of one process partly idle; two processes of one thread each, each on half of the batch,
-    # do not (docs/results.md, session 10). Ignored on a GPU, and under torchrun.
+    # do not (docs/results.md, session 10). Ignored on CUDA and MPS, and under torchrun.
     cpu_processes: int = 1
     # Instruct stage: full fine-tuning of the decoder, or LoRA adapters (lora.py).
     lora: bool = False

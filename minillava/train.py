@@ -28,6 +28,8 @@ What the loop does, step by step:
 
 Multi-GPU: `torchrun --nproc_per_node=N -m minillava.train ...` starts N processes; each takes
 its share of every batch and DistributedDataParallel keeps the replicas identical.
+On a CPU the cpu preset does the same with two processes of one thread each
+(`Preset.cpu_processes`): `minillava train` then runs that torchrun command itself.
 """
 
 from __future__ import annotations
