@@ -111,15 +111,20 @@ def _worker(out_dir: Path) -> None:
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_two_gloo_processes_match_one_process_on_the_full_batch(tmp_path):
+def run_two_workers(flag: str, out_dir: Path) -> None:
+    """This file as two gloo processes under torchrun, in worker mode `flag`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        __file__, "--worker", str(tmp_path),
+        __file__, flag, str(out_dir),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_on_the_full_batch(tmp_path):
+    run_two_workers("--worker", tmp_path)
 
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
@@ -161,13 +166,7 @@ def test_clip_contrasts_the_whole_batch_across_processes(tmp_path):
     """Each process holds half of the batch; CLIP gathers the embeddings, so two processes
     compute the loss of the whole batch (8 candidates per image, not 4) and end where one
     process on the whole batch ends."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        __file__, "--clip-worker", str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_workers("--clip-worker", tmp_path)
 
     rank0 = torch.load(tmp_path / "clip_rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "clip_rank1.pt", weights_only=True)
