@@ -30,12 +30,7 @@ def temporary_files_inside_pytests_own_directory(tmp_path_factory):
     directories, so the suite no longer leaves ~50 MB in /tmp each time it runs.
     """
     directory = tmp_path_factory.mktemp("tmp")
-    previous = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(directory)
-    tempfile.tempdir = None  # forget the directory tempfile already chose
-    yield directory
-    if previous is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = previous
-    tempfile.tempdir = None
+    with pytest.MonkeyPatch.context() as patch:  # both undone when the session ends
+        patch.setenv("TMPDIR", str(directory))
+        patch.setattr(tempfile, "tempdir", None)  # forget the directory tempfile already chose
+        yield directory
