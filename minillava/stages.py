@@ -242,17 +242,19 @@ def scene_turns(
     vqa_questions: int = 1,
     kinds: tuple[str, ...] = ("conversation", "detail", "reasoning"),
     type_weights: dict[str, float] | None = None,
+    text_weight: float | None = None,
 ) -> list[dict]:
     """One training conversation about `scene`, "<image>" in its first human turn.
 
-    `vqa=True`: `vqa_questions` short-answer questions (`vqa_turns`, with `type_weights`).
+    `vqa=True`: `vqa_questions` short-answer questions (`vqa_turns`, with `type_weights` and
+    `text_weight`).
     Otherwise: a conversation of one of the data engine's `kinds` (conversation, detail,
     reasoning, caption).
     """
     from minillava.data.instruct import make_conversation
 
     if vqa:
-        return vqa_turns(scene, rng, config, vqa_questions, type_weights)[0]
+        return vqa_turns(scene, rng, config, vqa_questions, type_weights, text_weight)[0]
     return space_answers(make_conversation(scene, captions, rng, rng.choice(kinds), config=config))
 
 
@@ -262,6 +264,7 @@ def vqa_turns(
     config,
     questions: int,
     type_weights: dict[str, float] | None = None,
+    text_weight: float | None = None,
 ) -> tuple[list[dict], list]:
     """`questions` short-answer questions about `scene` in the eval convention, and their `QA`s
     (type, answer and the query each question runs, e.g. {"op": "relation", ...}).
@@ -273,11 +276,16 @@ def vqa_turns(
     image and the system line are paid for once, and the model gets `questions` answers instead
     of one (at the price of later questions that the image tokens cannot read).
     `type_weights` (e.g. {"colour": 3.0}) makes some question types more frequent; a type it
-    does not name has weight 1 (all 1: the uniform mix).
+    does not name has weight 1 (all 1: the uniform mix). `text_weight`, if not None, is the
+    text type's weight instead on a scene that shows a character (`DataSizes.read_text_weight`),
+    unless `type_weights` gives text 0 (a curriculum phase without it).
     """
     from minillava.data.instruct import QUESTION_TYPES, ask, vqa_prompt
 
     weights = question_type_weights(type_weights)
+    text = QUESTION_TYPES.index("text")
+    if text_weight is not None and scene.text is not None and weights[text] > 0:
+        weights[text] = text_weight
     turns, asked = [], []
     for _ in range(questions):
         qa = ask(scene, rng.choices(QUESTION_TYPES, weights)[0], rng, config)
@@ -350,9 +358,12 @@ def check_instruct_mix(preset: Preset) -> list[tuple[int, dict]]:
     fails before lm, clip and align spend their minutes.
 
     Raises ValueError if the phases are malformed or leave no step of instruct for the whole
-    mix, or if data.conversation_rows or data.curriculum_vqa_fraction is out of range.
+    mix, or if data.conversation_rows, data.curriculum_vqa_fraction or data.read_text_weight
+    is out of range.
     """
     data = preset.data
+    if data.read_text_weight is not None and data.read_text_weight < 0:
+        raise ValueError(f"data.read_text_weight must be >= 0 or None; got {data.read_text_weight}")
     if not 0.0 < data.conversation_rows <= 1.0:
         raise ValueError(f"data.conversation_rows must be in (0, 1]; got {data.conversation_rows}")
     fraction = data.curriculum_vqa_fraction
@@ -588,7 +599,8 @@ def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, wor
         batches = ConversationBatches(
             "instruct", images, tokenizer, config, seed, preset.data.max_len,
             vqa_fraction=preset.data.vqa_fraction, vqa_questions=preset.data.vqa_questions,
-            type_weights=preset.data.vqa_type_weights, phases=check_instruct_mix(preset),
+            type_weights=preset.data.vqa_type_weights, text_weight=preset.data.read_text_weight,
+            phases=check_instruct_mix(preset),
             phase_vqa_fraction=preset.data.curriculum_vqa_fraction,
             conversation_rows=preset.data.conversation_rows, **dist,
         )  # fmt: skip

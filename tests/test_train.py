@@ -604,3 +604,38 @@ def test_the_cpu_threads_are_shared_out_among_the_processes():
     assert threads_per_process(1, 2) == 1  # never none
     assert threads_per_process(0, 2) == max(1, os.cpu_count() // 2)  # 0: one per core
     assert get_preset("cpu").cpu_processes == 2 and get_preset("tiny").cpu_processes == 1
+
+
+def test_read_text_weight_asks_text_questions_on_images_that_show_a_character(tmp_path):
+    import random
+    from collections import Counter
+
+    from minillava.data.shapes import ShapesWorld, WorldConfig
+    from minillava.stages import build_stage, vqa_turns
+    from minillava.tokenizer import get_tokenizer
+
+    world = ShapesWorld("train", 400, WorldConfig(image_size=16, text_prob=0.5))
+
+    def text_share(text_weight, type_weights=None) -> dict[bool, float]:
+        """Share of text questions on scenes with a character (True) and without (False)."""
+        rng, asked, scenes = random.Random(0), Counter(), Counter()
+        for i in range(len(world)):
+            scene = world.scene(i)
+            _, qas = vqa_turns(scene, rng, world.config, 1, type_weights, text_weight)
+            shows = scene.text is not None
+            scenes[shows] += 1
+            asked[shows] += qas[0].type == "text"
+        return {shows: asked[shows] / scenes[shows] for shows in (True, False)}
+
+    plain, weighted = text_share(None), text_share(21.0)  # 21 / (7 + 21): 3 in 4 questions
+    assert plain[True] < 0.25 and plain[False] < 0.25  # 1 in 8 in the uniform mix
+    assert weighted[True] > 0.6  # images that show a character are asked to read it
+    assert weighted[False] < 0.25  # and the others keep the mix
+    # A curriculum phase without text (weight 0) keeps it out, whatever read_text_weight says.
+    phase = {"colour": 1.0, **{t: 0.0 for t in ("shape", "count", "existence", "position",
+                                                "relation", "text", "reasoning")}}  # fmt: skip
+    assert text_share(21.0, phase) == {True: 0.0, False: 0.0}
+
+    preset = apply_overrides(get_preset("tiny"), ["data.read_text_weight=-1.0"])
+    with pytest.raises(ValueError, match="data.read_text_weight must be >= 0"):
+        build_stage("instruct", preset, get_tokenizer(), tmp_path)

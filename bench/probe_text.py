@@ -1,0 +1,123 @@
+"""Can the decoder read the letter or digit from the image tokens? Probe what the tokens know.
+
+A ShapesWorld image shows a character (one of `WorldConfig.characters`) in a quarter of the
+scenes, alone in its cell. Asked "What is written in the image?", the trained model must map the
+image token of that cell to the character's word. This script takes a trained LLaVA and fits,
+on the token of the text cell, a linear probe and a small MLP that predict the character:
+
+* at the patch features the projector reads (`vision_feature_layer` of the frozen ViT);
+* at the projector's output, the image token exactly as the decoder receives it.
+
+Probes fit on training images and are scored on val images. If they read the character and the
+model does not (`minillava eval` prints `text by question form: text ...`), the eyes are not
+what fails: the decoder has not learnt the mapping (docs/results.md, session 11).
+
+    python bench/probe_text.py --checkpoint runs/cpu/llava.pt
+    python bench/probe_text.py --checkpoint runs/cpu/llava.pt --out bench/results/probe_text.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from minillava.checkpoint import load_llava  # noqa: E402
+from minillava.data.shapes import ShapesWorld  # noqa: E402
+from minillava.eval import world_config  # noqa: E402
+
+
+@torch.no_grad()
+def text_cell_tokens(model, world: ShapesWorld, n: int, batch: int = 200):
+    """The first `n` scenes of `world` that show a character: the text cell's patch feature
+    (n, C_vision), its projected image token (n, C_text), and the character's index (n,)."""
+    chars = world.config.characters
+    grid = int(model.config.num_image_tokens**0.5)
+    if grid != 3:
+        raise ValueError(f"the probe expects 3x3 image tokens (one a cell); this model has {grid}")
+    chosen, index = [], 0
+    while len(chosen) < n:
+        if index >= len(world):
+            raise ValueError(f"only {len(chosen)} of {len(world)} scenes show a character")
+        scene = world.scene(index)  # the annotation alone: cheap, no pixels
+        if scene.text is not None:
+            chosen.append((index, scene.text_row * 3 + scene.text_col, chars.index(scene.text)))
+        index += 1
+    features, tokens = [], []
+    layer = model.config.vision_feature_layer
+    for start in range(0, n, batch):
+        part = chosen[start : start + batch]
+        pixels = torch.stack([world[i].pixel_values for i, _, _ in part])  # (B, 3, H, W)
+        patch = model.vision_tower.patch_features(pixels, layer=layer)  # (B, 9, C_vision)
+        cells = torch.tensor([cell for _, cell, _ in part])
+        rows = torch.arange(len(part))
+        features.append(patch[rows, cells])
+        tokens.append(model.projector(patch)[rows, cells])  # (B, C_text)
+    labels = torch.tensor([label for _, _, label in chosen])
+    return torch.cat(features), torch.cat(tokens), labels
+
+
+def fit_probe(x_train, y_train, x_test, y_test, classes: int, hidden: int = 0, steps: int = 1500):
+    """Val accuracy of a linear probe (hidden=0) or a one-hidden-layer MLP on standardised x."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-5
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    torch.manual_seed(0)
+    width = x_train.shape[1]
+    if hidden:
+        probe = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, classes))
+    else:
+        probe = nn.Linear(width, classes)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=3e-3, weight_decay=1e-2)
+    for _ in range(steps):
+        rows = torch.randint(0, len(x_train), (256,))
+        loss = nn.functional.cross_entropy(probe(x_train[rows]), y_train[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return (probe(x_test).argmax(-1) == y_test).float().mean().item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", default="runs/cpu/llava.pt", help="a trained llava.pt")
+    parser.add_argument("--train", type=int, default=4000, help="probe-training characters")
+    parser.add_argument("--val", type=int, default=800, help="val characters to score on")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    model, _, info = load_llava(args.checkpoint, device="cpu")
+    config = world_config(info["config"]["world"], model.config.vision.image_size)
+    classes = len(config.characters)
+    train = text_cell_tokens(model, ShapesWorld("train", 10**6, config, seed=5), args.train)
+    val = text_cell_tokens(model, ShapesWorld("val", 10**6, config, seed=5), args.val)
+    results = {}
+    for name, k in (("patch_features", 0), ("image_token", 1)):
+        for kind, hidden in (("linear", 0), ("mlp", 256)):
+            accuracy = fit_probe(train[k], train[2], val[k], val[2], classes, hidden)
+            results[f"{name}/{kind}"] = round(accuracy, 4)
+            print(f"{name:15s} {kind:6s} probe: {accuracy:.1%} of {args.val} val characters")
+    print(f"(chance: {1 / classes:.1%}; {classes} characters)")
+    if args.out:
+        record = {
+            "command": "python bench/probe_text.py " + " ".join(argv or sys.argv[1:]),
+            "checkpoint": args.checkpoint,
+            "characters": classes,
+            "train": args.train,
+            "val": args.val,
+            "val_accuracy": results,
+        }
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

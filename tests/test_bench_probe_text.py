@@ -1,0 +1,60 @@
+"""bench/probe_text.py: the tokens it probes are the text cell's, and its probes can tell."""
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from minillava.data.shapes import ShapesWorld, WorldConfig
+from minillava.llava import Llava
+from minillava.tokenizer import get_tokenizer
+from tiny_models import tiny_llava_config
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "probe_text.py"
+
+
+@pytest.fixture(scope="module")
+def probe():
+    spec = importlib.util.spec_from_file_location("probe_text", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def grid_llava(image_size: int, patch_size: int) -> Llava:
+    config = tiny_llava_config(get_tokenizer())
+    vision = dataclasses.replace(config.vision, image_size=image_size, patch_size=patch_size)
+    torch.manual_seed(0)
+    return Llava(dataclasses.replace(config, vision=vision, vision_feature_layer=0)).eval()
+
+
+def test_text_cell_tokens_are_the_tokens_of_the_cell_that_shows_the_character(probe):
+    model = grid_llava(48, 16)  # 3 x 3 patches: one a cell
+    world = ShapesWorld("train", 200, WorldConfig(image_size=48, text_prob=0.5))
+    features, tokens, labels = probe.text_cell_tokens(model, world, n=5, batch=2)
+    assert features.shape == (5, 32) and tokens.shape == (5, 32) and labels.shape == (5,)
+    shown = [i for i in range(len(world)) if world.scene(i).text is not None][:5]
+    chars = world.config.characters
+    assert labels.tolist() == [chars.index(world.scene(i).text) for i in shown]
+    first = world.scene(shown[0])
+    cell = first.text_row * 3 + first.text_col
+    with torch.no_grad():
+        patch = model.vision_tower.patch_features(world[shown[0]].pixel_values[None], layer=0)
+        assert torch.allclose(features[0], patch[0, cell])
+        assert torch.allclose(tokens[0], model.projector(patch)[0, cell])
+    with pytest.raises(ValueError, match="3x3 image tokens"):
+        probe.text_cell_tokens(grid_llava(16, 8), world, n=1)  # 2 x 2 patches
+
+
+def test_fit_probe_reads_what_the_features_say_and_nothing_else(probe):
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (600,), generator=generator)
+    centres = torch.randn(4, 8, generator=generator) * 3
+    x = centres[labels] + torch.randn(600, 8, generator=generator)
+    readable = probe.fit_probe(x[:500], labels[:500], x[500:], labels[500:], 4, steps=300)
+    assert readable > 0.9
+    shuffled = labels[torch.randperm(600, generator=generator)]  # labels the features never saw
+    unreadable = probe.fit_probe(x[:500], shuffled[:500], x[500:], shuffled[500:], 4, steps=300)
+    assert unreadable < 0.5
