@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_llava_config
 
 from minillava.data.shapes import ShapesWorld, WorldConfig
 from minillava.llava import Llava
 from minillava.tokenizer import get_tokenizer
-from tiny_models import tiny_llava_config
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "probe_text.py"
 
