@@ -1,24 +1,18 @@
 """bench/oracle_vqa.py: the relation forms it tells apart, and the questions it restricts to."""
 
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
+from tiny_models import load_bench_script
 
 from minillava.data.instruct import ask_relation
 from minillava.data.shapes import ShapesWorld, WorldConfig
 from minillava.tokenizer import get_tokenizer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "oracle_vqa.py"
-
 
 @pytest.fixture(scope="module")
 def oracle():
-    spec = importlib.util.spec_from_file_location("oracle_vqa", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("oracle_vqa")
 
 
 def test_every_relation_query_has_a_form(oracle):

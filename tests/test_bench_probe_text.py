@@ -1,26 +1,19 @@
 """bench/probe_text.py: the tokens it probes are the text cell's, and its probes can tell."""
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_llava_config
+from tiny_models import load_bench_script, tiny_llava_config
 
 from minillava.data.shapes import ShapesWorld, WorldConfig
 from minillava.llava import Llava
 from minillava.tokenizer import get_tokenizer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "probe_text.py"
-
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("probe_text", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("probe_text")
 
 
 def grid_llava(image_size: int, patch_size: int) -> Llava:

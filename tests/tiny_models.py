@@ -30,3 +30,15 @@ def tiny_llava_config(tokenizer, **text_overrides):
     )
     text.update(text_overrides)
     return LlavaConfig(vision=vision, text=DecoderConfig(**text), image_token_id=tokenizer.image_id)
+
+
+def load_bench_script(name: str):
+    """bench/<name>.py as a module (the bench scripts are programs, not an installed package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
