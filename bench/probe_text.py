@@ -9,18 +9,23 @@ on the token of the text cell, a linear probe and a small MLP that predict the c
 * at the projector's output, the image token exactly as the decoder receives it.
 
 Probes fit on training images and are scored on val images. If they read the character and the
-model does not (`minillava eval` prints `text by question form: text ...`), the eyes are not
-what fails: the decoder has not learnt the mapping (docs/results.md, session 11).
+model does not, the eyes are not what fails: the decoder has not learnt the mapping
+(docs/results.md, session 11). `--read N` measures the second half: the model is asked "What is
+written in the image?" (the eval's reading questions) about the first N test images that show a
+character, greedy, and the script prints its accuracy and commonest misreadings. (The eval's
+`text by question form: text` line mixes these with images that show none, answered "nothing".)
 
     python bench/probe_text.py --checkpoint runs/cpu/llava.pt
-    python bench/probe_text.py --checkpoint runs/cpu/llava.pt --out bench/results/probe_text.json
+    python bench/probe_text.py --checkpoint runs/cpu/llava.pt --read 1000 --out probe.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -29,8 +34,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from minillava.checkpoint import load_llava  # noqa: E402
+from minillava.data.instruct import ask  # noqa: E402
 from minillava.data.shapes import ShapesWorld  # noqa: E402
-from minillava.eval import world_config  # noqa: E402
+from minillava.eval import model_answerer, normalise_answer, world_config  # noqa: E402
 
 
 @torch.no_grad()
@@ -84,17 +90,51 @@ def fit_probe(x_train, y_train, x_test, y_test, classes: int, hidden: int = 0, s
         return (probe(x_test).argmax(-1) == y_test).float().mean().item()
 
 
+def reading_items(world: ShapesWorld, n: int, seed: int = 0) -> list[dict]:
+    """The first `n` scenes of `world` that show a character, each with one of the eval's
+    questions that ask to read it (`ask_text`'s op "text"), as eval items."""
+    rng, items = random.Random(seed), []
+    for index in range(len(world)):
+        if len(items) == n:
+            return items
+        scene = world.scene(index)
+        if scene.text is None:
+            continue
+        qa = ask(scene, "text", rng, world.config)
+        while qa.query["op"] != "text":  # "Is there any text?" and "Where is ...?" are not read
+            qa = ask(scene, "text", rng, world.config)
+        items.append({"pixel_values": world[index].pixel_values, "question": qa.question,
+                      "answer": qa.answer})  # fmt: skip
+    raise ValueError(f"only {len(items)} of {len(world)} scenes show a character; asked for {n}")
+
+
+def read_characters(model, tokenizer, items: list[dict], batch: int = 50) -> dict:
+    """Greedy answers to `reading_items`: accuracy and the commonest (truth, answer) misreads."""
+    answer = model_answerer(model, tokenizer)
+    said = []
+    for start in range(0, len(items), batch):
+        said += [normalise_answer(a) for a in answer(items[start : start + batch])]
+    truth = [normalise_answer(item["answer"]) for item in items]
+    wrong = Counter((t, s) for t, s in zip(truth, said, strict=True) if t != s)
+    return {
+        "n": len(items),
+        "accuracy": sum(t == s for t, s in zip(truth, said, strict=True)) / len(items),
+        "misreads": [[t, s, k] for (t, s), k in wrong.most_common(8)],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="runs/cpu/llava.pt", help="a trained llava.pt")
     parser.add_argument("--train", type=int, default=4000, help="probe-training characters")
     parser.add_argument("--val", type=int, default=800, help="val characters to score on")
+    parser.add_argument("--read", type=int, default=0, help="also ask N test images to be read")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model, _, info = load_llava(args.checkpoint, device="cpu")
+    model, tokenizer, info = load_llava(args.checkpoint, device="cpu")
     config = world_config(info["config"]["world"], model.config.vision.image_size)
     classes = len(config.characters)
     train = text_cell_tokens(model, ShapesWorld("train", 10**6, config, seed=5), args.train)
@@ -106,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
             results[f"{name}/{kind}"] = round(accuracy, 4)
             print(f"{name:15s} {kind:6s} probe: {accuracy:.1%} of {args.val} val characters")
     print(f"(chance: {1 / classes:.1%}; {classes} characters)")
+    reading = None
+    if args.read:
+        test = ShapesWorld("test", 10**6, config)
+        reading = read_characters(model, tokenizer, reading_items(test, args.read))
+        misreads = ", ".join(f"{t} as {s} ({k})" for t, s, k in reading["misreads"])
+        print(f"the model reads {reading['accuracy']:.1%} of {args.read} test characters")
+        print(f"  commonest misreads: {misreads or 'none'}")
     if args.out:
         record = {
             "command": "python bench/probe_text.py " + " ".join(argv or sys.argv[1:]),
@@ -114,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             "train": args.train,
             "val": args.val,
             "val_accuracy": results,
+            "model_reads_test": reading,
         }
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     return 0

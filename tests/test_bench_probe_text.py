@@ -51,3 +51,26 @@ def test_fit_probe_reads_what_the_features_say_and_nothing_else(probe):
     shuffled = labels[torch.randperm(600, generator=generator)]  # labels the features never saw
     unreadable = probe.fit_probe(x[:500], shuffled[:500], x[500:], shuffled[500:], 4, steps=300)
     assert unreadable < 0.5
+
+
+def test_reading_items_ask_to_read_the_character_each_image_shows(probe):
+    world = ShapesWorld("test", 300, WorldConfig(image_size=48, text_prob=0.5))
+    items = probe.reading_items(world, n=6)
+    shown = [i for i in range(len(world)) if world.scene(i).text is not None][:6]
+    assert [item["answer"] for item in items] == [world.scene(i).text for i in shown]
+    assert all(torch.equal(item["pixel_values"], world[i].pixel_values)
+               for item, i in zip(items, shown, strict=True))  # fmt: skip
+    assert all("where" not in item["question"].lower() for item in items)
+    with pytest.raises(ValueError, match="show a character"):
+        probe.reading_items(ShapesWorld("test", 4, WorldConfig(text_prob=0.0)), n=1)
+
+
+def test_read_characters_scores_the_answers_and_names_the_misreads(probe, monkeypatch):
+    items = [{"question": "q", "answer": a, "pixel_values": None} for a in ("A", "B", "B", "7")]
+    said = iter(["A", "8", "8", "7"])
+    monkeypatch.setattr(
+        probe, "model_answerer", lambda model, tokenizer: lambda part: [next(said) for _ in part]
+    )
+    reading = probe.read_characters(None, None, items, batch=3)
+    assert reading["n"] == 4 and reading["accuracy"] == 0.5
+    assert reading["misreads"] == [["b", "8", 2]]
