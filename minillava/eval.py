@@ -75,8 +75,9 @@ class EvalResult:
     """Exact-match accuracy of one run: overall, per question type, and every answer.
 
     `records` holds one dict per question: index, type, question, answer (truth), prediction
-    (raw), correct, and where the item says so "objects" (shapes in the image) and "op" (the
-    question's program); the first few also carry "pixel_values" (3, H, W) for `plot_gallery`.
+    (raw), correct, and where the item says so "objects" (shapes in the image), "op" (the
+    question's program) and "shortcut" (`data.instruct.shortcut_answer`); the first few also
+    carry "pixel_values" (3, H, W) for `plot_gallery`.
     """
 
     split: str
@@ -125,6 +126,28 @@ class EvalResult:
             if len(ops) > 1
         }
 
+    @property
+    def where_shortcut_fails(self) -> dict[str, tuple[float, float, int]]:
+        """On the questions a known shortcut gets wrong, by op: (accuracy, share of answers that
+        are the shortcut's, n).
+
+        "How many circles?" with two circles: a model that only checks that a circle is there
+        says "1" (`data.instruct.shortcut_answer` lists the shortcuts). Most questions of these
+        forms have the shortcut's answer, so a type's accuracy can look fine while the model
+        never counts; here it shows (docs/results.md, session 12).
+        """
+        groups: dict[str, list[tuple[bool, bool]]] = {}
+        for record in self.records:
+            shortcut = record.get("shortcut")
+            if shortcut is None or normalise_answer(shortcut) == normalise_answer(record["answer"]):
+                continue
+            took = normalise_answer(record["prediction"]) == normalise_answer(shortcut)
+            groups.setdefault(record["op"], []).append((record["correct"], took))
+        return {
+            op: (sum(c for c, _ in v) / len(v), sum(t for _, t in v) / len(v), len(v))
+            for op, v in sorted(groups.items())
+        }
+
     def to_dict(self) -> dict:
         """JSON-ready summary (no tensors)."""
         records = [{k: v for k, v in r.items() if k != "pixel_values"} for r in self.records]
@@ -137,6 +160,10 @@ class EvalResult:
             "by_objects": {str(k): acc for k, (acc, _) in self.by_objects.items()},
             "by_op": {
                 kind: {op: acc for op, (acc, _) in ops.items()} for kind, ops in self.by_op.items()
+            },
+            "where_shortcut_fails": {
+                op: {"accuracy": acc, "took_shortcut": took, "n": n}
+                for op, (acc, took, n) in self.where_shortcut_fails.items()
             },
             "blind": self.blind,
             "blind_mode": self.blind_mode,
@@ -172,8 +199,9 @@ def score(
             }
             if item.get("scene") is not None:
                 record["objects"] = len(item["scene"].objects)
-            if item.get("op") is not None:
-                record["op"] = item["op"]
+            for key in ("op", "shortcut"):
+                if item.get(key) is not None:
+                    record[key] = item[key]
             if len(records) < keep_images and item.get("pixel_values") is not None:
                 record["pixel_values"] = item["pixel_values"].detach().cpu()
             records.append(record)
@@ -398,6 +426,13 @@ def format_table(result: EvalResult, blind: EvalResult | None = None) -> str:
     for kind, ops in result.by_op.items():
         forms = ", ".join(f"{op} {acc:.0%} (n={count})" for op, (acc, count) in ops.items())
         lines.append(f"{kind} by question form: {forms}")
+    fails = result.where_shortcut_fails
+    if fails:
+        forms = ", ".join(
+            f"{op} {acc:.0%} right, {took:.0%} the shortcut (n={n})"
+            for op, (acc, took, n) in fails.items()
+        )
+        lines.append(f"where a shortcut is wrong (data.instruct.shortcut_answer): {forms}")
     return "\n".join(lines)
 
 

@@ -125,6 +125,30 @@ def test_accuracy_by_question_form_for_the_types_asked_in_several_ways():
     assert "colour by question form" not in table
 
 
+def test_accuracy_where_a_shortcut_is_wrong_shows_a_model_that_does_not_count():
+    """A model that answers "1" to every count: right where one shape matches, wrong where two
+    do, and there it gives the shortcut's answer every time."""
+    fake = [
+        {"question": "q", "answer": "1", "type": "count", "op": "count", "shortcut": "1"},
+        {"question": "q", "answer": "1", "type": "count", "op": "count", "shortcut": "1"},
+        {"question": "q", "answer": "2", "type": "count", "op": "count", "shortcut": "1"},
+        {"question": "q", "answer": "3", "type": "count", "op": "count", "shortcut": "1"},
+        {"question": "q", "answer": "3", "type": "count", "op": "count"},  # "How many shapes?"
+        {"question": "q", "answer": "no", "type": "relation", "op": "any_relation"},
+    ]
+    fake[-1]["shortcut"] = "yes"  # "Is there a shape left of A?" with 3 shapes: "yes"
+    result = score(fake, lambda batch: ["1" if item["type"] == "count" else "no" for item in batch])
+    assert result.per_type == {"count": 0.4, "relation": 1.0}  # which does not say why
+    assert result.where_shortcut_fails == {"any_relation": (1.0, 0.0, 1), "count": (0.0, 1.0, 2)}
+    assert result.to_dict()["where_shortcut_fails"]["count"] == {
+        "accuracy": 0.0, "took_shortcut": 1.0, "n": 2}  # fmt: skip
+    table = format_table(result)
+    assert "where a shortcut is wrong" in table
+    assert "count 0% right, 100% the shortcut (n=2)" in table
+    plain = score([{"question": "q", "answer": "a", "type": "t"}], lambda b: ["a"])
+    assert plain.where_shortcut_fails == {} and "shortcut" not in format_table(plain)
+
+
 def test_vqa_items_name_the_program_of_their_question(items):
     # The eval's items carry the query's op, so by_op works on a real split.
     assert all(isinstance(item["op"], str) and item["op"] for item in items)
@@ -132,6 +156,19 @@ def test_vqa_items_name_the_program_of_their_question(items):
     for item in items:
         ops[item["type"]].add(item["op"])
     assert ops["colour"] == {"colour_of"}  # 16 items cycle through all eight types
+
+
+def test_vqa_items_say_what_a_shortcut_would_answer():
+    from minillava.data.instruct import VQADataset, shortcut_answer
+    from minillava.data.shapes import WorldConfig
+
+    data = VQADataset("test", 160, WorldConfig(image_size=16))
+    known = 0
+    for i in range(len(data)):
+        scene, qa = data.qa(i)
+        assert data[i]["shortcut"] == shortcut_answer(qa, scene)
+        known += data[i]["shortcut"] is not None
+    assert 20 < known < 80  # count, reasoning's counts, any_relation: not the other forms
 
 
 def test_evaluate_on_a_tiny_random_model(tiny_model, tokenizer, items):

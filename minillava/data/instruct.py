@@ -419,6 +419,34 @@ def vqa_pairs(scene: Scene, rng: random.Random, config: WorldConfig | None = Non
     return [ask(scene, t, rng, config) for t in QUESTION_TYPES]
 
 
+def shortcut_answer(qa: QA, scene: Scene) -> str | None:
+    """What a model that neither counts nor compares answers to `qa`, where we know a shortcut.
+
+    The cpu preset's model was caught taking these (docs/results.md, sessions 11 and 12); each
+    reads a little of the image, but less than the question asks:
+
+        count a subset ("How many circles?")     0 or 1: it checks whether one is there
+        shapes left after removing the red ones  n - 1: it removes one
+        how many different colours               n: as if no two shapes shared one
+        "Is there a shape left of the square?"   yes with 3 or more shapes, no with 2
+
+    On most training scenes the shortcut is right (filtered counts are 0 or 1 for 85% of count
+    questions), so it is learnt first and the skill may never be; VQA v2 rebalanced its answers
+    for the same reason (Goyal et al., 2017). `DataSizes.shortcut_weight` asks the questions
+    where the shortcut fails more often. None: no shortcut known for this form of question.
+    """
+    op, n = qa.query.get("op"), len(scene.objects)
+    if op == "count" and qa.query.get("filter"):  # count, and reasoning's row / column counts
+        return str(min(int(qa.answer), 1))
+    if op == "remain_after_remove":
+        return str(n - 1)
+    if op == "n_colours":
+        return str(n)
+    if op == "any_relation":
+        return _yes_no(n >= 3)
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Conversations in the LLaVA format
 
@@ -596,7 +624,8 @@ class InstructDataset(torch.utils.data.Dataset):
 class VQADataset(torch.utils.data.Dataset):
     """Sample i: ShapesWorld[i] with one short-answer question; types in turn (balanced mix).
 
-    Item: {"pixel_values", "question", "answer", "type", "scene", "conversations"} where
+    Item: {"pixel_values", "question", "answer", "type", "op", "shortcut", "scene",
+    "conversations"} ("shortcut": `shortcut_answer`, None for most forms) where
     "conversations" is the question as the human turn the instruct stage trains on and `eval`
     asks (`vqa_prompt`: question, image, then the short-answer instruction) and the answer as
     the gpt turn.
@@ -637,6 +666,7 @@ class VQADataset(torch.utils.data.Dataset):
             "answer": qa.answer,
             "type": qa.type,
             "op": qa.query["op"],  # the program the question runs: relation, any_relation, ...
+            "shortcut": shortcut_answer(qa, sample.scene),  # what not counting answers, or None
             "scene": sample.scene,
             "conversations": [
                 _turn("human", vqa_prompt(qa.question)),
