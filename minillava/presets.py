@@ -96,6 +96,13 @@ class DataSizes:
     # instruct stage asks some 1,100 rows to read one, and the model read one in ten
     # (docs/results.md, session 11). Instruct only; the evaluation's questions do not change.
     read_text_weight: float | None = None
+    # Questions that a shortcut the model was caught taking gets wrong weigh this much more
+    # than those it gets right, within their form (None: as drawn). E.g. "How many circles?"
+    # with two circles: the cpu model answered "1", and four in five such training questions
+    # have the answer 0 or 1 (data.instruct.shortcut_answer lists the shortcuts). Instruct
+    # only; the evaluation's questions do not change. At 5 in the cpu preset the model took
+    # the opposite shortcut instead of learning to count (session 12): not in a preset.
+    shortcut_weight: float | None = None
     # `instruct` may open with a curriculum: phases of (question types, steps) whose short-answer
     # batches ask only those types (same weights; conversations keep their share), then the mix.
     # E.g. ((("colour",), 500),): finding the object a question names forms within a few hundred

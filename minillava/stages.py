@@ -243,19 +243,24 @@ def scene_turns(
     kinds: tuple[str, ...] = ("conversation", "detail", "reasoning"),
     type_weights: dict[str, float] | None = None,
     text_weight: float | None = None,
+    shortcut_weight: float | None = None,
 ) -> list[dict]:
     """One training conversation about `scene`, "<image>" in its first human turn.
 
-    `vqa=True`: `vqa_questions` short-answer questions (`vqa_turns`, with `type_weights` and
-    `text_weight`).
+    `vqa=True`: `vqa_questions` short-answer questions (`vqa_turns`, with `type_weights`,
+    `text_weight` and `shortcut_weight`).
     Otherwise: a conversation of one of the data engine's `kinds` (conversation, detail,
     reasoning, caption).
     """
     from minillava.data.instruct import make_conversation
 
     if vqa:
-        return vqa_turns(scene, rng, config, vqa_questions, type_weights, text_weight)[0]
+        weights = (type_weights, text_weight, shortcut_weight)
+        return vqa_turns(scene, rng, config, vqa_questions, *weights)[0]
     return space_answers(make_conversation(scene, captions, rng, rng.choice(kinds), config=config))
+
+
+SHORTCUT_REDRAWS = 10  # a scene where every question has the shortcut's answer keeps its 11th
 
 
 def vqa_turns(
@@ -265,6 +270,7 @@ def vqa_turns(
     questions: int,
     type_weights: dict[str, float] | None = None,
     text_weight: float | None = None,
+    shortcut_weight: float | None = None,
 ) -> tuple[list[dict], list]:
     """`questions` short-answer questions about `scene` in the eval convention, and their `QA`s
     (type, answer and the query each question runs, e.g. {"op": "relation", ...}).
@@ -278,9 +284,14 @@ def vqa_turns(
     `type_weights` (e.g. {"colour": 3.0}) makes some question types more frequent; a type it
     does not name has weight 1 (all 1: the uniform mix). `text_weight`, if not None, is the
     text type's weight instead on a scene that shows a character (`DataSizes.read_text_weight`),
-    unless `type_weights` gives text 0 (a curriculum phase without it).
+    unless `type_weights` gives text 0 (a curriculum phase without it). `shortcut_weight`, if
+    not None, weighs the questions that a known shortcut gets wrong (`shortcut_answer`: two
+    circles counted as one, say) that many times those it gets right, within their type: a
+    question the shortcut answers is kept with probability 1 / shortcut_weight, else another
+    of its form is drawn (at most SHORTCUT_REDRAWS times): the mix of types and of forms does
+    not change, only the answers within a form.
     """
-    from minillava.data.instruct import QUESTION_TYPES, ask, vqa_prompt
+    from minillava.data.instruct import QUESTION_TYPES, ask, shortcut_answer, vqa_prompt
 
     weights = question_type_weights(type_weights)
     text = QUESTION_TYPES.index("text")
@@ -288,11 +299,31 @@ def vqa_turns(
         weights[text] = text_weight
     turns, asked = [], []
     for _ in range(questions):
-        qa = ask(scene, rng.choices(QUESTION_TYPES, weights)[0], rng, config)
+        question_type = rng.choices(QUESTION_TYPES, weights)[0]
+        qa = ask(scene, question_type, rng, config)
+        for _ in range(SHORTCUT_REDRAWS if shortcut_weight is not None else 0):
+            if shortcut_answer(qa, scene) != qa.answer or rng.random() * shortcut_weight < 1:
+                break
+            qa = ask_same_form(scene, qa, rng, config)
         turns += [{"from": "human", "value": qa.question}, {"from": "gpt", "value": qa.answer}]
         asked.append(qa)
     turns[0]["value"] = vqa_prompt(turns[0]["value"])
     return space_answers(turns), asked
+
+
+def ask_same_form(scene, qa, rng: random.Random, config, tries: int = 100):
+    """Another question about `scene` of `qa`'s type and form: same op, and a shortcut known
+    (`shortcut_answer`) for both or neither; `qa` itself if `tries` draws find none."""
+    from minillava.data.instruct import ask, shortcut_answer
+
+    def form(q) -> tuple:
+        return q.query.get("op"), shortcut_answer(q, scene) is None
+
+    for _ in range(tries):
+        other = ask(scene, qa.type, rng, config)
+        if form(other) == form(qa):
+            return other
+    return qa
 
 
 def space_answers(turns: list[dict]) -> list[dict]:
@@ -358,12 +389,14 @@ def check_instruct_mix(preset: Preset) -> list[tuple[int, dict]]:
     fails before lm, clip and align spend their minutes.
 
     Raises ValueError if the phases are malformed or leave no step of instruct for the whole
-    mix, or if data.conversation_rows, data.curriculum_vqa_fraction or data.read_text_weight
-    is out of range.
+    mix, or if data.conversation_rows, data.curriculum_vqa_fraction, data.read_text_weight or
+    data.shortcut_weight is out of range.
     """
     data = preset.data
     if data.read_text_weight is not None and data.read_text_weight < 0:
         raise ValueError(f"data.read_text_weight must be >= 0 or None; got {data.read_text_weight}")
+    if data.shortcut_weight is not None and data.shortcut_weight < 1:
+        raise ValueError(f"data.shortcut_weight must be >= 1 or None; got {data.shortcut_weight}")
     if not 0.0 < data.conversation_rows <= 1.0:
         raise ValueError(f"data.conversation_rows must be in (0, 1]; got {data.conversation_rows}")
     fraction = data.curriculum_vqa_fraction
@@ -600,6 +633,7 @@ def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, wor
             "instruct", images, tokenizer, config, seed, preset.data.max_len,
             vqa_fraction=preset.data.vqa_fraction, vqa_questions=preset.data.vqa_questions,
             type_weights=preset.data.vqa_type_weights, text_weight=preset.data.read_text_weight,
+            shortcut_weight=preset.data.shortcut_weight,
             phases=check_instruct_mix(preset),
             phase_vqa_fraction=preset.data.curriculum_vqa_fraction,
             conversation_rows=preset.data.conversation_rows, **dist,

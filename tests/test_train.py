@@ -639,3 +639,43 @@ def test_read_text_weight_asks_text_questions_on_images_that_show_a_character(tm
     preset = apply_overrides(get_preset("tiny"), ["data.read_text_weight=-1.0"])
     with pytest.raises(ValueError, match="data.read_text_weight must be >= 0"):
         build_stage("instruct", preset, get_tokenizer(), tmp_path)
+
+
+def test_shortcut_weight_asks_more_questions_the_shortcut_gets_wrong(tmp_path):
+    import random
+    from collections import Counter
+
+    from minillava.data.instruct import shortcut_answer
+    from minillava.data.shapes import ShapesWorld, WorldConfig
+    from minillava.stages import build_stage, vqa_turns
+    from minillava.tokenizer import get_tokenizer
+
+    world = ShapesWorld("train", 1500, WorldConfig(image_size=16, max_objects=4))
+    weights = {"colour": 0.0, "shape": 0.0, "existence": 0.0, "position": 0.0, "text": 0.0}
+
+    def draw(shortcut_weight):
+        """Forms asked, and for each form the share of questions its shortcut answers."""
+        rng, forms, right = random.Random(0), Counter(), Counter()
+        for i in range(len(world)):
+            scene = world.scene(i)
+            _, [qa] = vqa_turns(scene, rng, world.config, 1, weights, None, shortcut_weight)
+            guess = shortcut_answer(qa, scene)
+            form = (qa.type, qa.query["op"], guess is None)
+            forms[form] += 1
+            right[form] += guess == qa.answer
+        return forms, {f: right[f] / n for f, n in forms.items()}
+
+    plain_forms, plain = draw(None)
+    weighted_forms, weighted = draw(5.0)
+    counts = ("count", "count", False)  # "How many red shapes?": a subset to count
+    assert plain[counts] > 0.7  # mostly 0 or 1: the shortcut is usually right
+    assert weighted[counts] < plain[counts] - 0.2
+    any_relation = ("relation", "any_relation", False)  # "Is there a shape left of A?"
+    assert weighted[any_relation] < plain[any_relation] - 0.05
+    # Only the answers within a form move: the forms keep their shares (+- sampling noise).
+    for form, n in plain_forms.items():
+        assert abs(weighted_forms[form] - n) < 0.25 * n + 20, (form, n, weighted_forms[form])
+
+    preset = apply_overrides(get_preset("tiny"), ["data.shortcut_weight=0.5"])
+    with pytest.raises(ValueError, match="data.shortcut_weight must be >= 1"):
+        build_stage("instruct", preset, get_tokenizer(), tmp_path)
