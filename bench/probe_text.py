@@ -126,7 +126,9 @@ def read_characters(model, tokenizer, items: list[dict], batch: int = 50) -> dic
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="runs/cpu/llava.pt", help="a trained llava.pt")
-    parser.add_argument("--train", type=int, default=4000, help="probe-training characters")
+    parser.add_argument(
+        "--train", type=int, default=4000, help="probe-training characters (0: no probes)"
+    )
     parser.add_argument("--val", type=int, default=800, help="val characters to score on")
     parser.add_argument("--read", type=int, default=0, help="also ask N test images to be read")
     parser.add_argument("--threads", type=int, default=2)
@@ -137,15 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, info = load_llava(args.checkpoint, device="cpu")
     config = world_config(info["config"]["world"], model.config.vision.image_size)
     classes = len(config.characters)
-    train = text_cell_tokens(model, ShapesWorld("train", 10**6, config, seed=5), args.train)
-    val = text_cell_tokens(model, ShapesWorld("val", 10**6, config, seed=5), args.val)
+    if (args.train > 0) != (args.val > 0) or args.read < 0:
+        parser.error("--train and --val are both 0 (reading only) or both positive; --read >= 0")
     results = {}
-    for name, k in (("patch_features", 0), ("image_token", 1)):
-        for kind, hidden in (("linear", 0), ("mlp", 256)):
-            accuracy = fit_probe(train[k], train[2], val[k], val[2], classes, hidden)
-            results[f"{name}/{kind}"] = round(accuracy, 4)
-            print(f"{name:15s} {kind:6s} probe: {accuracy:.1%} of {args.val} val characters")
-    print(f"(chance: {1 / classes:.1%}; {classes} characters)")
+    if args.train:
+        train = text_cell_tokens(model, ShapesWorld("train", 10**6, config, seed=5), args.train)
+        val = text_cell_tokens(model, ShapesWorld("val", 10**6, config, seed=5), args.val)
+        for name, k in (("patch_features", 0), ("image_token", 1)):
+            for kind, hidden in (("linear", 0), ("mlp", 256)):
+                accuracy = fit_probe(train[k], train[2], val[k], val[2], classes, hidden)
+                results[f"{name}/{kind}"] = round(accuracy, 4)
+                print(f"{name:15s} {kind:6s} probe: {accuracy:.1%} of {args.val} val characters")
+        print(f"(chance: {1 / classes:.1%}; {classes} characters)")
     reading = None
     if args.read:
         test = ShapesWorld("test", 10**6, config)
