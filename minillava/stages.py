@@ -286,7 +286,7 @@ def vqa_turns(
     text type's weight instead on a scene that shows a character (`DataSizes.read_text_weight`),
     unless `type_weights` gives text 0 (a curriculum phase without it). `shortcut_weight`, if
     not None, weighs the questions that a known shortcut gets wrong (`shortcut_answer`: two
-    circles counted as one, say) that many times those it gets right, within their type: a
+    circles counted as one, say) that many times those it gets right, within their form: a
     question the shortcut answers is kept with probability 1 / shortcut_weight, else another
     of its form is drawn (at most SHORTCUT_REDRAWS times): the mix of types and of forms does
     not change, only the answers within a form.
