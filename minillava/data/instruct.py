@@ -430,10 +430,11 @@ def shortcut_answer(qa: QA, scene: Scene) -> str | None:
         how many different colours               n: as if no two shapes shared one
         "Is there a shape left of the square?"   yes with 3 or more shapes, no with 2
 
-    On most training scenes the shortcut is right (filtered counts are 0 or 1 for 85% of count
-    questions), so it is learnt first and the skill may never be; VQA v2 rebalanced its answers
-    for the same reason (Goyal et al., 2017). `DataSizes.shortcut_weight` asks the questions
-    where the shortcut fails more often. None: no shortcut known for this form of question.
+    On most training scenes the shortcut is right (four in five counts of a subset are 0 or 1),
+    so it is learnt first and the skill may never be; VQA v2 rebalanced its answers for the same
+    reason (Goyal et al., 2017). `minillava eval` reports the accuracy where the shortcut is
+    wrong; `DataSizes.shortcut_weight` asks those questions more often in training (which moved
+    the model's prior, not its skill: session 12). None: no shortcut known for this form.
     """
     op, n = qa.query.get("op"), len(scene.objects)
     if op == "count" and qa.query.get("filter"):  # count, and reasoning's row / column counts
