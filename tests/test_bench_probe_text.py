@@ -74,3 +74,23 @@ def test_read_characters_scores_the_answers_and_names_the_misreads(probe, monkey
     reading = probe.read_characters(None, None, items, batch=3)
     assert reading["n"] == 4 and reading["accuracy"] == 0.5
     assert reading["misreads"] == [["b", "8", 2]]
+
+
+def test_main_reads_without_probes_and_writes_the_figures(probe, tmp_path, capsys):
+    import json
+
+    from minillava.checkpoint import save_checkpoint
+
+    model = grid_llava(48, 16)
+    world = dataclasses.asdict(WorldConfig(image_size=48, text_prob=0.5))
+    save_checkpoint(tmp_path / "llava.pt", model=model, step=1,
+                    config={"tokenizer": "shapesworld", "world": world},
+                    model_config=dataclasses.asdict(model.config))  # fmt: skip
+    out = tmp_path / "probe.json"
+    args = ["--checkpoint", str(tmp_path / "llava.pt"), "--read", "4", "--train", "0", "--val", "0"]
+    assert probe.main(args + ["--threads", "1", "--out", str(out)]) == 0
+    assert "the model reads" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["val_accuracy"] == {} and record["model_reads_test"]["n"] == 4
+    with pytest.raises(SystemExit):  # probes need both sets
+        probe.main(["--checkpoint", str(tmp_path / "llava.pt"), "--train", "0"])
