@@ -319,9 +319,10 @@ def ask_same_form(scene, qa, rng: random.Random, config, tries: int = 100):
     def form(q) -> tuple:
         return q.query.get("op"), shortcut_answer(q, scene) is None
 
+    wanted = form(qa)
     for _ in range(tries):
         other = ask(scene, qa.type, rng, config)
-        if form(other) == form(qa):
+        if form(other) == wanted:
             return other
     return qa
 
