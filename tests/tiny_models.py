@@ -35,10 +35,13 @@ def tiny_llava_config(tokenizer, **text_overrides):
 def load_bench_script(name: str):
     """bench/<name>.py as a module (the bench scripts are programs, not an installed package)."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    # Registered before it runs, as `import` does: a dataclass looks its module up there.
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
