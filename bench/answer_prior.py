@@ -145,15 +145,14 @@ def comparison_table(prior: EvalResult, figures: dict) -> str:
     A type counts for the goal (>= 30 points over the blind baseline) when its baseline is at
     most 60%; the last column says whether it would count with the prior as its baseline.
     """
-    model, blind = figures["model"], figures.get("blind")
-    mode = (blind or {}).get("blind_mode") or "blank"
+    model, blind = figures["model"], figures.get("blind") or {}  # {}: a run without one
+    mode = blind.get("blind_mode") or "blank"
     header = ["type", "n", "model", f"blind ({mode})", "gain", "prior", "gain over prior",
               f"prior > {BASELINE_EXEMPT_ABOVE:.0%}"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-    rows = [(t, prior.counts[t], model["per_type"][t], (blind or {}).get("per_type", {}).get(t),
+    rows = [(t, prior.counts[t], model["per_type"][t], blind.get("per_type", {}).get(t),
              prior.per_type[t]) for t in prior.per_type]  # fmt: skip
-    rows.append(("overall", prior.n, model["accuracy"], (blind or {}).get("accuracy"),
-                 prior.accuracy))  # fmt: skip
+    rows.append(("overall", prior.n, model["accuracy"], blind.get("accuracy"), prior.accuracy))
     for kind, count, acc, blind_acc, prior_acc in rows:
         cells = [kind, str(count), f"{acc:.1%}",
                  "" if blind_acc is None else f"{blind_acc:.1%}",
