@@ -15,6 +15,8 @@ every one of its tokens is the argmax).
     # "Is A left of B?" alone, in two-object scenes, after 300 steps of the look-ups:
     python bench/oracle_vqa.py --types relation --relation-forms pair --objects 2 \
         --warm-types colour,position,shape --warm-steps 300 --questions 1 --eval-questions 1
+    # the same, answered with its working first ("the circle is left, the cross is right, so yes"):
+    python bench/oracle_vqa.py ... --pair-answer restate_axis
 
 If the decoder cannot learn the mixture from perfect tokens within the steps a CPU budget allows,
 no change to the vision side can make `make train` reach the accuracy goal within that budget.
@@ -38,7 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from minillava.data.instruct import QUESTION_TYPES  # noqa: E402
+from minillava.data.instruct import QA, QUESTION_TYPES, noun_phrase, select  # noqa: E402
 from minillava.data.shapes import COLOURS, SHAPES, SIZES, Scene, ShapesWorld, WorldConfig  # noqa: E402
 from minillava.decoder import Decoder, DecoderConfig  # noqa: E402
 from minillava.stages import vqa_turns  # noqa: E402
@@ -85,15 +87,44 @@ FORM_OF_OP = {"relation": "pair", "any_relation": "any", "nearest": "nearest"}
 RELATION_FORMS = tuple(FORM_OF_OP.values())
 
 
+# "Is A left of B?" answered with its working first, the yes/no last (`--pair-answer`): which
+# part of the question is hard to learn? "cells" and "axis" write the two look-ups (A's cell
+# then B's, or only the row or column the relation compares); the "restate" forms name each
+# shape before its place, so that the look-up sits next to the words it looks up.
+COLUMNS, ROWS = ("left", "middle", "right"), ("top", "middle", "bottom")
+PAIR_ANSWERS = ("plain", "cells", "axis", "restate", "restate_axis")
+
+
+def worked_answer(scene: Scene, qa: QA, form: str) -> QA:
+    """`qa` (a pair relation question) with its answer written as `form` ends in the yes/no."""
+    if form == "plain" or qa.query.get("op") != "relation":
+        return qa
+    a, b = select(scene, qa.query["a"])[0], select(scene, qa.query["b"])[0]
+    if qa.query["relation"] in ("left", "right"):
+        a_axis, b_axis = COLUMNS[a.col], COLUMNS[b.col]
+    else:
+        a_axis, b_axis = ROWS[a.row], ROWS[b.row]
+    a_name, b_name = noun_phrase(qa.query["a"]), noun_phrase(qa.query["b"])
+    working = {
+        "cells": f"{a.cell} and {b.cell}",  # "top left and bottom right, so yes"
+        "axis": f"{a_axis} and {b_axis}",  # "left and right, so yes"
+        "restate": f"{a_name} is {a.cell}, {b_name} is {b.cell}",
+        "restate_axis": f"{a_name} is {a_axis}, {b_name} is {b_axis}",
+    }[form]
+    return QA(qa.question, f"{working}, so {qa.answer}", qa.type, qa.query)
+
+
 def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells, options=None):
     """(inputs_embeds (B, T, C), labels (B, T), attention_mask (B, T), types per row).
 
     `options` may restrict the scenes (`objects`: the object counts allowed) and the relation
     questions (`relation_forms`); a scene that cannot give an allowed question is swapped for
     another of `world`, drawn with `rng`. A relation question's type reads "relation:FORM".
+    `options["pair_answer"]` (one of PAIR_ANSWERS) writes pair answers with their working.
     """
     objects = (options or {}).get("objects")
     forms = (options or {}).get("relation_forms", RELATION_FORMS)
+    pair_answer = (options or {}).get("pair_answer", "plain")
     # Exactly the instruct stage's VQA conversations, restricted to `types`.
     weights = {t: float(t in types) for t in QUESTION_TYPES}
     rows, labels, asked = [], [], []
@@ -111,6 +142,8 @@ def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells,
             i = rng.randrange(len(world))  # e.g. one object: no "Is A left of B?" to ask
         else:
             raise RuntimeError(f"no scene of {world.split!r} gives {types} with {options}")
+        for k, qa in enumerate(asked_here):  # answers are turns 1, 3, ..., spaced (space_answers)
+            turns[2 * k + 1]["value"] = " " + worked_answer(scene, qa, pair_answer).answer
         ids, scored = tokenizer.render(turns)
         at = ids.index(tokenizer.image_id)
         embed = decoder.embed_tokens
@@ -137,9 +170,12 @@ def accuracy(
 ) -> dict[str, float]:
     """Teacher-forced exact match per type on `n_images` validation images, `questions` each
     (1: every question before the image, the eval's format; 2: the second one after it).
-    Relation is also reported by form ("relation:pair", ...); "overall" counts each answer once."""
+    Relation is also reported by form ("relation:pair", ...); "overall" counts each answer once.
+    With a worked pair answer, "relation:pair/work" scores the working (every token before the
+    yes/no) and "relation:pair/final" the yes/no alone, given the true working."""
     decoder.eval()
     rng, right, total = random.Random(123), {}, {}
+    worked = (options or {}).get("pair_answer", "plain") != "plain"
     for start in range(0, n_images, 48):
         indices = range(start, min(start + 48, n_images))
         x, y, mask, asked = make_batch(
@@ -156,8 +192,14 @@ def accuracy(
                 else:
                     answers.append([p])
             for kind, answer in zip(row_types, answers, strict=True):
-                ok = bool((predicted[b, answer] == target[b, answer]).all())
-                for key in {kind, kind.split(":")[0]}:  # "relation:pair" counts for relation too
+                hits = predicted[b, answer] == target[b, answer]  # the last one: <|endoftext|>
+                scores = {kind: bool(hits.all()), kind.split(":")[0]: bool(hits.all())}
+                if kind == "relation:pair" and worked:  # hits[-2]: the yes/no
+                    scores |= {
+                        f"{kind}/work": bool(hits[:-2].all()),
+                        f"{kind}/final": bool(hits[-2]),
+                    }
+                for key, ok in scores.items():  # "relation:pair" counts for relation too
                     right[key] = right.get(key, 0) + ok
                     total[key] = total.get(key, 0) + 1
     decoder.train()
@@ -196,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         help="train on these types first (e.g. colour,position,shape: the look-ups), then --types",
     )
     parser.add_argument("--warm-steps", type=int, default=0, help="steps of --warm-types")
+    parser.add_argument(
+        "--pair-answer",
+        default="plain",
+        choices=PAIR_ANSWERS,
+        help="pair relation answers: the yes/no (plain) or with its working first",
+    )
     parser.add_argument("--val-images", type=int, default=240)
     parser.add_argument("--out", type=Path, default=Path("bench/results/oracle_vqa.json"))
     args = parser.parse_args(argv)
@@ -212,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         objects = tuple(int(k) for k in args.objects.split(",")) if args.objects else None
     except ValueError:
         parser.error(f"--objects: expected counts like 2 or 2,3, got {args.objects!r}")
-    options = {"relation_forms": forms, "objects": objects}
+    options = {"relation_forms": forms, "objects": objects, "pair_answer": args.pair_answer}
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

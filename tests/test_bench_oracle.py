@@ -51,3 +51,64 @@ def test_make_batch_asks_only_the_forms_and_scenes_allowed(oracle):
     kinds = {kind for row in asked for kind in row}
     assert "colour" in kinds and kinds <= {"colour", "relation:pair", "relation:any",
                                            "relation:nearest"}  # fmt: skip
+
+
+def test_worked_pair_answers_end_in_the_yes_no_and_name_the_right_places(oracle):
+    world, rng = ShapesWorld("train", 300, WorldConfig(image_size=48)), random.Random(0)
+    pairs = [
+        (scene, qa)
+        for scene in map(world.scene, range(300))
+        if (qa := ask_relation(scene, rng, world.config)).query["op"] == "relation"
+    ]
+    assert len(pairs) > 50
+    for scene, qa in pairs:
+        a = oracle.select(scene, qa.query["a"])[0]
+        b = oracle.select(scene, qa.query["b"])[0]
+        horizontal = qa.query["relation"] in ("left", "right")
+        a_axis = oracle.COLUMNS[a.col] if horizontal else oracle.ROWS[a.row]
+        b_axis = oracle.COLUMNS[b.col] if horizontal else oracle.ROWS[b.row]
+        a_name, b_name = oracle.noun_phrase(qa.query["a"]), oracle.noun_phrase(qa.query["b"])
+        answers = {
+            form: oracle.worked_answer(scene, qa, form).answer for form in oracle.PAIR_ANSWERS
+        }
+        assert answers["plain"] == qa.answer in ("yes", "no")
+        assert answers["cells"] == f"{a.cell} and {b.cell}, so {qa.answer}"
+        assert answers["axis"] == f"{a_axis} and {b_axis}, so {qa.answer}"
+        assert answers["restate"] == f"{a_name} is {a.cell}, {b_name} is {b.cell}, so {qa.answer}"
+        assert (
+            answers["restate_axis"] == f"{a_name} is {a_axis}, {b_name} is {b_axis}, so {qa.answer}"
+        )
+    # The other relation forms keep their answer.
+    other = next(
+        (scene, qa)
+        for scene in map(world.scene, range(300))
+        if (qa := ask_relation(scene, rng, world.config)).query["op"] != "relation"
+    )
+    assert oracle.worked_answer(*other, "restate_axis") is other[1]
+
+
+def test_accuracy_scores_the_working_and_the_yes_no_apart(oracle):
+    tokenizer = get_tokenizer()
+    decoder = oracle.Decoder(
+        oracle.DecoderConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=16, num_layers=1, num_heads=2,
+            intermediate_size=32, max_seq_len=512,
+        )
+    )  # fmt: skip
+    cells = oracle.OracleCells(16)
+    world = ShapesWorld("val", 100, WorldConfig(image_size=48))
+    options = {"relation_forms": ("pair",), "objects": (2,), "pair_answer": "axis"}
+    x, y, mask, _ = oracle.make_batch(
+        world, range(4), ("relation",), 1, random.Random(0), tokenizer, decoder, cells, options
+    )
+    scored = [tokenizer.decode([t for t in row.tolist() if t != -100]) for row in y]
+    assert all(", so yes" in text or ", so no" in text for text in scored), scored
+    result = oracle.accuracy(decoder, cells, world, tokenizer, ("relation",), 48, 1, options)
+    assert {"relation:pair/work", "relation:pair/final"} <= set(result)
+    assert result["relation:pair"] <= min(
+        result["relation:pair/work"], result["relation:pair/final"]
+    )
+    plain = oracle.accuracy(
+        decoder, cells, world, tokenizer, ("relation",), 48, 1, options | {"pair_answer": "plain"}
+    )
+    assert "relation:pair/final" not in plain
