@@ -15,6 +15,16 @@ def oracle():
     return load_bench_script("oracle_vqa")
 
 
+def tiny_decoder(oracle, tokenizer):
+    """A decoder of width 16 (the oracle tokens' width in these tests), one layer."""
+    return oracle.Decoder(
+        oracle.DecoderConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=16, num_layers=1, num_heads=2,
+            intermediate_size=32, max_seq_len=512,
+        )
+    )  # fmt: skip
+
+
 def test_every_relation_query_has_a_form(oracle):
     # The script names a relation question's form by its query's op: a new op must get one.
     world, rng = ShapesWorld("train", 300, WorldConfig(image_size=48)), random.Random(0)
@@ -24,12 +34,7 @@ def test_every_relation_query_has_a_form(oracle):
 
 def test_make_batch_asks_only_the_forms_and_scenes_allowed(oracle):
     tokenizer = get_tokenizer()
-    decoder = oracle.Decoder(
-        oracle.DecoderConfig(
-            vocab_size=tokenizer.vocab_size, hidden_size=16, num_layers=1, num_heads=2,
-            intermediate_size=32, max_seq_len=512,
-        )
-    )  # fmt: skip
+    decoder = tiny_decoder(oracle, tokenizer)
     oracle_cells, scenes = oracle.OracleCells(16), []
 
     def cells(scene):  # the oracle tokens, and a record of the scenes they were built from
@@ -89,12 +94,7 @@ def test_worked_pair_answers_end_in_the_yes_no_and_name_the_right_places(oracle)
 
 def test_accuracy_scores_the_working_and_the_yes_no_apart(oracle):
     tokenizer = get_tokenizer()
-    decoder = oracle.Decoder(
-        oracle.DecoderConfig(
-            vocab_size=tokenizer.vocab_size, hidden_size=16, num_layers=1, num_heads=2,
-            intermediate_size=32, max_seq_len=512,
-        )
-    )  # fmt: skip
+    decoder = tiny_decoder(oracle, tokenizer)
     cells = oracle.OracleCells(16)
     world = ShapesWorld("val", 100, WorldConfig(image_size=48))
     options = {"relation_forms": ("pair",), "objects": (2,), "pair_answer": "axis"}
