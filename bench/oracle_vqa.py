@@ -41,7 +41,16 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from minillava.data.instruct import QA, QUESTION_TYPES, noun_phrase, select  # noqa: E402
-from minillava.data.shapes import COLOURS, SHAPES, SIZES, Scene, ShapesWorld, WorldConfig  # noqa: E402
+from minillava.data.shapes import (  # noqa: E402
+    COLOURS,
+    COLS,
+    ROWS,
+    SHAPES,
+    SIZES,
+    Scene,
+    ShapesWorld,
+    WorldConfig,
+)
 from minillava.decoder import Decoder, DecoderConfig  # noqa: E402
 from minillava.stages import vqa_turns  # noqa: E402
 from minillava.tokenizer import get_tokenizer  # noqa: E402
@@ -91,7 +100,6 @@ RELATION_FORMS = tuple(FORM_OF_OP.values())
 # part of the question is hard to learn? "cells" and "axis" write the two look-ups (A's cell
 # then B's, or only the row or column the relation compares); the "restate" forms name each
 # shape before its place, so that the look-up sits next to the words it looks up.
-COLUMNS, ROWS = ("left", "middle", "right"), ("top", "middle", "bottom")
 PAIR_ANSWERS = ("plain", "cells", "axis", "restate", "restate_axis")
 
 
@@ -101,7 +109,7 @@ def worked_answer(scene: Scene, qa: QA, form: str) -> QA:
         return qa
     a, b = select(scene, qa.query["a"])[0], select(scene, qa.query["b"])[0]
     if qa.query["relation"] in ("left", "right"):
-        a_axis, b_axis = COLUMNS[a.col], COLUMNS[b.col]
+        a_axis, b_axis = COLS[a.col], COLS[b.col]
     else:
         a_axis, b_axis = ROWS[a.row], ROWS[b.row]
     a_name, b_name = noun_phrase(qa.query["a"]), noun_phrase(qa.query["b"])
@@ -193,7 +201,8 @@ def accuracy(
                     answers.append([p])
             for kind, answer in zip(row_types, answers, strict=True):
                 hits = predicted[b, answer] == target[b, answer]  # the last one: <|endoftext|>
-                scores = {kind: bool(hits.all()), kind.split(":")[0]: bool(hits.all())}
+                whole = bool(hits.all())
+                scores = {kind: whole, kind.split(":")[0]: whole}
                 if kind == "relation:pair" and worked:  # hits[-2]: the yes/no
                     scores |= {
                         f"{kind}/work": bool(hits[:-2].all()),

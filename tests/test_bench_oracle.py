@@ -6,7 +6,7 @@ import pytest
 from tiny_models import load_bench_script
 
 from minillava.data.instruct import ask_relation
-from minillava.data.shapes import ShapesWorld, WorldConfig
+from minillava.data.shapes import COLS, ROWS, ShapesWorld, WorldConfig
 from minillava.tokenizer import get_tokenizer
 
 
@@ -70,8 +70,8 @@ def test_worked_pair_answers_end_in_the_yes_no_and_name_the_right_places(oracle)
         a = oracle.select(scene, qa.query["a"])[0]
         b = oracle.select(scene, qa.query["b"])[0]
         horizontal = qa.query["relation"] in ("left", "right")
-        a_axis = oracle.COLUMNS[a.col] if horizontal else oracle.ROWS[a.row]
-        b_axis = oracle.COLUMNS[b.col] if horizontal else oracle.ROWS[b.row]
+        a_axis = COLS[a.col] if horizontal else ROWS[a.row]
+        b_axis = COLS[b.col] if horizontal else ROWS[b.row]
         a_name, b_name = oracle.noun_phrase(qa.query["a"]), oracle.noun_phrase(qa.query["b"])
         answers = {
             form: oracle.worked_answer(scene, qa, form).answer for form in oracle.PAIR_ANSWERS
