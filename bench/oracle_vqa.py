@@ -17,6 +17,8 @@ every one of its tokens is the argmax).
         --warm-types colour,position,shape --warm-steps 300 --questions 1 --eval-questions 1
     # the same, answered with its working first ("the circle is left, the cross is right, so yes"):
     python bench/oracle_vqa.py ... --pair-answer restate_axis
+    # half of them so, asked "Explain your answer." instead; scored on the plain yes/no:
+    python bench/oracle_vqa.py ... --pair-answer restate_axis --explain-share 0.5
 
 If the decoder cannot learn the mixture from perfect tokens within the steps a CPU budget allows,
 no change to the vision side can make `make train` reach the accuracy goal within that budget.
@@ -40,7 +42,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from minillava.data.instruct import QA, QUESTION_TYPES, noun_phrase, select  # noqa: E402
+from minillava.data.instruct import (  # noqa: E402
+    EXPLAIN_SUFFIX,
+    QA,
+    QUESTION_TYPES,
+    RELATIONS,
+    noun_phrase,
+    select,
+)
 from minillava.data.shapes import (  # noqa: E402
     COLOURS,
     COLS,
@@ -101,6 +110,11 @@ RELATION_FORMS = tuple(FORM_OF_OP.values())
 # then B's, or only the row or column the relation compares); the "restate" forms name each
 # shape before its place, so that the look-up sits next to the words it looks up.
 PAIR_ANSWERS = ("plain", "cells", "axis", "restate", "restate_axis")
+# `--explain-share P` asks a share P of the pair questions with " Explain your answer." in place of
+# the short-answer instruction and answers those with their working, the others with the bare
+# yes/no: does learning the worked answer teach the bare one? (As "Distilling step-by-step",
+# Hsieh et al. 2023, trains a label and a rationale as two tasks told apart by their prompt.)
+# The question and the image come first in both, so the image tokens are computed the same way.
 
 
 def worked_answer(scene: Scene, qa: QA, form: str) -> QA:
@@ -108,16 +122,15 @@ def worked_answer(scene: Scene, qa: QA, form: str) -> QA:
     if form == "plain" or qa.query.get("op") != "relation":
         return qa
     a, b = select(scene, qa.query["a"])[0], select(scene, qa.query["b"])[0]
-    if qa.query["relation"] in ("left", "right"):
-        a_axis, b_axis = COLS[a.col], COLS[b.col]
-    else:
-        a_axis, b_axis = ROWS[a.row], ROWS[b.row]
+    axis = RELATIONS[qa.query["relation"]][1]
+    words = COLS if axis == "col" else ROWS
+    a_axis, b_axis = words[getattr(a, axis)], words[getattr(b, axis)]
     a_name, b_name = noun_phrase(qa.query["a"]), noun_phrase(qa.query["b"])
     working = {
         "cells": f"{a.cell} and {b.cell}",  # "top left and bottom right, so yes"
         "axis": f"{a_axis} and {b_axis}",  # "left and right, so yes"
         "restate": f"{a_name} is {a.cell}, {b_name} is {b.cell}",
-        "restate_axis": f"{a_name} is {a_axis}, {b_name} is {b_axis}",
+        "restate_axis": qa.explanation,  # data.instruct.relation_working: what instruct trains on
     }[form]
     return QA(qa.question, f"{working}, so {qa.answer}", qa.type, qa.query)
 
@@ -128,11 +141,14 @@ def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells,
     `options` may restrict the scenes (`objects`: the object counts allowed) and the relation
     questions (`relation_forms`); a scene that cannot give an allowed question is swapped for
     another of `world`, drawn with `rng`. A relation question's type reads "relation:FORM".
-    `options["pair_answer"]` (one of PAIR_ANSWERS) writes pair answers with their working.
+    `options["pair_answer"]` (one of PAIR_ANSWERS) writes pair answers with their working;
+    with `options["explain_share"]` = P, only a share P of them, asked to explain instead (one
+    question a row: the instruction follows the first question only).
     """
     objects = (options or {}).get("objects")
     forms = (options or {}).get("relation_forms", RELATION_FORMS)
     pair_answer = (options or {}).get("pair_answer", "plain")
+    explain_share = (options or {}).get("explain_share")
     # Exactly the instruct stage's VQA conversations, restricted to `types`.
     weights = {t: float(t in types) for t in QUESTION_TYPES}
     rows, labels, asked = [], [], []
@@ -140,7 +156,9 @@ def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells,
         for _attempt in range(1000):
             scene = world.scene(i)  # the annotation only: no pixels are drawn
             if objects is None or len(scene.objects) in objects:
-                turns, asked_here = vqa_turns(scene, rng, world.config, questions, weights)
+                turns, asked_here = vqa_turns(
+                    scene, rng, world.config, questions, weights, explain_share=explain_share
+                )
                 row_types = [
                     f"relation:{FORM_OF_OP[qa.query['op']]}" if qa.type == "relation" else qa.type
                     for qa in asked_here
@@ -151,7 +169,10 @@ def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells,
         else:
             raise RuntimeError(f"no scene of {world.split!r} gives {types} with {options}")
         for k, qa in enumerate(asked_here):  # answers are turns 1, 3, ..., spaced (space_answers)
-            turns[2 * k + 1]["value"] = " " + worked_answer(scene, qa, pair_answer).answer
+            form = pair_answer
+            if explain_share is not None:  # vqa_turns asked some to explain: only they are worked
+                form = pair_answer if turns[2 * k]["value"].endswith(EXPLAIN_SUFFIX) else "plain"
+            turns[2 * k + 1]["value"] = " " + worked_answer(scene, qa, form).answer
         ids, scored = tokenizer.render(turns)
         at = ids.index(tokenizer.image_id)
         embed = decoder.embed_tokens
@@ -184,6 +205,7 @@ def accuracy(
     decoder.eval()
     rng, right, total = random.Random(123), {}, {}
     worked = (options or {}).get("pair_answer", "plain") != "plain"
+    worked = worked and (options or {}).get("explain_share") in (None, 1.0)
     for start in range(0, n_images, 48):
         indices = range(start, min(start + 48, n_images))
         x, y, mask, asked = make_batch(
@@ -253,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=PAIR_ANSWERS,
         help="pair relation answers: the yes/no (plain) or with its working first",
     )
+    parser.add_argument(
+        "--explain-share",
+        type=float,
+        default=None,
+        help="ask this share of the pair questions to explain, with the --pair-answer working; "
+        "the others get the bare yes/no (scored apart: 'explained:relation:pair')",
+    )
     parser.add_argument("--val-images", type=int, default=240)
     parser.add_argument("--out", type=Path, default=Path("bench/results/oracle_vqa.json"))
     args = parser.parse_args(argv)
@@ -270,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--objects: expected counts like 2 or 2,3, got {args.objects!r}")
     options = {"relation_forms": forms, "objects": objects, "pair_answer": args.pair_answer}
+    if args.explain_share is not None:
+        if not 0.0 <= args.explain_share <= 1.0:
+            parser.error(f"--explain-share: expected a share in [0, 1], got {args.explain_share}")
+        if args.pair_answer == "plain" or args.questions != 1 or args.eval_questions != 1:
+            parser.error("--explain-share needs a --pair-answer other than plain and one question")
+        options["explain_share"] = args.explain_share
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -294,9 +329,23 @@ def main(argv: list[str] | None = None) -> int:
     rng, history, start = random.Random(args.seed), [], time.time()
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
-            acc = accuracy(
-                decoder, cells, val, tokenizer, types, args.val_images, args.eval_questions, options
-            )
+            # With --explain-share: scored on the bare yes/no, then on the explained answers.
+            shares = (None,) if args.explain_share is None else (0.0, 1.0)
+            acc = {}
+            for share in shares:
+                scored = accuracy(
+                    decoder,
+                    cells,
+                    val,
+                    tokenizer,
+                    types,
+                    args.val_images,
+                    args.eval_questions,
+                    {**options, "explain_share": share},
+                )
+                if share == 1.0:
+                    scored = {f"explained:{k}": v for k, v in scored.items() if ":" in k}
+                acc |= scored
             history.append({"step": step, "seconds": round(time.time() - start), **acc})
             per_type = " ".join(f"{k} {v:.2f}" for k, v in acc.items() if k != "overall")
             print(f"step {step:5d}  overall {acc['overall']:.3f}  {per_type}", flush=True)

@@ -103,6 +103,14 @@ class DataSizes:
     # only; the evaluation's questions do not change. At 5 in the cpu preset the model took
     # the opposite shortcut instead of learning to count (session 12): not in a preset.
     shortcut_weight: float | None = None
+    # Share of relation's "Is A left of B?" questions that `instruct` asks to explain instead
+    # ("...\n<image> Explain your answer.") and answers with the working, the two places the
+    # relation compares, before the yes/no: "the square is bottom, the cross is middle, so no"
+    # (None: none; the evaluation's questions do not change). The bare yes/no compares two
+    # places looked up in the image, and stayed at chance even from perfect image tokens; trained
+    # beside its working, it was learnt (bench/oracle_vqa.py --explain-share; docs/results.md,
+    # session 17).
+    explain_relation_share: float | None = None
     # `instruct` may open with a curriculum: phases of (question types, steps) whose short-answer
     # batches ask only those types (same weights; conversations keep their share), then the mix.
     # E.g. ((("colour",), 500),): finding the object a question names forms within a few hundred

@@ -244,18 +244,19 @@ def scene_turns(
     type_weights: dict[str, float] | None = None,
     text_weight: float | None = None,
     shortcut_weight: float | None = None,
+    explain_share: float | None = None,
 ) -> list[dict]:
     """One training conversation about `scene`, "<image>" in its first human turn.
 
     `vqa=True`: `vqa_questions` short-answer questions (`vqa_turns`, with `type_weights`,
-    `text_weight` and `shortcut_weight`).
+    `text_weight`, `shortcut_weight` and `explain_share`).
     Otherwise: a conversation of one of the data engine's `kinds` (conversation, detail,
     reasoning, caption).
     """
     from minillava.data.instruct import make_conversation
 
     if vqa:
-        weights = (type_weights, text_weight, shortcut_weight)
+        weights = (type_weights, text_weight, shortcut_weight, explain_share)
         return vqa_turns(scene, rng, config, vqa_questions, *weights)[0]
     return space_answers(make_conversation(scene, captions, rng, rng.choice(kinds), config=config))
 
@@ -271,6 +272,7 @@ def vqa_turns(
     type_weights: dict[str, float] | None = None,
     text_weight: float | None = None,
     shortcut_weight: float | None = None,
+    explain_share: float | None = None,
 ) -> tuple[list[dict], list]:
     """`questions` short-answer questions about `scene` in the eval convention, and their `QA`s
     (type, answer and the query each question runs, e.g. {"op": "relation", ...}).
@@ -289,7 +291,10 @@ def vqa_turns(
     circles counted as one, say) that many times those it gets right, within their form: a
     question the shortcut answers is kept with probability 1 / shortcut_weight, else another
     of its form is drawn (at most SHORTCUT_REDRAWS times): the mix of types and of forms does
-    not change, only the answers within a form.
+    not change, only the answers within a form. `explain_share`, if not None, asks that share
+    of the first questions that are relation's "Is A left of B?" to explain instead of answering
+    in a word (`vqa_prompt(explain=True)`), and answers them with their working first: "the
+    square is bottom, the cross is middle, so no" (`DataSizes.explain_relation_share`).
     """
     from minillava.data.instruct import QUESTION_TYPES, ask, shortcut_answer, vqa_prompt
 
@@ -297,17 +302,23 @@ def vqa_turns(
     text = QUESTION_TYPES.index("text")
     if text_weight is not None and scene.text is not None and weights[text] > 0:
         weights[text] = text_weight
-    turns, asked = [], []
-    for _ in range(questions):
+    turns, asked, explain = [], [], False
+    for k in range(questions):
         question_type = rng.choices(QUESTION_TYPES, weights)[0]
         qa = ask(scene, question_type, rng, config)
         for _ in range(SHORTCUT_REDRAWS if shortcut_weight is not None else 0):
             if shortcut_answer(qa, scene) != qa.answer or rng.random() * shortcut_weight < 1:
                 break
             qa = ask_same_form(scene, qa, rng, config)
-        turns += [{"from": "human", "value": qa.question}, {"from": "gpt", "value": qa.answer}]
+        answer = qa.answer
+        # Only the first question carries the instruction, so only it can ask for the working.
+        if k == 0 and explain_share is not None and qa.query.get("op") == "relation":
+            explain = rng.random() < explain_share
+            if explain:
+                answer = f"{qa.explanation}, so {qa.answer}"
+        turns += [{"from": "human", "value": qa.question}, {"from": "gpt", "value": answer}]
         asked.append(qa)
-    turns[0]["value"] = vqa_prompt(turns[0]["value"])
+    turns[0]["value"] = vqa_prompt(turns[0]["value"], explain=explain)
     return space_answers(turns), asked
 
 
@@ -390,14 +401,17 @@ def check_instruct_mix(preset: Preset) -> list[tuple[int, dict]]:
     fails before lm, clip and align spend their minutes.
 
     Raises ValueError if the phases are malformed or leave no step of instruct for the whole
-    mix, or if data.conversation_rows, data.curriculum_vqa_fraction, data.read_text_weight or
-    data.shortcut_weight is out of range.
+    mix, or if data.conversation_rows, data.curriculum_vqa_fraction, data.read_text_weight,
+    data.shortcut_weight or data.explain_relation_share is out of range.
     """
     data = preset.data
     if data.read_text_weight is not None and data.read_text_weight < 0:
         raise ValueError(f"data.read_text_weight must be >= 0 or None; got {data.read_text_weight}")
     if data.shortcut_weight is not None and data.shortcut_weight < 1:
         raise ValueError(f"data.shortcut_weight must be >= 1 or None; got {data.shortcut_weight}")
+    share = data.explain_relation_share
+    if share is not None and not 0.0 <= share <= 1.0:
+        raise ValueError(f"data.explain_relation_share must be in [0, 1] or None; got {share}")
     if not 0.0 < data.conversation_rows <= 1.0:
         raise ValueError(f"data.conversation_rows must be in (0, 1]; got {data.conversation_rows}")
     fraction = data.curriculum_vqa_fraction
@@ -635,6 +649,7 @@ def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, wor
             vqa_fraction=preset.data.vqa_fraction, vqa_questions=preset.data.vqa_questions,
             type_weights=preset.data.vqa_type_weights, text_weight=preset.data.read_text_weight,
             shortcut_weight=preset.data.shortcut_weight,
+            explain_share=preset.data.explain_relation_share,
             phases=check_instruct_mix(preset),
             phase_vqa_fraction=preset.data.curriculum_vqa_fraction,
             conversation_rows=preset.data.conversation_rows, **dist,

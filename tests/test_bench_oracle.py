@@ -5,7 +5,7 @@ import random
 import pytest
 from tiny_models import load_bench_script
 
-from minillava.data.instruct import ask_relation
+from minillava.data.instruct import ANSWER_SUFFIX, EXPLAIN_SUFFIX, ask_relation
 from minillava.data.shapes import COLS, ROWS, ShapesWorld, WorldConfig
 from minillava.tokenizer import get_tokenizer
 
@@ -112,3 +112,54 @@ def test_accuracy_scores_the_working_and_the_yes_no_apart(oracle):
         decoder, cells, world, tokenizer, ("relation",), 48, 1, options | {"pair_answer": "plain"}
     )
     assert "relation:pair/final" not in plain
+
+
+def test_explain_share_asks_some_pair_questions_to_explain_and_works_only_those(
+    oracle, monkeypatch
+):
+    tokenizer = get_tokenizer()
+    decoder = tiny_decoder(oracle, tokenizer)
+    cells = oracle.OracleCells(16)
+    world = ShapesWorld("val", 100, WorldConfig(image_size=48))
+    rendered, render = [], tokenizer.render
+
+    def spy(turns):  # the human turn and the answer of every row
+        rendered.append((turns[0]["value"], turns[1]["value"]))
+        return render(turns)
+
+    monkeypatch.setattr(tokenizer, "render", spy)
+    options = {"relation_forms": ("pair",), "objects": (2,), "pair_answer": "axis"}
+    for share, expected in ((0.0, 0), (1.0, 40), (0.5, None)):
+        rendered.clear()
+        oracle.make_batch(
+            world, range(40), ("relation",), 1, random.Random(1), tokenizer, decoder, cells,
+            options | {"explain_share": share},
+        )  # fmt: skip
+        explained = [q.endswith(EXPLAIN_SUFFIX) for q, _ in rendered]
+        worked = [", so " in a for _, a in rendered]
+        assert explained == worked  # the working exactly where the prompt asks for it
+        for (question, answer), asked in zip(rendered, explained, strict=True):
+            if not asked:
+                assert question.endswith(ANSWER_SUFFIX) and answer in (" yes", " no")
+        if expected is not None:
+            assert sum(explained) == expected
+        else:
+            assert 10 < sum(explained) < 30
+    monkeypatch.undo()
+    # Scored on the bare yes/no (share 0): no working to score apart.
+    bare = oracle.accuracy(
+        decoder, cells, world, tokenizer, ("relation",), 48, 1, options | {"explain_share": 0.0}
+    )
+    assert "relation:pair/final" not in bare
+    explained = oracle.accuracy(
+        decoder, cells, world, tokenizer, ("relation",), 48, 1, options | {"explain_share": 1.0}
+    )
+    assert "relation:pair/final" in explained
+
+
+def test_explain_share_needs_a_working_and_one_question(oracle, tmp_path):
+    out = tmp_path / "o.json"
+    for bad in (["--explain-share", "0.5"], ["--explain-share", "1.5", "--pair-answer", "axis"]):
+        with pytest.raises(SystemExit):
+            oracle.main([*bad, "--questions", "1", "--eval-questions", "1", "--out", str(out)])
+    assert not out.exists()

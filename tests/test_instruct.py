@@ -127,6 +127,38 @@ def check(scene, qa) -> None:
         assert qa.answer in qa.explanation or qa.answer in ("yes", "no")
 
 
+def test_a_pair_relation_explains_the_places_it_compares_and_they_give_the_answer():
+    # "Is the square left of the cross?" -> "the square is bottom, the cross is middle": each
+    # shape named as the question names it, then its row or column (the axis compared).
+    world, rng = ShapesWorld("train", 800, SMALL), random.Random(0)
+    pairs = 0
+    for i in range(800):
+        scene = world.scene(i)
+        qa = ask(scene, "relation", rng, SMALL)
+        if qa.query["op"] != "relation":
+            assert qa.explanation is None
+            continue
+        pairs += 1
+        relation = qa.query["relation"]
+        horizontal = relation in ("left", "right")
+        places = COLS if horizontal else ROWS
+        indices = []
+        for part, ref in zip(qa.explanation.split(", "), (qa.query["a"], qa.query["b"]),
+                             strict=True):  # fmt: skip
+            name, place = part.rsplit(" is ", 1)
+            assert name.startswith("the ") and name[4:] in qa.question, (name, qa.question)
+            obj = the(scene, ref)
+            assert place == places[obj.col if horizontal else obj.row], (qa, scene)
+            indices.append(places.index(place))
+        a, b = indices
+        holds = {"left": a < b, "right": a > b, "above": a < b, "below": a > b}[relation]
+        assert qa.answer == yes_no(holds)  # the working alone decides the yes/no
+        assert qa.question.index(qa.explanation.split(" is ")[0][4:]) < qa.question.index(
+            qa.explanation.split(", ")[1].split(" is ")[0][4:]
+        )  # A is the shape named first
+    assert pairs > 200
+
+
 @pytest.mark.parametrize("split", ["train", "test", "heldout"])
 def test_answers_true_of_the_scene(split):
     world = ShapesWorld(split, 1500, WorldConfig(image_size=32, text_prob=0.5))

@@ -679,3 +679,43 @@ def test_shortcut_weight_asks_more_questions_the_shortcut_gets_wrong(tmp_path):
     preset = apply_overrides(get_preset("tiny"), ["data.shortcut_weight=0.5"])
     with pytest.raises(ValueError, match="data.shortcut_weight must be >= 1"):
         build_stage("instruct", preset, get_tokenizer(), tmp_path)
+
+
+def test_explain_relation_share_asks_some_pair_questions_for_their_working(tmp_path):
+    import random
+
+    from minillava.data.instruct import EXPLAIN_SUFFIX, vqa_prompt
+    from minillava.data.shapes import ShapesWorld, WorldConfig
+    from minillava.stages import build_stage, vqa_turns
+    from minillava.tokenizer import get_tokenizer
+
+    world = ShapesWorld("train", 600, WorldConfig(image_size=16))
+    weights = {"relation": 3.0}
+
+    def draw(share):
+        rng, rows = random.Random(0), []
+        for i in range(len(world)):
+            turns, [qa] = vqa_turns(world.scene(i), rng, world.config, 1, weights, None, None,
+                                    share)  # fmt: skip
+            rows.append((turns[0]["value"], turns[1]["value"], qa))
+        return rows
+
+    for share in (None, 0.0, 0.5, 1.0):
+        rows = draw(share)
+        pairs = [(q, a, qa) for q, a, qa in rows if qa.query["op"] == "relation"]
+        explained = [q.endswith(EXPLAIN_SUFFIX) for q, _, _ in pairs]
+        assert len(pairs) > 60
+        assert abs(sum(explained) / len(pairs) - (share or 0.0)) < 0.15
+        for question, answer, qa in pairs:
+            if question.endswith(EXPLAIN_SUFFIX):
+                assert question == vqa_prompt(qa.question, explain=True)
+                assert answer == f" {qa.explanation}, so {qa.answer}"
+            else:
+                assert question == vqa_prompt(qa.question) and answer == f" {qa.answer}"
+        # Every other question keeps its short answer and the short-answer instruction.
+        for question, answer, qa in rows:
+            if qa.query["op"] != "relation":
+                assert question == vqa_prompt(qa.question) and answer == f" {qa.answer}"
+    preset = apply_overrides(get_preset("tiny"), ["data.explain_relation_share=1.5"])
+    with pytest.raises(ValueError, match="data.explain_relation_share must be in"):
+        build_stage("instruct", preset, get_tokenizer(), tmp_path)

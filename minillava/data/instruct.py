@@ -37,6 +37,8 @@ import torch
 
 from minillava.data.shapes import (
     CELL_NAMES,
+    COLS,
+    ROWS,
     Scene,
     SceneObject,
     ShapesWorld,
@@ -72,7 +74,8 @@ class QA:
 
     `query` states the question as data ({"op": "count", "filter": {"colour": "red"}}): tests
     recompute the answer from it and the annotation, independently of the wording.
-    `explanation` (reasoning questions) says in a sentence why the answer holds.
+    `explanation` says why the answer holds: a sentence for reasoning questions, the two places
+    compared for relation's "Is A left of B?" ("the square is bottom, the cross is middle").
     """
 
     question: str
@@ -256,12 +259,26 @@ def ask_position(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
               {"op": "cell_of", "target": ref})  # fmt: skip
 
 
-RELATIONS = {  # name -> (words, test on (a, b))
-    "left": ("to the left of", lambda a, b: a.col < b.col),
-    "right": ("to the right of", lambda a, b: a.col > b.col),
-    "above": ("above", lambda a, b: a.row < b.row),
-    "below": ("below", lambda a, b: a.row > b.row),
+RELATIONS = {  # name -> (words, the axis it compares, test on (a, b))
+    "left": ("to the left of", "col", lambda a, b: a.col < b.col),
+    "right": ("to the right of", "col", lambda a, b: a.col > b.col),
+    "above": ("above", "row", lambda a, b: a.row < b.row),
+    "below": ("below", "row", lambda a, b: a.row > b.row),
 }
+
+
+def relation_working(a: SceneObject, ref_a: dict, b: SceneObject, ref_b: dict, rel: str) -> str:
+    """What "Is A {rel} B?" compares, in words: "the square is bottom, the cross is middle".
+
+    Each shape is named before its place, and the place is only the row or column the relation
+    compares (one of three words, not one of nine cells): with perfect image tokens, a decoder
+    learnt the yes/no after this working and not after the cells (docs/results.md, sessions 15
+    and 16). `DataSizes.explain_relation_share` trains on it.
+    """
+    axis = RELATIONS[rel][1]
+    words = COLS if axis == "col" else ROWS
+    place_a, place_b = words[getattr(a, axis)], words[getattr(b, axis)]
+    return f"{noun_phrase(ref_a)} is {place_a}, {noun_phrase(ref_b)} is {place_b}"
 
 
 def cell_distance(a: SceneObject, b: SceneObject) -> float:
@@ -273,7 +290,7 @@ def ask_relation(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
     named = [(o, ref) for o, ref in named if ref is not None]
     if len(named) >= 2 and rng.random() < 0.7:
         (a, ref_a), (b, ref_b) = rng.sample(named, 2)
-        true_rels = [r for r, (_, test) in RELATIONS.items() if test(a, b)]
+        true_rels = [r for r, (_, _, test) in RELATIONS.items() if test(a, b)]
         false_rels = [r for r in RELATIONS if r not in true_rels]
         want_yes = bool(true_rels) and rng.random() < 0.5
         rel = rng.choice(true_rels if want_yes else false_rels)
@@ -290,14 +307,15 @@ def ask_relation(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
         words = RELATIONS[rel][0]
         template = rng.choice(["Is {a} {rel} {b}?", "Is {a} located {rel} {b}?"])
         question = template.format(a=noun_phrase(ref_a), rel=words, b=noun_phrase(ref_b))
-        answer = _yes_no(RELATIONS[rel][1](a, b))
+        answer = _yes_no(RELATIONS[rel][2](a, b))
         query = {"op": "relation", "a": ref_a, "b": ref_b, "relation": rel}
-        return QA(question, answer, "relation", query)
+        working = relation_working(a, ref_a, b, ref_b, rel)
+        return QA(question, answer, "relation", query, explanation=working)
     # One object, or by chance: is anything on that side of it?
     obj = rng.choice(scene.objects)
     ref = reference(scene, obj, avoid=("cell",)) or {"cell": obj.cell}
     rel = rng.choice(list(RELATIONS))
-    words, test = RELATIONS[rel]
+    words, _, test = RELATIONS[rel]
     answer = _yes_no(any(test(o, obj) for o in scene.objects if o is not obj))
     question = f"Is there a shape {words} {noun_phrase(ref)}?"
     return QA(question, answer, "relation", {"op": "any_relation", "target": ref, "relation": rel})
@@ -476,10 +494,13 @@ ANSWER_SUFFIX = "\nAnswer with a single word or phrase."
 FIXED_PROMPTS: tuple[str, ...] = (*DETAIL_PROMPTS, *CAPTION_PROMPTS, EXPLAIN_SUFFIX, ANSWER_SUFFIX)
 
 
-def vqa_prompt(question: str, with_image: bool = True) -> str:
+def vqa_prompt(question: str, with_image: bool = True, explain: bool = False) -> str:
     """The human turn of a short-answer question: what `instruct` trains on and `eval` asks.
 
         What colour is the circle?\n<image>\nAnswer with a single word or phrase.
+
+    `explain=True` asks for the working instead ("...\n<image> Explain your answer."), which
+    `instruct` may train on beside the short answers (`DataSizes.explain_relation_share`).
 
     The question comes *before* the image. LLaVA-1.5 asks its VQA benchmarks with the image
     first, and its training data has both orders (LLaVA-Instruct's first turns start or end
@@ -500,7 +521,7 @@ def vqa_prompt(question: str, with_image: bool = True) -> str:
     preset's steps, docs/results.md, session 7).
     """
     image = "\n<image>" if with_image else ""
-    return f"{question}{image}{ANSWER_SUFFIX}"
+    return f"{question}{image}{EXPLAIN_SUFFIX if explain else ANSWER_SUFFIX}"
 
 
 def _turn(speaker: str, value: str, type_: str | None = None) -> dict:
