@@ -108,8 +108,9 @@ class DataSizes:
     # relation compares, before the yes/no: "the square is bottom, the cross is middle, so no"
     # (None: none; the evaluation's questions do not change). The bare yes/no compares two
     # places looked up in the image, and stayed at chance even from perfect image tokens; trained
-    # beside its working, it was learnt (bench/oracle_vqa.py --explain-share; docs/results.md,
-    # session 17).
+    # beside its working, it was learnt in one oracle run of three, after some 60,000 pair
+    # questions (bench/oracle_vqa.py --explain-share; docs/results.md, session 17). No preset
+    # asks that many.
     explain_relation_share: float | None = None
     # `instruct` may open with a curriculum: phases of (question types, steps) whose short-answer
     # batches ask only those types (same weights; conversations keep their share), then the mix.
