@@ -245,12 +245,14 @@ def generate_answers(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    explain: bool = False,
 ) -> list[str]:
     """Greedy (or sampled) answers to a batch of single-turn questions, one image each or none.
 
     Prompts are left-padded: every row then ends at the same position, where the answer begins,
     and the attention mask keeps the padding out of attention and positions.
     `pixel_values` is (B, 3, H, W) matching `questions`, or None for text-only prompts.
+    `explain=True` asks for the working instead of a short answer (`vqa_prompt(explain=True)`).
     """
     from minillava.data.collate import collate_conversations
     from minillava.device import autocast
@@ -263,7 +265,7 @@ def generate_answers(
     samples = [
         {
             "pixel_values": pixel_values[i] if with_image else None,
-            "conversations": [{"from": "human", "value": vqa_prompt(q, with_image)}],
+            "conversations": [{"from": "human", "value": vqa_prompt(q, with_image, explain)}],
         }
         for i, q in enumerate(questions)
     ]

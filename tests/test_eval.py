@@ -289,3 +289,26 @@ def test_world_config_accepts_a_checkpoint_world_dict():
     config = world_config(stored, image_size=32)
     assert config.image_size == 32 and config.max_objects == 2
     assert config.heldout_combos == WorldConfig().heldout_combos
+
+
+def test_generate_answers_asks_for_the_working_when_told_to_explain(
+    tiny_model, tokenizer, items, monkeypatch
+):
+    """explain=True puts "Explain your answer." where the short-answer instruction goes."""
+    import minillava.data.collate as collate
+    from minillava.data.instruct import ANSWER_SUFFIX, EXPLAIN_SUFFIX
+
+    asked = []
+    real = collate.collate_conversations
+
+    def spy(samples, *args, **kwargs):
+        asked.extend(sample["conversations"][0]["value"] for sample in samples)
+        return real(samples, *args, **kwargs)
+
+    monkeypatch.setattr(collate, "collate_conversations", spy)
+    pixels = items[0]["pixel_values"][None]
+    question = items[0]["question"]
+    generate_answers(tiny_model, tokenizer, [question], pixels, max_new_tokens=2)
+    generate_answers(tiny_model, tokenizer, [question], pixels, max_new_tokens=2, explain=True)
+    assert asked == [vqa_prompt(question), vqa_prompt(question, explain=True)]
+    assert asked[0].endswith(ANSWER_SUFFIX) and asked[1].endswith("<image>" + EXPLAIN_SUFFIX)
