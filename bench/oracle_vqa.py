@@ -49,6 +49,7 @@ from minillava.data.instruct import (  # noqa: E402
     RELATIONS,
     noun_phrase,
     select,
+    with_working,
 )
 from minillava.data.shapes import (  # noqa: E402
     COLOURS,
@@ -132,7 +133,7 @@ def worked_answer(scene: Scene, qa: QA, form: str) -> QA:
         "restate": f"{a_name} is {a.cell}, {b_name} is {b.cell}",
         "restate_axis": qa.explanation,  # data.instruct.relation_working: what instruct trains on
     }[form]
-    return QA(qa.question, f"{working}, so {qa.answer}", qa.type, qa.query)
+    return QA(qa.question, with_working(working, qa.answer), qa.type, qa.query)
 
 
 def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells, options=None):

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from minillava.checkpoint import load_llava  # noqa: E402
-from minillava.data.instruct import VQADataset  # noqa: E402
+from minillava.data.instruct import VQADataset, answer_after_working, with_working  # noqa: E402
 from minillava.eval import generate_answers, normalise_answer, world_config  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def pair_items(dataset: VQADataset, n: int) -> list[dict]:
 
 def final_answer(text: str) -> str:
     """The yes/no an explained answer ends with: what follows its last ", so "."""
-    return normalise_answer(text.rsplit(", so ", 1)[-1])
+    return normalise_answer(answer_after_working(text))
 
 
 def score_pairs(items: list[dict], bare: list[str], explained: list[str]) -> dict:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{figures['bare']:.1%}; explained: working {figures['working']:.1%}, "
           f"yes/no after it {figures['final']:.1%}")  # fmt: skip
     for item, b, e in list(zip(items, bare, explained, strict=True))[:4]:
-        print(f"  {item['question']} (truth: {item['working']}, so {item['answer']})")
+        print(f"  {item['question']} (truth: {with_working(item['working'], item['answer'])})")
         print(f"    bare: {b!r}   explained: {e!r}")
     if args.out:
         record = {"command": "python bench/probe_pair.py " + " ".join(argv or sys.argv[1:]),

@@ -296,7 +296,13 @@ def vqa_turns(
     in a word (`vqa_prompt(explain=True)`), and answers them with their working first: "the
     square is bottom, the cross is middle, so no" (`DataSizes.explain_relation_share`).
     """
-    from minillava.data.instruct import QUESTION_TYPES, ask, shortcut_answer, vqa_prompt
+    from minillava.data.instruct import (
+        QUESTION_TYPES,
+        ask,
+        shortcut_answer,
+        vqa_prompt,
+        with_working,
+    )
 
     weights = question_type_weights(type_weights)
     text = QUESTION_TYPES.index("text")
@@ -315,7 +321,7 @@ def vqa_turns(
         if k == 0 and explain_share is not None and qa.query.get("op") == "relation":
             explain = rng.random() < explain_share
             if explain:
-                answer = f"{qa.explanation}, so {qa.answer}"
+                answer = with_working(qa.explanation, qa.answer)
         turns += [{"from": "human", "value": qa.question}, {"from": "gpt", "value": answer}]
         asked.append(qa)
     turns[0]["value"] = vqa_prompt(turns[0]["value"], explain=explain)

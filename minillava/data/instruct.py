@@ -281,6 +281,19 @@ def relation_working(a: SceneObject, ref_a: dict, b: SceneObject, ref_b: dict, r
     return f"{noun_phrase(ref_a)} is {place_a}, {noun_phrase(ref_b)} is {place_b}"
 
 
+WORKING_THEN_ANSWER = ", so "  # "the square is bottom, the cross is middle, so no"
+
+
+def with_working(working: str, answer: str) -> str:
+    """An answer written after its working: what an explained pair question is trained on."""
+    return f"{working}{WORKING_THEN_ANSWER}{answer}"
+
+
+def answer_after_working(text: str) -> str:
+    """The answer an explained reply ends with (after its last ", so "); all of it if none."""
+    return text.rsplit(WORKING_THEN_ANSWER, 1)[-1]
+
+
 def cell_distance(a: SceneObject, b: SceneObject) -> float:
     return ((a.row - b.row) ** 2 + (a.col - b.col) ** 2) ** 0.5
 
