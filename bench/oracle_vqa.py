@@ -19,6 +19,8 @@ every one of its tokens is the argmax).
     python bench/oracle_vqa.py ... --pair-answer restate_axis
     # half of them so, asked "Explain your answer." instead; scored on the plain yes/no:
     python bench/oracle_vqa.py ... --pair-answer restate_axis --explain-share 0.5
+    # the bare yes/no, with both cells read out of layer 2 at the answer position (a probe loss):
+    python bench/oracle_vqa.py ... --pointer-weight 1.0 --pointer-layer 2
 
 If the decoder cannot learn the mixture from perfect tokens within the steps a CPU budget allows,
 no change to the vision side can make `make train` reach the accuracy goal within that budget.
@@ -136,8 +138,28 @@ def worked_answer(scene: Scene, qa: QA, form: str) -> QA:
     return QA(qa.question, with_working(working, qa.answer), qa.type, qa.query)
 
 
+# `--pointer-weight W` adds a probe loss to the bare "Is A left of B?": at the position that
+# answers it, two linear heads on layer `--pointer-layer`'s output name A's cell and B's cell
+# (9-way each). The working's look-ups ("the square is bottom, ...") supervise, in words, what
+# the answer position must gather; the probe supervises the same in the residual stream, where
+# the bare answer needs it, and the heads are thrown away after training ("deep supervision",
+# Lee et al. 2015; probes as in Alain & Bengio 2016, here trained with the model).
+
+
+def pointer_targets(scene: Scene, qa: QA) -> tuple[int, int]:
+    """(A's cell, B's cell) as 0-8 for a pair question, (-1, -1) for any other question."""
+    if qa.query.get("op") != "relation":
+        return -1, -1
+    a, b = select(scene, qa.query["a"])[0], select(scene, qa.query["b"])[0]
+    return a.row * 3 + a.col, b.row * 3 + b.col
+
+
 def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells, options=None):
-    """(inputs_embeds (B, T, C), labels (B, T), attention_mask (B, T), types per row).
+    """(inputs_embeds (B, T, C), labels (B, T), attention_mask (B, T), types per row, pointers).
+
+    `pointers` (B, 3): the position that answers the row's first question (the one before its
+    first scored token), A's cell and B's cell when that question is a bare pair question; -1
+    in the cells otherwise.
 
     `options` may restrict the scenes (`objects`: the object counts allowed) and the relation
     questions (`relation_forms`); a scene that cannot give an allowed question is swapped for
@@ -152,7 +174,7 @@ def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells,
     explain_share = (options or {}).get("explain_share")
     # Exactly the instruct stage's VQA conversations, restricted to `types`.
     weights = {t: float(t in types) for t in QUESTION_TYPES}
-    rows, labels, asked = [], [], []
+    rows, labels, asked, pointers = [], [], [], []
     for i in indices:
         for _attempt in range(1000):
             scene = world.scene(i)  # the annotation only: no pixels are drawn
@@ -169,11 +191,14 @@ def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells,
             i = rng.randrange(len(world))  # e.g. one object: no "Is A left of B?" to ask
         else:
             raise RuntimeError(f"no scene of {world.split!r} gives {types} with {options}")
+        pointer = (-1, -1)
         for k, qa in enumerate(asked_here):  # answers are turns 1, 3, ..., spaced (space_answers)
             form = pair_answer
             if explain_share is not None:  # vqa_turns asked some to explain: only they are worked
                 form = pair_answer if turns[2 * k]["value"].endswith(EXPLAIN_SUFFIX) else "plain"
             turns[2 * k + 1]["value"] = " " + worked_answer(scene, qa, form).answer
+            if k == 0 and form == "plain":
+                pointer = pointer_targets(scene, qa)
         ids, scored = tokenizer.render(turns)
         at = ids.index(tokenizer.image_id)
         embed = decoder.embed_tokens
@@ -183,15 +208,18 @@ def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells,
             )
         )
         label = [t if s else -100 for t, s in zip(ids, scored, strict=True)]
-        labels.append(torch.tensor(label[:at] + [-100] * GRID + label[at + 1 :]))
+        label = label[:at] + [-100] * GRID + label[at + 1 :]
+        labels.append(torch.tensor(label))
         asked.append(row_types)
+        first_scored = next(t for t, v in enumerate(label) if v != -100)
+        pointers.append((first_scored - 1, *pointer))
     T = max(len(r) for r in rows)
     x = torch.zeros(len(rows), T, rows[0].shape[-1])
     y = torch.full((len(rows), T), -100)
     mask = torch.zeros(len(rows), T, dtype=torch.long)
     for b, (row, label) in enumerate(zip(rows, labels, strict=True)):
         x[b, : len(row)], y[b, : len(label)], mask[b, : len(row)] = row, label, 1
-    return x, y, mask, asked
+    return x, y, mask, asked, torch.tensor(pointers)
 
 
 @torch.no_grad()
@@ -209,7 +237,7 @@ def accuracy(
     worked = worked and (options or {}).get("explain_share") in (None, 1.0)
     for start in range(0, n_images, 48):
         indices = range(start, min(start + 48, n_images))
-        x, y, mask, asked = make_batch(
+        x, y, mask, asked, _ = make_batch(
             world, indices, types, questions, rng, tokenizer, decoder, cells, options
         )
         predicted = decoder(inputs_embeds=x, attention_mask=mask).logits[:, :-1].argmax(-1)
@@ -283,6 +311,15 @@ def main(argv: list[str] | None = None) -> int:
         help="ask this share of the pair questions to explain, with the --pair-answer working; "
         "the others get the bare yes/no (scored apart: 'explained:relation:pair')",
     )
+    parser.add_argument(
+        "--pointer-weight",
+        type=float,
+        default=0.0,
+        help="weight of the probe loss naming A's and B's cells at a bare pair answer (0: off)",
+    )
+    parser.add_argument(
+        "--pointer-layer", type=int, default=2, help="the probe reads this layer's output (1-N)"
+    )
     parser.add_argument("--val-images", type=int, default=240)
     parser.add_argument("--out", type=Path, default=Path("bench/results/oracle_vqa.json"))
     args = parser.parse_args(argv)
@@ -323,11 +360,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     cells = OracleCells(width)
     params = list(decoder.parameters()) + list(cells.parameters())
+    if not 1 <= args.pointer_layer <= args.layers:
+        parser.error(f"--pointer-layer: expected 1 to {args.layers}, got {args.pointer_layer}")
+    pointer_heads = nn.Linear(width, 2 * GRID)  # A's cell logits, then B's
+    read: dict[str, torch.Tensor] = {}
+    if args.pointer_weight > 0:
+        params += list(pointer_heads.parameters())
+        decoder.layers[args.pointer_layer - 1].register_forward_hook(
+            lambda _module, _inputs, output: read.__setitem__("hidden", output)
+        )
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     config = WorldConfig(image_size=48)
     train, val = ShapesWorld("train", 20_000, config), ShapesWorld("val", 500, config)
 
     rng, history, start = random.Random(args.seed), [], time.time()
+    probe_loss: float | None = None
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
             # With --explain-share: scored on the bare yes/no, then on the explained answers.
@@ -348,7 +395,11 @@ def main(argv: list[str] | None = None) -> int:
                     scored = {f"explained:{k}": v for k, v in scored.items() if ":" in k}
                 acc |= scored
             history.append({"step": step, "seconds": round(time.time() - start), **acc})
+            if probe_loss is not None:  # of the step before: the probe's loss, when it is on
+                history[-1]["pointer_loss"] = round(probe_loss, 4)
             per_type = " ".join(f"{k} {v:.2f}" for k, v in acc.items() if k != "overall")
+            if probe_loss is not None:
+                per_type += f"  pointer loss {probe_loss:.3f}"
             print(f"step {step:5d}  overall {acc['overall']:.3f}  {per_type}", flush=True)
         if step == args.steps:
             break
@@ -359,10 +410,18 @@ def main(argv: list[str] | None = None) -> int:
             group["lr"] = args.lr * warm * cosine
         indices = [rng.randrange(len(train)) for _ in range(args.batch_size)]
         step_types = warm_types if step < args.warm_steps else types
-        x, y, mask, _ = make_batch(
+        x, y, mask, _, pointers = make_batch(
             train, indices, step_types, args.questions, rng, tokenizer, decoder, cells, options
         )
         loss = decoder(inputs_embeds=x, attention_mask=mask, labels=y).loss
+        asked_pair = pointers[:, 1] >= 0
+        if args.pointer_weight > 0 and bool(asked_pair.any()):
+            rows = asked_pair.nonzero().flatten()
+            at = read["hidden"][rows, pointers[rows, 0]]  # (P, C): the answering positions
+            logits = pointer_heads(at).view(-1, 2, GRID)  # (P, 2, 9)
+            probe = nn.functional.cross_entropy(logits.flatten(0, 1), pointers[rows, 1:].flatten())
+            loss = loss + args.pointer_weight * probe
+            probe_loss = probe.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -43,14 +43,14 @@ def test_make_batch_asks_only_the_forms_and_scenes_allowed(oracle):
 
     world, rng = ShapesWorld("val", 200, WorldConfig(image_size=48)), random.Random(0)
     options = {"relation_forms": ("pair",), "objects": (2,)}
-    x, y, mask, asked = oracle.make_batch(
+    x, y, mask, asked, _ = oracle.make_batch(
         world, range(24), ("relation",), 1, rng, tokenizer, decoder, cells, options
     )
     assert asked == [["relation:pair"]] * 24  # scenes that cannot give one were swapped
     assert [len(scene.objects) for scene in scenes] == [2] * 24
     assert x.shape[:2] == y.shape == mask.shape and x.shape[0] == 24
 
-    _, _, _, asked = oracle.make_batch(
+    _, _, _, asked, _ = oracle.make_batch(
         world, range(48), ("relation", "colour"), 1, rng, tokenizer, decoder, cells
     )
     kinds = {kind for row in asked for kind in row}
@@ -98,7 +98,7 @@ def test_accuracy_scores_the_working_and_the_yes_no_apart(oracle):
     cells = oracle.OracleCells(16)
     world = ShapesWorld("val", 100, WorldConfig(image_size=48))
     options = {"relation_forms": ("pair",), "objects": (2,), "pair_answer": "axis"}
-    x, y, mask, _ = oracle.make_batch(
+    x, y, mask, _, _ = oracle.make_batch(
         world, range(4), ("relation",), 1, random.Random(0), tokenizer, decoder, cells, options
     )
     scored = [tokenizer.decode([t for t in row.tolist() if t != -100]) for row in y]
@@ -163,3 +163,42 @@ def test_explain_share_needs_a_working_and_one_question(oracle, tmp_path):
         with pytest.raises(SystemExit):
             oracle.main([*bad, "--questions", "1", "--eval-questions", "1", "--out", str(out)])
     assert not out.exists()
+
+
+def test_pointer_targets_name_each_shape_of_a_pair_question_at_the_answering_position(oracle):
+    tokenizer = get_tokenizer()
+    decoder = tiny_decoder(oracle, tokenizer)
+    world, rng = ShapesWorld("val", 200, WorldConfig(image_size=48)), random.Random(1)
+    options = {"relation_forms": ("pair",), "objects": (2, 3, 4), "pair_answer": "plain"}
+    scenes = []
+
+    def cells(scene):
+        scenes.append(scene)
+        return oracle.OracleCells(16)(scene)
+
+    _, y, _, _, pointers = oracle.make_batch(
+        world, range(16), ("relation",), 1, rng, tokenizer, decoder, cells, options
+    )
+    for row, scene in enumerate(scenes):
+        at, a_cell, b_cell = pointers[row].tolist()
+        # position `at` predicts the first token of the answer: " yes" or " no"
+        assert tokenizer.decode([y[row, at + 1].item()]).strip() in ("yes", "no")
+        assert (y[row, : at + 1] == -100).all()
+        occupied = {o.row * 3 + o.col for o in scene.objects}
+        assert a_cell in occupied and b_cell in occupied and a_cell != b_cell
+    # A is the shape named first: "Is A left of B?" is "yes" exactly when A's column is smaller
+    rng, checked = random.Random(2), 0
+    for i in range(60):
+        scene = world.scene(i)
+        qa = ask_relation(scene, rng, world.config) if len(scene.objects) > 1 else None
+        if qa is None or qa.query["op"] != "relation":
+            continue
+        a_cell, b_cell = oracle.pointer_targets(scene, qa)
+        a_row, a_col, b_row, b_col = a_cell // 3, a_cell % 3, b_cell // 3, b_cell % 3
+        truth = {"left": a_col < b_col, "right": a_col > b_col,
+                 "above": a_row < b_row, "below": a_row > b_row}  # fmt: skip
+        assert truth[qa.query["relation"]] == (qa.answer == "yes"), qa.question
+        checked += 1
+    assert checked >= 10
+    # other questions, and pair questions asked to explain, have no probe target
+    assert oracle.pointer_targets(scene, oracle.QA("What colour?", "red", "colour", {})) == (-1, -1)
