@@ -259,6 +259,7 @@ def train_stage(
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
         torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats(device)  # each stage's log says its own peak
     model.to(device)
     groups = groups if groups is not None else param_groups(model, config.weight_decay)
     optimizer = make_optimizer(groups, config, device)
@@ -396,6 +397,8 @@ def train_stage(
                     "tokens_per_s": window_tokens * info.world_size / max(elapsed, 1e-9),
                     "time_s": time.perf_counter() - started,
                 }
+                if device.type == "cuda":  # what the stage has held at most so far
+                    record["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 window_tokens, window_start = 0, time.perf_counter()
                 result.losses.append(loss_value)
                 if metrics_file is not None:
