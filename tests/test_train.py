@@ -390,6 +390,15 @@ def test_every_preset_makes_consistent_configs(name):
         assert cfg.batch_size % cfg.grad_accum == 0 and cfg.warmup_steps < cfg.steps
 
 
+def test_the_gpu_preset_asks_the_questions_the_cpu_preset_measured():
+    cpu, gpu = get_preset("cpu").data, get_preset("gpu").data
+    for field in ("curriculum", "vqa_type_weights", "read_text_weight"):
+        assert getattr(gpu, field) == getattr(cpu, field), field
+    assert gpu.curriculum and gpu.read_text_weight == 6.0  # not the defaults: the measured mix
+    gpu.vqa_type_weights["count"] = 9.0  # each preset holds its own dict
+    assert get_preset("cpu").data.vqa_type_weights["count"] == 2.0
+
+
 def test_vision_feature_layer_is_a_preset_field_the_llava_config_follows():
     from minillava.presets import apply_overrides
     from minillava.stages import llava_config
