@@ -88,7 +88,8 @@ def precision(device: torch.device, compile_model: bool) -> dict:
     tokenizer = get_tokenizer()
     plan = build_stage("instruct", preset, tokenizer, Path("/nonexistent"))  # random weights
     model = plan.model.to(device).train()
-    batch = to_device(plan.batches[preset.data.curriculum[0][1]], device)  # a batch of the mix
+    first_of_mix = sum(steps for _types, steps in preset.data.curriculum)  # after the phases
+    batch = to_device(plan.batches[first_of_mix], device)
     torch.manual_seed(0)
 
     def loss_of(fn, dtype: str) -> float:

@@ -362,9 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     params = list(decoder.parameters()) + list(cells.parameters())
     if not 1 <= args.pointer_layer <= args.layers:
         parser.error(f"--pointer-layer: expected 1 to {args.layers}, got {args.pointer_layer}")
-    pointer_heads = nn.Linear(width, 2 * GRID)  # A's cell logits, then B's
     read: dict[str, torch.Tensor] = {}
-    if args.pointer_weight > 0:
+    if args.pointer_weight > 0:  # (built only then: runs without it draw the same numbers)
+        pointer_heads = nn.Linear(width, 2 * GRID)  # A's cell logits, then B's
         params += list(pointer_heads.parameters())
         decoder.layers[args.pointer_layer - 1].register_forward_hook(
             lambda _module, _inputs, output: read.__setitem__("hidden", output)

@@ -1,5 +1,6 @@
 """bench/oracle_vqa.py: the relation forms it tells apart, and the questions it restricts to."""
 
+import json
 import random
 
 import pytest
@@ -202,3 +203,17 @@ def test_pointer_targets_name_each_shape_of_a_pair_question_at_the_answering_pos
     assert checked >= 10
     # other questions, and pair questions asked to explain, have no probe target
     assert oracle.pointer_targets(scene, oracle.QA("What colour?", "red", "colour", {})) == (-1, -1)
+
+
+def test_the_probe_loss_trains_and_is_recorded(oracle, tmp_path):
+    out = tmp_path / "run.json"
+    argv = [
+        "--types", "relation", "--relation-forms", "pair", "--objects", "2", "--questions", "1",
+        "--eval-questions", "1", "--steps", "3", "--eval-every", "3", "--batch-size", "8",
+        "--val-images", "48", "--hidden-size", "32", "--layers", "2", "--out", str(out),
+    ]  # fmt: skip
+    assert oracle.main([*argv, "--pointer-weight", "1.0", "--pointer-layer", "2"]) == 0
+    history = json.loads(out.read_text())["history"]
+    assert "pointer_loss" not in history[0] and 0 < history[-1]["pointer_loss"] < 5
+    with pytest.raises(SystemExit):  # a layer the decoder does not have
+        oracle.main([*argv, "--pointer-weight", "1.0", "--pointer-layer", "3"])
