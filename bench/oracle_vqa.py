@@ -21,6 +21,8 @@ every one of its tokens is the argmax).
     python bench/oracle_vqa.py ... --pair-answer restate_axis --explain-share 0.5
     # the bare yes/no, with both cells read out of layer 2 at the answer position (a probe loss):
     python bench/oracle_vqa.py ... --pointer-weight 1.0 --pointer-layer 2
+    # or at the image tokens: each of the 9 says whether it holds A, B or neither:
+    python bench/oracle_vqa.py ... --pointer-weight 1.0 --pointer-layer 1 --pointer-at image
 
 If the decoder cannot learn the mixture from perfect tokens within the steps a CPU budget allows,
 no change to the vision side can make `make train` reach the accuracy goal within that budget.
@@ -144,6 +146,9 @@ def worked_answer(scene: Scene, qa: QA, form: str) -> QA:
 # the answer position must gather; the probe supervises the same in the residual stream, where
 # the bare answer needs it, and the heads are thrown away after training ("deep supervision",
 # Lee et al. 2015; probes as in Alain & Bengio 2016, here trained with the model).
+# `--pointer-at image` puts the probe at the 9 image tokens instead, one 3-way head each
+# ("holds A", "holds B", neither): the image tokens follow the question and can read it, so
+# this supervises which named shape is which where the cells are, before anything is compared.
 
 
 def pointer_targets(scene: Scene, qa: QA) -> tuple[int, int]:
@@ -157,9 +162,9 @@ def pointer_targets(scene: Scene, qa: QA) -> tuple[int, int]:
 def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells, options=None):
     """(inputs_embeds (B, T, C), labels (B, T), attention_mask (B, T), types per row, pointers).
 
-    `pointers` (B, 3): the position that answers the row's first question (the one before its
-    first scored token), A's cell and B's cell when that question is a bare pair question; -1
-    in the cells otherwise.
+    `pointers` (B, 4): the position that answers the row's first question (the one before its
+    first scored token), A's cell and B's cell when that question is a bare pair question (-1
+    otherwise), and the position of the first image token.
 
     `options` may restrict the scenes (`objects`: the object counts allowed) and the relation
     questions (`relation_forms`); a scene that cannot give an allowed question is swapped for
@@ -212,7 +217,7 @@ def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells,
         labels.append(torch.tensor(label))
         asked.append(row_types)
         first_scored = next(t for t, v in enumerate(label) if v != -100)
-        pointers.append((first_scored - 1, *pointer))
+        pointers.append((first_scored - 1, *pointer, at))
     T = max(len(r) for r in rows)
     x = torch.zeros(len(rows), T, rows[0].shape[-1])
     y = torch.full((len(rows), T), -100)
@@ -318,7 +323,15 @@ def main(argv: list[str] | None = None) -> int:
         help="weight of the probe loss naming A's and B's cells at a bare pair answer (0: off)",
     )
     parser.add_argument(
-        "--pointer-layer", type=int, default=2, help="the probe reads this layer's output (1-N)"
+        "--pointer-layer",
+        default="2",
+        help="the probe reads this layer's output (1-N); one a place, comma-separated, or one",
+    )
+    parser.add_argument(
+        "--pointer-at",
+        default="answer",
+        help="where the probe is: at the answering position (A's cell, B's cell), at each image "
+        "token (A, B or neither), or both: answer | image | answer,image",
     )
     parser.add_argument("--val-images", type=int, default=240)
     parser.add_argument("--out", type=Path, default=Path("bench/results/oracle_vqa.json"))
@@ -360,21 +373,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     cells = OracleCells(width)
     params = list(decoder.parameters()) + list(cells.parameters())
-    if not 1 <= args.pointer_layer <= args.layers:
+    places = args.pointer_at.split(",")
+    try:
+        layers = [int(k) for k in args.pointer_layer.split(",")]
+    except ValueError:
+        parser.error(f"--pointer-layer: expected layer numbers, got {args.pointer_layer!r}")
+    layers = layers * len(places) if len(layers) == 1 else layers
+    if not set(places) <= {"answer", "image"} or len(layers) != len(places):
+        parser.error(f"--pointer-at {args.pointer_at} with --pointer-layer {args.pointer_layer}")
+    if not all(1 <= k <= args.layers for k in layers):
         parser.error(f"--pointer-layer: expected 1 to {args.layers}, got {args.pointer_layer}")
-    read: dict[str, torch.Tensor] = {}
+    read: dict[int, torch.Tensor] = {}  # layer number -> its output in the last forward
+    probes: dict[str, tuple[int, nn.Linear]] = {}  # place -> (layer, head)
     if args.pointer_weight > 0:  # (built only then: runs without it draw the same numbers)
-        pointer_heads = nn.Linear(width, 2 * GRID)  # A's cell logits, then B's
-        params += list(pointer_heads.parameters())
-        decoder.layers[args.pointer_layer - 1].register_forward_hook(
-            lambda _module, _inputs, output: read.__setitem__("hidden", output)
-        )
+        for place, layer in zip(places, layers, strict=True):
+            # A's cell logits, then B's; or, at an image token: neither, A, B
+            probes[place] = (layer, nn.Linear(width, 2 * GRID if place == "answer" else 3))
+            params += list(probes[place][1].parameters())
+        for layer in set(layers):
+            decoder.layers[layer - 1].register_forward_hook(
+                lambda _module, _inputs, output, layer=layer: read.__setitem__(layer, output)
+            )
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     config = WorldConfig(image_size=48)
     train, val = ShapesWorld("train", 20_000, config), ShapesWorld("val", 500, config)
 
     rng, history, start = random.Random(args.seed), [], time.time()
     probe_loss: float | None = None
+    place_loss: dict[str, float] = {}  # each place's part of probe_loss
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
             # With --explain-share: scored on the bare yes/no, then on the explained answers.
@@ -397,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             history.append({"step": step, "seconds": round(time.time() - start), **acc})
             if probe_loss is not None:  # of the step before: the probe's loss, when it is on
                 history[-1]["pointer_loss"] = round(probe_loss, 4)
+                if len(place_loss) > 1:
+                    history[-1] |= {f"pointer_loss:{k}": round(v, 4) for k, v in place_loss.items()}
             per_type = " ".join(f"{k} {v:.2f}" for k, v in acc.items() if k != "overall")
             if probe_loss is not None:
                 per_type += f"  pointer loss {probe_loss:.3f}"
@@ -415,13 +443,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         loss = decoder(inputs_embeds=x, attention_mask=mask, labels=y).loss
         asked_pair = pointers[:, 1] >= 0
-        if args.pointer_weight > 0 and bool(asked_pair.any()):
-            rows = asked_pair.nonzero().flatten()
-            at = read["hidden"][rows, pointers[rows, 0]]  # (P, C): the answering positions
-            logits = pointer_heads(at).view(-1, 2, GRID)  # (P, 2, 9)
-            probe = nn.functional.cross_entropy(logits.flatten(0, 1), pointers[rows, 1:].flatten())
-            loss = loss + args.pointer_weight * probe
-            probe_loss = probe.item()
+        if probes and bool(asked_pair.any()):
+            rows, probe_loss = asked_pair.nonzero().flatten(), 0.0
+            for place, (layer, head) in probes.items():
+                hidden = read[layer]
+                if place == "answer":
+                    at = hidden[rows, pointers[rows, 0]]  # (P, C): the answering positions
+                    logits = head(at).view(-1, 2, GRID)  # (P, 2, 9)
+                    targets = pointers[rows, 1:3]  # (P, 2)
+                else:
+                    cells_at = pointers[rows, 3:4] + torch.arange(GRID)  # (P, 9): image tokens
+                    logits = head(hidden[rows[:, None], cells_at])  # (P, 9, 3)
+                    targets = torch.zeros(len(rows), GRID, dtype=torch.long)
+                    targets[torch.arange(len(rows)), pointers[rows, 1]] = 1  # holds A
+                    targets[torch.arange(len(rows)), pointers[rows, 2]] = 2  # holds B
+                probe = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+                loss = loss + args.pointer_weight * probe
+                place_loss[place] = probe.item()
+                probe_loss += place_loss[place]  # the places' losses summed
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -4,6 +4,7 @@ import json
 import random
 
 import pytest
+import torch
 from tiny_models import load_bench_script
 
 from minillava.data.instruct import ANSWER_SUFFIX, EXPLAIN_SUFFIX, ask_relation
@@ -171,17 +172,20 @@ def test_pointer_targets_name_each_shape_of_a_pair_question_at_the_answering_pos
     decoder = tiny_decoder(oracle, tokenizer)
     world, rng = ShapesWorld("val", 200, WorldConfig(image_size=48)), random.Random(1)
     options = {"relation_forms": ("pair",), "objects": (2, 3, 4), "pair_answer": "plain"}
-    scenes = []
+    scenes, cell_tokens, oracle_cells = [], [], oracle.OracleCells(16)
 
     def cells(scene):
         scenes.append(scene)
-        return oracle.OracleCells(16)(scene)
+        cell_tokens.append(oracle_cells(scene))
+        return cell_tokens[-1]
 
-    _, y, _, _, pointers = oracle.make_batch(
+    x, y, _, _, pointers = oracle.make_batch(
         world, range(16), ("relation",), 1, rng, tokenizer, decoder, cells, options
     )
     for row, scene in enumerate(scenes):
-        at, a_cell, b_cell = pointers[row].tolist()
+        at, a_cell, b_cell, image = pointers[row].tolist()
+        assert image + 9 <= at  # the 9 image tokens come after the question, before the answer
+        assert torch.equal(x[row, image : image + 9], cell_tokens[row])
         # position `at` predicts the first token of the answer: " yes" or " no"
         assert tokenizer.decode([y[row, at + 1].item()]).strip() in ("yes", "no")
         assert (y[row, : at + 1] == -100).all()
@@ -212,8 +216,13 @@ def test_the_probe_loss_trains_and_is_recorded(oracle, tmp_path):
         "--eval-questions", "1", "--steps", "3", "--eval-every", "3", "--batch-size", "8",
         "--val-images", "48", "--hidden-size", "32", "--layers", "2", "--out", str(out),
     ]  # fmt: skip
-    assert oracle.main([*argv, "--pointer-weight", "1.0", "--pointer-layer", "2"]) == 0
-    history = json.loads(out.read_text())["history"]
-    assert "pointer_loss" not in history[0] and 0 < history[-1]["pointer_loss"] < 5
+    for at, layer in (("answer", "2"), ("image", "2"), ("answer,image", "2,1")):
+        probe = ["--pointer-weight", "1", "--pointer-at", at, "--pointer-layer", layer]
+        assert oracle.main([*argv, *probe]) == 0
+        history = json.loads(out.read_text())["history"]
+        assert "pointer_loss" not in history[0] and 0 < history[-1]["pointer_loss"] < 5
+        assert ("pointer_loss:image" in history[-1]) == ("," in at)  # the parts, when two
     with pytest.raises(SystemExit):  # a layer the decoder does not have
         oracle.main([*argv, "--pointer-weight", "1.0", "--pointer-layer", "3"])
+    with pytest.raises(SystemExit):  # a place there is no probe for
+        oracle.main([*argv, "--pointer-weight", "1.0", "--pointer-at", "question"])
