@@ -159,6 +159,21 @@ def pointer_targets(scene: Scene, qa: QA) -> tuple[int, int]:
     return a.row * 3 + a.col, b.row * 3 + b.col
 
 
+# `--pair-question given_axis` writes both places into the question itself: "Is the square,
+# bottom, above the cross, middle?". Nothing is left to look up in the image: how fast is the
+# comparison alone learnt?
+PAIR_QUESTIONS = ("asked", "given_axis")
+
+
+def given_axis_question(scene: Scene, qa: QA) -> str:
+    a, b = select(scene, qa.query["a"])[0], select(scene, qa.query["b"])[0]
+    words, axis, _test = RELATIONS[qa.query["relation"]]
+    places = COLS if axis == "col" else ROWS
+    a_name, b_name = noun_phrase(qa.query["a"]), noun_phrase(qa.query["b"])
+    a_place, b_place = places[getattr(a, axis)], places[getattr(b, axis)]
+    return f"Is {a_name}, {a_place}, {words} {b_name}, {b_place}?"
+
+
 def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells, options=None):
     """(inputs_embeds (B, T, C), labels (B, T), attention_mask (B, T), types per row, pointers).
 
@@ -176,6 +191,7 @@ def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells,
     objects = (options or {}).get("objects")
     forms = (options or {}).get("relation_forms", RELATION_FORMS)
     pair_answer = (options or {}).get("pair_answer", "plain")
+    pair_question = (options or {}).get("pair_question", "asked")
     explain_share = (options or {}).get("explain_share")
     # Exactly the instruct stage's VQA conversations, restricted to `types`.
     weights = {t: float(t in types) for t in QUESTION_TYPES}
@@ -204,6 +220,10 @@ def make_batch(world, indices, types, questions, rng, tokenizer, decoder, cells,
             turns[2 * k + 1]["value"] = " " + worked_answer(scene, qa, form).answer
             if k == 0 and form == "plain":
                 pointer = pointer_targets(scene, qa)
+            if k == 0 and pair_question == "given_axis" and qa.query.get("op") == "relation":
+                turns[0]["value"] = turns[0]["value"].replace(
+                    qa.question, given_axis_question(scene, qa), 1
+                )
         ids, scored = tokenizer.render(turns)
         at = ids.index(tokenizer.image_id)
         embed = decoder.embed_tokens
@@ -333,6 +353,12 @@ def main(argv: list[str] | None = None) -> int:
         help="where the probe is: at the answering position (A's cell, B's cell), at each image "
         "token (A, B or neither), or both: answer | image | answer,image",
     )
+    parser.add_argument(
+        "--pair-question",
+        default="asked",
+        choices=PAIR_QUESTIONS,
+        help="pair questions as the eval asks them, or with both places written in (given_axis)",
+    )
     parser.add_argument("--val-images", type=int, default=240)
     parser.add_argument("--out", type=Path, default=Path("bench/results/oracle_vqa.json"))
     args = parser.parse_args(argv)
@@ -349,7 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         objects = tuple(int(k) for k in args.objects.split(",")) if args.objects else None
     except ValueError:
         parser.error(f"--objects: expected counts like 2 or 2,3, got {args.objects!r}")
-    options = {"relation_forms": forms, "objects": objects, "pair_answer": args.pair_answer}
+    options = {
+        "relation_forms": forms,
+        "objects": objects,
+        "pair_answer": args.pair_answer,
+        "pair_question": args.pair_question,
+    }
     if args.explain_share is not None:
         if not 0.0 <= args.explain_share <= 1.0:
             parser.error(f"--explain-share: expected a share in [0, 1], got {args.explain_share}")

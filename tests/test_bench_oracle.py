@@ -226,3 +226,30 @@ def test_the_probe_loss_trains_and_is_recorded(oracle, tmp_path):
         oracle.main([*argv, "--pointer-weight", "1.0", "--pointer-layer", "3"])
     with pytest.raises(SystemExit):  # a place there is no probe for
         oracle.main([*argv, "--pointer-weight", "1.0", "--pointer-at", "question"])
+
+
+def test_a_given_axis_question_writes_both_places_the_relation_compares(oracle):
+    world, rng, checked = ShapesWorld("val", 200, WorldConfig(image_size=48)), random.Random(3), 0
+    for i in range(80):
+        scene = world.scene(i)
+        if len(scene.objects) < 2:
+            continue
+        qa = ask_relation(scene, rng, world.config)
+        if qa.query["op"] != "relation":
+            continue
+        question = oracle.given_axis_question(scene, qa)  # "Is A, place, rel B, place?"
+        a_name, a_place, rest = question.removeprefix("Is ").split(", ", 2)
+        words, axis, _ = oracle.RELATIONS[qa.query["relation"]]
+        b_name, b_place = rest.removeprefix(words + " ").removesuffix("?").rsplit(", ", 1)
+        assert (a_name, b_name) == (
+            oracle.noun_phrase(qa.query["a"]),
+            oracle.noun_phrase(qa.query["b"]),
+        )
+        # The answer follows from the two places written in, without the image.
+        order = (COLS if axis == "col" else ROWS).index
+        first, second = order(a_place), order(b_place)
+        before = qa.query["relation"] in ("left", "above")  # A's place comes first
+        holds = first < second if before else first > second
+        assert holds == (qa.answer == "yes"), question
+        checked += 1
+    assert checked >= 10
