@@ -359,6 +359,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=PAIR_QUESTIONS,
         help="pair questions as the eval asks them, or with both places written in (given_axis)",
     )
+    parser.add_argument(
+        "--given-axis-until",
+        type=int,
+        default=0,
+        help="train on given_axis pair questions before this step, then as --pair-question says "
+        "(a curriculum: the comparison of written places first); evaluated as --pair-question",
+    )
     parser.add_argument("--val-images", type=int, default=240)
     parser.add_argument("--out", type=Path, default=Path("bench/results/oracle_vqa.json"))
     args = parser.parse_args(argv)
@@ -469,8 +476,11 @@ def main(argv: list[str] | None = None) -> int:
             group["lr"] = args.lr * warm * cosine
         indices = [rng.randrange(len(train)) for _ in range(args.batch_size)]
         step_types = warm_types if step < args.warm_steps else types
+        step_options = options
+        if step < args.given_axis_until:
+            step_options = {**options, "pair_question": "given_axis"}
         x, y, mask, _, pointers = make_batch(
-            train, indices, step_types, args.questions, rng, tokenizer, decoder, cells, options
+            train, indices, step_types, args.questions, rng, tokenizer, decoder, cells, step_options
         )
         loss = decoder(inputs_embeds=x, attention_mask=mask, labels=y).loss
         asked_pair = pointers[:, 1] >= 0

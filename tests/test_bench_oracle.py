@@ -224,6 +224,8 @@ def test_the_probe_loss_trains_and_is_recorded(oracle, tmp_path):
         assert ("pointer_loss:image" in history[-1]) == ("," in at)  # the parts, when two
     with pytest.raises(SystemExit):  # a layer the decoder does not have
         oracle.main([*argv, "--pointer-weight", "1.0", "--pointer-layer", "3"])
+    # a curriculum: the comparison of written places first, then the questions as asked
+    assert oracle.main([*argv, "--given-axis-until", "2"]) == 0
     with pytest.raises(SystemExit):  # a place there is no probe for
         oracle.main([*argv, "--pointer-weight", "1.0", "--pointer-at", "question"])
 
