@@ -51,14 +51,13 @@ from minillava.data.instruct import (  # noqa: E402
     QA,
     QUESTION_TYPES,
     RELATIONS,
+    compared_places,
     noun_phrase,
     select,
     with_working,
 )
 from minillava.data.shapes import (  # noqa: E402
     COLOURS,
-    COLS,
-    ROWS,
     SHAPES,
     SIZES,
     Scene,
@@ -127,9 +126,7 @@ def worked_answer(scene: Scene, qa: QA, form: str) -> QA:
     if form == "plain" or qa.query.get("op") != "relation":
         return qa
     a, b = select(scene, qa.query["a"])[0], select(scene, qa.query["b"])[0]
-    axis = RELATIONS[qa.query["relation"]][1]
-    words = COLS if axis == "col" else ROWS
-    a_axis, b_axis = words[getattr(a, axis)], words[getattr(b, axis)]
+    a_axis, b_axis = compared_places(a, b, qa.query["relation"])
     a_name, b_name = noun_phrase(qa.query["a"]), noun_phrase(qa.query["b"])
     working = {
         "cells": f"{a.cell} and {b.cell}",  # "top left and bottom right, so yes"
@@ -167,10 +164,9 @@ PAIR_QUESTIONS = ("asked", "given_axis")
 
 def given_axis_question(scene: Scene, qa: QA) -> str:
     a, b = select(scene, qa.query["a"])[0], select(scene, qa.query["b"])[0]
-    words, axis, _test = RELATIONS[qa.query["relation"]]
-    places = COLS if axis == "col" else ROWS
+    a_place, b_place = compared_places(a, b, qa.query["relation"])
     a_name, b_name = noun_phrase(qa.query["a"]), noun_phrase(qa.query["b"])
-    a_place, b_place = places[getattr(a, axis)], places[getattr(b, axis)]
+    words = RELATIONS[qa.query["relation"]][0]
     return f"Is {a_name}, {a_place}, {words} {b_name}, {b_place}?"
 
 
@@ -437,8 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     train, val = ShapesWorld("train", 20_000, config), ShapesWorld("val", 500, config)
 
     rng, history, start = random.Random(args.seed), [], time.time()
-    probe_loss: float | None = None
-    place_loss: dict[str, float] = {}  # each place's part of probe_loss
+    place_loss: dict[str, float] = {}  # each probe's loss at the last step that had one
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
             # With --explain-share: scored on the bare yes/no, then on the explained answers.
@@ -459,12 +454,13 @@ def main(argv: list[str] | None = None) -> int:
                     scored = {f"explained:{k}": v for k, v in scored.items() if ":" in k}
                 acc |= scored
             history.append({"step": step, "seconds": round(time.time() - start), **acc})
-            if probe_loss is not None:  # of the step before: the probe's loss, when it is on
+            probe_loss = sum(place_loss.values())  # the places' losses summed
+            if place_loss:  # of the step before: the probe's loss, when it is on
                 history[-1]["pointer_loss"] = round(probe_loss, 4)
                 if len(place_loss) > 1:
                     history[-1] |= {f"pointer_loss:{k}": round(v, 4) for k, v in place_loss.items()}
             per_type = " ".join(f"{k} {v:.2f}" for k, v in acc.items() if k != "overall")
-            if probe_loss is not None:
+            if place_loss:
                 per_type += f"  pointer loss {probe_loss:.3f}"
             print(f"step {step:5d}  overall {acc['overall']:.3f}  {per_type}", flush=True)
         if step == args.steps:
@@ -485,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         loss = decoder(inputs_embeds=x, attention_mask=mask, labels=y).loss
         asked_pair = pointers[:, 1] >= 0
         if probes and bool(asked_pair.any()):
-            rows, probe_loss = asked_pair.nonzero().flatten(), 0.0
+            rows = asked_pair.nonzero().flatten()
             for place, (layer, head) in probes.items():
                 hidden = read[layer]
                 if place == "answer":
@@ -501,7 +497,6 @@ def main(argv: list[str] | None = None) -> int:
                 probe = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
                 loss = loss + args.pointer_weight * probe
                 place_loss[place] = probe.item()
-                probe_loss += place_loss[place]  # the places' losses summed
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -275,10 +275,16 @@ def relation_working(a: SceneObject, ref_a: dict, b: SceneObject, ref_b: dict, r
     learnt the yes/no after this working and not after the cells (docs/results.md, sessions 15
     and 16). `DataSizes.explain_relation_share` trains on it.
     """
+    place_a, place_b = compared_places(a, b, rel)
+    return f"{noun_phrase(ref_a)} is {place_a}, {noun_phrase(ref_b)} is {place_b}"
+
+
+def compared_places(a: SceneObject, b: SceneObject, rel: str) -> tuple[str, str]:
+    """The places of `a` and `b` on the axis `rel` compares: columns ("left", "centre", ...)
+    for left / right, rows ("top", "middle", ...) for above / below."""
     axis = RELATIONS[rel][1]
     words = COLS if axis == "col" else ROWS
-    place_a, place_b = words[getattr(a, axis)], words[getattr(b, axis)]
-    return f"{noun_phrase(ref_a)} is {place_a}, {noun_phrase(ref_b)} is {place_b}"
+    return words[getattr(a, axis)], words[getattr(b, axis)]
 
 
 WORKING_THEN_ANSWER = ", so "  # "the square is bottom, the cross is middle, so no"
