@@ -10,6 +10,7 @@ known shortcut is wrong (`data.instruct.shortcut_answer`); then the mean and the
 
     python bench/compare_runs.py runs/cpu /tmp/seed1 /tmp/seed2
     python bench/compare_runs.py /tmp/s12/seed*/eval_noimage --out runs.json
+    python bench/compare_runs.py runs/cpu /tmp/seed1 --blind-mode no_image   # the other baseline
 
 A RUN is a run directory (its eval/eval.json is read), an evaluation directory, or an eval.json.
 """
@@ -36,15 +37,30 @@ def eval_json_path(run: str | Path) -> Path:
     )
 
 
-def summarise(evaluation: dict, split: str = "test", source: str = "eval.json") -> dict:
-    """One run's figures on `split` from its eval.json dict (`minillava.eval.report`)."""
+def summarise(
+    evaluation: dict, split: str = "test", source: str = "eval.json", blind_mode: str | None = None
+) -> dict:
+    """One run's figures on `split` from its eval.json dict (`minillava.eval.report`).
+
+    Gains are over the run's first blind baseline ("blind"), or over the one of `blind_mode`
+    ("blank": a grey image, "no_image": no image token), which `report` keeps as "blind" or as
+    "blind_<mode>".
+    """
     try:
-        model = evaluation["splits"][split]["model"]
-        blind = evaluation["splits"][split]["blind"]
+        results = evaluation["splits"][split]
+        model, blind = results["model"], results["blind"]
     except KeyError:
         splits = sorted(evaluation.get("splits", {}))
         message = f"{source}: no model and blind results for split {split!r}; has {splits}"
         raise ValueError(message) from None
+    if blind_mode is not None and (blind.get("blind_mode") or "blank") != blind_mode:
+        if f"blind_{blind_mode}" not in results:
+            found = [r.get("blind_mode") for k, r in results.items() if k.startswith("blind")]
+            raise ValueError(
+                f"{source}: no {blind_mode!r} blind baseline for split {split!r} (it has "
+                f"{found}); `minillava eval --blind-mode both` writes both"
+            )
+        blind = results[f"blind_{blind_mode}"]
     gains = {t: model["per_type"][t] - blind["per_type"][t] for t in model["per_type"]}
     counted = {t: g for t, g in gains.items() if blind["per_type"][t] <= BASELINE_EXEMPT_ABOVE}
     weakest = min(counted, key=counted.get) if counted else None
@@ -97,13 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="run dirs, eval dirs or eval.json files")
     parser.add_argument("--split", default="test", help="test | heldout (default: test)")
+    parser.add_argument(
+        "--blind-mode",
+        choices=("blank", "no_image"),
+        default=None,
+        help="the blind baseline the gains are over (default: each run's first, usually blank)",
+    )
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
 
     runs = {}
     for run in args.runs:
         path = eval_json_path(run)
-        runs[str(run).rstrip("/")] = summarise(json.loads(path.read_text()), args.split, str(path))
+        evaluation = json.loads(path.read_text())
+        runs[str(run).rstrip("/")] = summarise(evaluation, args.split, str(path), args.blind_mode)
     print(markdown_table(runs))
     if args.out:
         record = {"command": "python bench/compare_runs.py " + " ".join(argv or sys.argv[1:])}

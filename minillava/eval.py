@@ -26,7 +26,8 @@ How to take the image away (``blind_mode``):
   language model from the question alone. Closer to "the LM without eyes", but the instruct stage
   never showed it a prompt without an image, so it may underestimate the prior a little.
 
-Both are honest baselines (neither sees the scene); ``minillava eval --blind-mode`` picks one.
+Both are honest baselines (neither sees the scene). `report` (the table of ``minillava eval`` and
+of ``make train``) shows both, blank first; ``minillava eval --blind-mode`` can pick one.
 
 The held-out split shows (shape, colour) pairs never seen in training: a model that learnt
 "purple" and "triangle" separately answers as well there as on the test split; one that learnt
@@ -397,30 +398,38 @@ def evaluate(
 # Showing the results
 
 
-def format_table(result: EvalResult, blind: EvalResult | None = None) -> str:
-    """Per-type table: type, n, accuracy, blind accuracy, gain (percentage points)."""
+def format_table(
+    result: EvalResult, blind: EvalResult | None = None, others: Sequence[EvalResult] = ()
+) -> str:
+    """Per-type table: type, n, accuracy, blind accuracy, gain (percentage points).
+
+    `others`: more blind baselines (other `blind_mode`s), each two more columns: its accuracy and
+    the gain over it, headed by its mode ("no_image": the decoder without the image token).
+    """
+    blinds = ([blind] if blind is not None else []) + list(others)
     title = f"VQA accuracy, split {result.split!r} ({result.n} questions, exact match)"
-    if blind is not None:
-        title += f"; blind = same model without the image ({blind.blind_mode or 'blank'})"
+    if blinds:
+        modes = " / ".join(b.blind_mode or "blank" for b in blinds)
+        title += f"; blind = same model without the image ({modes})"
     header = f"{'type':<11} {'n':>5} {'accuracy':>9}"
-    if blind is not None:
-        header += f" {'blind':>7} {'gain':>7}"
+    for k, b in enumerate(blinds):
+        name = "blind" if k == 0 else (b.blind_mode or "blank")[:8]
+        header += f" {name:>8} {'gain':>6}"
     lines = [title, header, "-" * len(header)]
 
-    def row(name: str, count: int, acc: float, blind_acc: float | None) -> str:
+    def row(name: str, count: int, acc: float, blind_accs: list[float | None]) -> str:
         line = f"{name:<11} {count:>5} {acc:>9.1%}"
-        if blind is not None:
+        for blind_acc in blind_accs:
             if blind_acc is None:
-                line += f" {'-':>7} {'-':>7}"
+                line += f" {'-':>8} {'-':>6}"
             else:
-                line += f" {blind_acc:>7.1%} {100 * (acc - blind_acc):>+7.1f}"
+                line += f" {blind_acc:>8.1%} {100 * (acc - blind_acc):>+6.1f}"
         return line
 
     for kind, acc in result.per_type.items():
-        blind_acc = blind.per_type.get(kind) if blind is not None else None
-        lines.append(row(kind, result.counts[kind], acc, blind_acc))
+        lines.append(row(kind, result.counts[kind], acc, [b.per_type.get(kind) for b in blinds]))
     lines.append("-" * len(header))
-    lines.append(row("overall", result.n, result.accuracy, blind.accuracy if blind else None))
+    lines.append(row("overall", result.n, result.accuracy, [b.accuracy for b in blinds]))
     by_objects = result.by_objects  # a property that walks every record: once
     if by_objects:
         shapes = ", ".join(f"{k}: {acc:.0%} (n={count})" for k, (acc, count) in by_objects.items())
@@ -613,7 +622,7 @@ def report(
     splits: Sequence[str] = ("test", "heldout"),
     n_chat: int = 3,
     batch_size: int = 32,
-    blind_mode: str = "blank",
+    blind_modes: Sequence[str] = BLIND_MODES,
     clip_model=None,
     world: Mapping | None = None,
     seed: int = 0,
@@ -621,10 +630,17 @@ def report(
 ) -> dict:
     """Evaluate on each split with and without the image; print tables + chat samples; save plots.
 
+    `blind_modes`: the blind baselines, each a column pair of the table; the first is *the*
+    baseline (eval.json's "blind", the bars), the others are kept as "blind_<mode>". Both by
+    default: a grey image and no image token at all can differ by tens of points on a type
+    whose answer the model guesses (docs/results.md, session 12), and a gain means what its
+    baseline means.
     Writes to `out_dir`: eval.json (every number and answer), accuracy.png (bars by type, model
     vs blind, per split), gallery_<split>.png (images with question, answer, truth).
     Returns the summary dict that eval.json holds. `clip_model` adds CLIP zero-shot accuracy.
     """
+    if not blind_modes or any(mode not in BLIND_MODES for mode in blind_modes):
+        raise ValueError(f"blind_modes must be some of {BLIND_MODES}, got {tuple(blind_modes)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     image_size = model.config.vision.image_size
@@ -633,20 +649,20 @@ def report(
     for split in splits:
         items = vqa_items(split, n, image_size, seed, world)
         result = evaluate(model, tokenizer, split, batch_size=batch_size, items=items)
-        blind = evaluate(
-            model,
-            tokenizer,
-            split,
-            batch_size=batch_size,
-            blind=True,
-            blind_mode=blind_mode,
-            items=items,
-        )
+        blind, *others = (
+            evaluate(
+                model, tokenizer, split, batch_size=batch_size, blind=True, blind_mode=mode,
+                items=items,
+            )
+            for mode in blind_modes
+        )  # fmt: skip
         print_fn("")
-        print_fn(format_table(result, blind))
+        print_fn(format_table(result, blind, others))
         bars[split] = result
         bars[f"{split} blind"] = blind
         summary["splits"][split] = {"model": result.to_dict(), "blind": blind.to_dict()}
+        for other in others:
+            summary["splits"][split][f"blind_{other.blind_mode}"] = other.to_dict()
         plot_gallery(result, out_dir / f"gallery_{split}.png")
     plot_accuracy_bars(bars, out_dir / "accuracy.png")
 
@@ -723,7 +739,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--n", type=int, default=500, help="questions per split")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--blind-mode", choices=BLIND_MODES, default="blank")
+    parser.add_argument(
+        "--blind-mode",
+        choices=(*BLIND_MODES, "both"),
+        default="both",
+        help="the blind baseline: a grey image (blank), no image token (no_image), or both, "
+        "blank first (default)",
+    )
     parser.add_argument(
         "--out-dir", default=None, help="where plots and eval.json go (default: <run dir>/eval)"
     )
@@ -763,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
         splits=splits,
         n_chat=args.chat_samples,
         batch_size=args.batch_size,
-        blind_mode=args.blind_mode,
+        blind_modes=BLIND_MODES if args.blind_mode == "both" else (args.blind_mode,),
         clip_model=clip_model,
         world=world,
         seed=args.seed,

@@ -43,6 +43,18 @@ def test_summarise_counts_only_the_types_whose_baseline_is_at_most_60_percent(co
         compare.summarise(fake_evaluation("A"), split="heldout")
 
 
+def test_the_gains_can_be_over_the_other_blind_baseline(compare):
+    evaluation = fake_evaluation(text_blind_answer="nothing")  # its blind: a grey image
+    other = fake_evaluation(text_blind_answer="A", blind_mode="no_image")["splits"]["test"]
+    evaluation["splits"]["test"]["blind_no_image"] = other["blind"]  # as report() keeps it
+    assert compare.summarise(evaluation)["gain"]["text"] == 0.0
+    assert compare.summarise(evaluation, blind_mode="blank")["gain"]["text"] == 0.0
+    run = compare.summarise(evaluation, blind_mode="no_image")
+    assert run["gain"]["text"] == 1.0 and run["blind_mode"] == "no_image"
+    with pytest.raises(ValueError, match=r"x.json: no 'no_image' blind baseline .* \['blank'\]"):
+        compare.summarise(fake_evaluation("A"), source="x.json", blind_mode="no_image")
+
+
 def test_runs_are_found_by_directory_and_tabled_with_mean_and_range(compare, tmp_path, capsys):
     first, second = tmp_path / "run1", tmp_path / "run2"
     (first / "eval").mkdir(parents=True)

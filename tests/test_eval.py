@@ -210,6 +210,17 @@ def test_format_table_lists_types_blind_and_gain():
     overall = next(line for line in lines if line.startswith("overall"))
     assert "75.0%" in overall and "25.0%" in overall and "+50.0" in overall
     assert "gain" not in format_table(result)
+    # A second baseline (another blind mode) adds its own two columns.
+    no_image = EvalResult("test", 0.5, {"colour": 0.5, "count": 0.5}, {"colour": 2, "count": 2})
+    no_image.blind_mode = "no_image"
+    both = format_table(result, blind, [no_image])
+    assert "(blank / no_image)" in both.splitlines()[0]
+    assert both.splitlines()[1].split() == ["type", "n", "accuracy", "blind", "gain"] + [
+        "no_image",
+        "gain",
+    ]
+    count = next(line for line in both.splitlines() if line.startswith("count"))
+    assert count.split()[-4:] == ["0.0%", "+50.0", "50.0%", "+0.0"]
 
 
 def _is_png(path) -> bool:
@@ -237,6 +248,12 @@ def test_report_prints_tables_and_writes_plots_and_json(tiny_model, tokenizer, t
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["splits"]["test"]["model"]["n"] == 8
     assert summary["splits"]["test"]["blind"]["blind"] is True
+    # Both baselines by default: a grey image first (the bars' and "blind"), then no image.
+    assert summary["splits"]["test"]["blind"]["blind_mode"] == "blank"
+    assert saved["splits"]["test"]["blind_no_image"]["blind_mode"] == "no_image"
+    assert "(blank / no_image)" in text
+    with pytest.raises(ValueError, match="blind_modes must be some of"):
+        report(tiny_model, tokenizer, tmp_path, n=8, splits=("test",), blind_modes=("grey",))
 
 
 def test_clip_zero_shot_on_a_tiny_random_clip(tokenizer):
