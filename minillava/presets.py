@@ -286,8 +286,9 @@ def cpu_preset() -> Preset:
         align=StageConfig(
             steps=100, batch_size=32, lr=2e-3, warmup_steps=10, weight_decay=0.0, ckpt_every=50
         ),
-        # As many steps as fit: 3,200 scored a point more but took 15.5-16.5 minutes (sessions
-        # 6 and 10).
+        # As many steps as fit with a margin: 3,200 scored 86.0-91.0% on five seeds against
+        # 87.1-90.6% at 2,800 (mean +0.7, within the seeds' spread; session 23) and cost 31-76 s
+        # more (on sessions 6 and 10's slower machines 3,200 took 15.5 and 16.7 minutes).
         instruct=StageConfig(steps=2800, batch_size=96, lr=1e-3, warmup_steps=20, ckpt_every=100),
         num_threads=2,
         cpu_processes=2,
