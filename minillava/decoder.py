@@ -27,7 +27,8 @@ The model also takes:
 - a `KVCache`, so that generating one more token costs one position, not the whole sequence;
 - `return_logits=False` when training: the loss alone, computed only where it is read (the
   scored positions for the last layer and the LM head, the real tokens for the other MLPs), and
-  a prefix that every row shares (the system line) computed once (`SharedPrefix`).
+  a prefix that every row shares (the system line) computed once (`SharedPrefix`). That path
+  has a file of its own, decoder_loss_only.py; `Decoder.forward` hands it the work.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minillava.attention import attention, causal_mask
+from minillava.decoder_loss_only import SharedPrefix, gather_positions, loss_only_forward
 
 IGNORE_INDEX = -100  # labels equal to this are not predicted (prompt, image and padding tokens)
 
@@ -156,37 +158,6 @@ class KVCache:
         values[:, :, start:end] = v
         self._lengths[layer_idx] = end
         return keys[:, :, :end], values[:, :, :end]
-
-
-class SharedPrefix:
-    """The keys and values of a prefix that every row of a batch shares, computed once.
-
-    Instruction data starts every row with the same tokens: the system line and the user's tag,
-    9 of the ~47 positions of a cpu-preset VQA row. A causal model's outputs at those positions
-    depend on nothing after them, so they are the same in every row, and so are their keys and
-    values. The loss-only path (`Decoder.forward`) runs the prefix on one row, with this object
-    as its cache: each layer's first `update` stores the prefix's keys and values (1, H_kv, n, D).
-    Then it runs the rest of every row, whose `update` puts the stored ones in front of the new
-    ones, broadcast over the B rows: (B, H_kv, n + T_rest, D). The loss and the gradients are
-    those of the whole batch (backward through `expand` sums the rows' gradients for the
-    prefix, as B separate copies would); tests/test_decoder.py checks it. Servers that cache a
-    shared system prompt ("prefix caching") save the same work at inference.
-    """
-
-    def __init__(self, num_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-
-    def update(
-        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer_idx] is None:  # the prefix itself: remember it
-            self.keys[layer_idx], self.values[layer_idx] = k, v
-            return k, v
-        rows = k.shape[0]
-        prefix_k = self.keys[layer_idx].expand(rows, -1, -1, -1)  # a view: no copy per row
-        prefix_v = self.values[layer_idx].expand(rows, -1, -1, -1)
-        return torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
 
 
 @dataclass
@@ -394,7 +365,8 @@ class DecoderLayer(nn.Module):
 
         Every position of x is read (as a key and a value), but only the Q asking positions
         are computed; mask (B, 1, Q, T) from `query_attention_mask`. The last layer, when only
-        the loss is wanted, needs nothing more: its other outputs would never be read.
+        the loss is wanted, needs nothing more: its other outputs would never be read
+        (decoder_loss_only.py).
         """
         attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, queries=queries)
         x = gather_positions(x, queries) + self.dropout(attended)  # (B, Q, C)
@@ -417,8 +389,9 @@ class Decoder(nn.Module):
             # One matrix both reads tokens in and scores them out: fewer parameters, and a
             # token's input and output representations are learned together.
             self.lm_head.weight = self.embed_tokens.weight
-        # The loss-only path computes a prefix that every row shares once (SharedPrefix).
-        # Exact, so always on; False only to compare against (tests, benchmarks).
+        # The loss-only path computes a prefix that every row shares once (SharedPrefix, in
+        # decoder_loss_only.py). Exact, so always on; False only to compare against (tests,
+        # benchmarks).
         self.share_prefix = True
 
     def _init_weights(self) -> None:
@@ -456,84 +429,33 @@ class Decoder(nn.Module):
             then run only at the scored positions (10-30% of them in instruction data, where
             prompts and images are not scored), the other layers' MLPs only at the real
             (non-padding) tokens, and leading positions that are the same in every row only
-            once (`SharedPrefix`); `logits` and `hidden_states` are None.
+            once (`SharedPrefix`); `logits` and `hidden_states` are None. That path is
+            `decoder_loss_only.loss_only_forward`.
         """
         x = self._embed(input_ids, inputs_embeds)  # (B, T, C)
         B, T, _ = x.shape
-
         cache = past_key_values
         if use_cache and cache is None:
             cache = KVCache(self.config.num_layers, max_len=self.config.max_seq_len)
         past_len = cache.length if cache is not None else 0
-        total_len = past_len + T
-        if total_len > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence of {total_len} positions is longer than max_seq_len="
-                f"{self.config.max_seq_len}"
-            )
-        if attention_mask is not None and attention_mask.shape != (B, total_len):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (B, T_total) = "
-                f"({B}, {total_len}): cached ({past_len}) + new ({T}) positions"
-            )
-
-        if labels is not None and labels.shape != (B, T):
-            raise ValueError(f"labels must be (B, T) = {(B, T)}, got {tuple(labels.shape)}")
-        if not return_logits and labels is not None and cache is not None:
-            raise ValueError("return_logits=False (the loss alone) cannot be used with a KV cache")
-
+        self._check_inputs(B, T, past_len, attention_mask, labels, cache, return_logits)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, past_len, T, x.device)
-        cos, sin = self.rotary(position_ids.expand(B, T))
+        cos, sin = self.rotary(position_ids.expand(B, T))  # (B, T, D) each
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
 
-        checkpointing = self.config.gradient_checkpointing and self.training and cache is None
+        if labels is not None and not return_logits:  # training: the loss alone, for less work
+            loss = loss_only_forward(
+                self, x, cos, sin, labels, attention_mask, position_ids, build_attention_mask
+            )
+            return DecoderOutput(logits=None, loss=loss, past_key_values=None, hidden_states=None)
 
-        def run(layer_fn, *args, **kwargs):
-            if checkpointing:  # keep only the layer's input; recompute its insides in backward
-                return checkpoint(layer_fn, *args, **kwargs, use_reentrant=False)
-            return layer_fn(*args, **kwargs)
-
-        logits, loss, hidden_states = None, None, None
-        if labels is not None and not return_logits:
-            # The loss alone. It reads the last layer's output only at the scored positions, and
-            # the other layers' outputs are read (by the next layer's attention) only at the real
-            # ones: compute just that, for the same loss and gradients.
-            next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
-            queries, valid = positions_where(next_labels != IGNORE_INDEX)  # (B, Q) each
-            real = None if attention_mask is None else attention_mask[:, past_len:].bool()
-            n = self.shared_prefix_length(x, attention_mask, position_ids, valid, queries)
-            prefix = None
-            if n:
-                # The first n positions are the same in every row: run them once (row 0),
-                # keep their keys and values, then run only the rest of each row, (B, T - n).
-                prefix = SharedPrefix(len(self.layers))
-                shared = x[:1, :n]  # (1, n, C)
-                for layer in self.layers:
-                    shared = layer(shared, cos[:1, :n], sin[:1, :n], None, prefix)
-                x, cos, sin = x[:, n:], cos[:, n:], sin[:, n:]
-                real = None if real is None else real[:, n:]
-            # T - n queries over T keys: with a shared prefix the mask's diagonal is shifted
-            # right by n (SDPA's is_causal would align the queries with the first keys).
-            mask = build_attention_mask(attention_mask, T - n, total_len, x.device)
-            # The scored positions as indices into x (all after the prefix; the unused padding
-            # entries of `queries` may not be, and point at x's first position instead).
-            asking = (queries - n).clamp(min=0)  # (B, Q); queries itself if n == 0
-            for layer in self.layers[:-1]:
-                x = run(layer, x, cos, sin, mask, prefix, keep=real)  # MLP on real tokens only
-            query_mask = query_attention_mask(asking + n, attention_mask, total_len)
-            x = run(self.layers[-1].forward_at, x, cos, sin, query_mask, asking, prefix)
-            scored_logits = self.lm_head(self.norm(x[valid]))  # (N, V), not (B, T, V)
-            loss = F.cross_entropy(scored_logits.float(), next_labels.gather(1, queries)[valid])
-        else:
-            mask = build_attention_mask(attention_mask, T, total_len, x.device)
-            for layer in self.layers:
-                x = run(layer, x, cos, sin, mask, cache)
-            hidden_states = self.norm(x)
-            if return_logits:
-                logits = self.lm_head(hidden_states)  # (B, T, V)
-            if labels is not None:
-                loss = causal_lm_loss(logits, labels)
+        mask = build_attention_mask(attention_mask, T, past_len + T, x.device)
+        for layer in self.layers:
+            x = self.run_layer(layer, x, cos, sin, mask, cache=cache)  # (B, T, C)
+        hidden_states = self.norm(x)  # (B, T, C)
+        logits = self.lm_head(hidden_states) if return_logits else None  # (B, T, V)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
         return DecoderOutput(
             logits=logits,
             loss=loss,
@@ -541,35 +463,20 @@ class Decoder(nn.Module):
             hidden_states=hidden_states,
         )
 
-    def shared_prefix_length(
-        self,
-        x: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        valid: torch.Tensor,
-        queries: torch.Tensor,
-    ) -> int:
-        """How many leading positions the loss-only path may compute once for all rows.
+    def run_layer(self, layer_fn, *args, cache=None, **kwargs) -> torch.Tensor:
+        """layer_fn(*args, cache=cache, **kwargs): a layer, or its `forward_at`.
 
-        Those whose inputs x (B, T, C) and positions are equal in every row, that are real
-        tokens in every row, and that no row scores (`queries`, `valid` from positions_where):
-        their outputs are then the same in every row. 0 when there is one row, and in training
-        with dropout (one row's dropout masks shared by all is another computation) or with
-        gradient checkpointing (its recomputation in backward would store the prefix twice).
+        With gradient checkpointing on (config) and the model training, only the layer's input
+        is kept, and its insides are recomputed in backward: less memory for more compute. Not
+        with a KV cache, though: it is written in place, and the recomputation would write it
+        a second time.
         """
-        if not self.share_prefix or x.shape[0] < 2 or not bool(valid.any()):
-            return 0
-        if self.training and (self.config.dropout > 0 or self.config.gradient_checkpointing):
-            return 0
-        same = (x == x[:1]).all(-1).all(0)  # (T,): position t is the same in every row
-        if attention_mask is not None:
-            same &= attention_mask.bool().all(0)
-        if position_ids is not None and position_ids.shape[0] > 1:
-            same &= (position_ids == position_ids[:1]).all(0)
-        n = int(same.long().cumprod(0).sum())  # the leading run of such positions
-        return min(n, int(queries[valid].min()))  # a scored position needs its own row
+        if self.config.gradient_checkpointing and self.training and cache is None:
+            return checkpoint(layer_fn, *args, cache=cache, **kwargs, use_reentrant=False)
+        return layer_fn(*args, cache=cache, **kwargs)
 
     def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
+        """input_ids (B, T) -> their embeddings (B, T, C); or inputs_embeds (B, T, C) as given."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError(
                 "Decoder: pass exactly one of input_ids (B, T) or inputs_embeds (B, T, C)"
@@ -585,9 +492,34 @@ class Decoder(nn.Module):
             )
         return inputs_embeds
 
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        """Parameter count (a tied embedding/head matrix is counted once)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+    def _check_inputs(self, B, T, past_len, attention_mask, labels, cache, return_logits) -> None:
+        """Raise a clear ValueError where the arguments of `forward` do not fit together."""
+        total_len = past_len + T
+        if total_len > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {total_len} positions is longer than max_seq_len="
+                f"{self.config.max_seq_len}"
+            )
+        if attention_mask is not None and attention_mask.shape != (B, total_len):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (B, T_total) = "
+                f"({B}, {total_len}): cached ({past_len}) + new ({T}) positions"
+            )
+        if labels is not None and labels.shape != (B, T):
+            raise ValueError(f"labels must be (B, T) = {(B, T)}, got {tuple(labels.shape)}")
+        if not return_logits and labels is not None and cache is not None:
+            raise ValueError("return_logits=False (the loss alone) cannot be used with a KV cache")
+
+    def count_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count (a tied embedding/head matrix is counted once): `count_parameters`."""
+        return count_parameters(self, trainable_only)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalars in a module's parameters; only those that will receive gradients if
+    trainable_only. A tensor shared by two modules (a tied embedding/head matrix) counts once:
+    `parameters()` yields it once. Buffers (RoPE's cos/sin tables) are not parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 def default_position_ids(
@@ -633,40 +565,6 @@ def build_attention_mask(
     own_key = torch.arange(total_len - T, total_len, device=device)[:, None]  # (T, 1)
     itself = own_key == torch.arange(total_len, device=device)  # (T, T_total): key = the query
     return allowed & (is_real_key | itself)
-
-
-def query_attention_mask(
-    queries: torch.Tensor, attention_mask: torch.Tensor | None, total_len: int
-) -> torch.Tensor:
-    """Boolean (B, 1, Q, T_total) for queries at positions `queries` (B, Q) (no cache): each
-    sees the real keys up to its own position, and always itself (so no row is empty)."""
-    keys = torch.arange(total_len, device=queries.device)  # (T_total,)
-    allowed = keys <= queries[..., None]  # (B, Q, T_total): causal
-    if attention_mask is not None:
-        itself = keys == queries[..., None]
-        allowed = allowed & (attention_mask.bool()[:, None, :] | itself)
-    return allowed[:, None]
-
-
-def positions_where(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) bool -> (positions (B, Q), valid (B, Q)): each row's True positions, in order.
-
-    Rows have different numbers of them, so each is padded to Q = the largest count (at least
-    1) with other positions of the row; `valid` is False there. Example:
-        keep [[0 1 0 1], [1 0 0 0]] -> positions [[1 3], [0 1]], valid [[1 1], [1 0]]
-    """
-    counts = keep.sum(-1)  # (B,)
-    Q = max(int(counts.max()), 1)
-    # A stable sort of "not kept" puts each row's kept positions first, in their order.
-    positions = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)[:, :Q]
-    valid = torch.arange(Q, device=keep.device) < counts[:, None]
-    return positions, valid
-
-
-def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x (B, T, ...), positions (B, Q) -> (B, Q, ...): row b's entries at positions[b]."""
-    rows = torch.arange(x.shape[0], device=x.device)[:, None]  # (B, 1)
-    return x[rows, positions]
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minillava.decoder import Decoder, DecoderConfig
+from minillava.decoder import Decoder, DecoderConfig, count_parameters
 from minillava.generate import generate
 from minillava.projector import build_projector
 from minillava.vit import VisionTransformer, ViTConfig
@@ -271,15 +271,15 @@ class Llava(nn.Module):
 
     def count_parameters(self, trainable_only: bool = False) -> int:
         """Number of parameters (only those that will receive gradients, if trainable_only)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        return count_parameters(self, trainable_only)
 
     def parameter_summary(self) -> dict[str, dict[str, int]]:
         """{part: {"total": n, "trainable": n}} for vision_tower, projector, language_model."""
         summary = {}
         for name in ("vision_tower", "projector", "language_model"):
-            params = list(getattr(self, name).parameters())
+            part = getattr(self, name)
             summary[name] = {
-                "total": sum(p.numel() for p in params),
-                "trainable": sum(p.numel() for p in params if p.requires_grad),
+                "total": count_parameters(part),
+                "trainable": count_parameters(part, trainable_only=True),
             }
         return summary

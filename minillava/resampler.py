@@ -268,11 +268,6 @@ def qformer_num_parameters(
     )
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of scalars in a module's parameters (shared ones once)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 def _check_features(patch_features: Tensor, vision_dim: int) -> None:
     if patch_features.ndim != 3 or patch_features.shape[-1] != vision_dim:
         raise ValueError(

@@ -1,4 +1,5 @@
-"""minillava.decoder: shapes, causality, padding, KV cache, GQA, RoPE, loss, init, checkpointing."""
+"""minillava.decoder: shapes, causality, padding, KV cache, GQA, RoPE, loss, init, checkpointing;
+and minillava.decoder_loss_only, the training path that computes the loss alone."""
 
 import math
 
@@ -16,8 +17,11 @@ from minillava.decoder import (
     apply_rotary,
     build_attention_mask,
     causal_lm_loss,
+)
+from minillava.decoder_loss_only import (
     positions_where,
     query_attention_mask,
+    shared_prefix_length,
 )
 
 V = 61
@@ -282,7 +286,7 @@ def test_tied_and_untied_heads():
     untied = make(tie_embeddings=False)
     assert tied.lm_head.weight is tied.embed_tokens.weight
     assert untied.lm_head.weight is not untied.embed_tokens.weight
-    assert untied.num_parameters() - tied.num_parameters() == V * 32
+    assert untied.count_parameters() - tied.count_parameters() == V * 32
 
 
 def test_gpt2_style_init():
@@ -401,7 +405,7 @@ def prefixed_batch(n=4, side="right"):
 
 def shared_length(model, x, mask, labels, position_ids=None):
     queries, valid = positions_where(F.pad(labels[:, 1:], (0, 1), value=-100) != -100)
-    return model.shared_prefix_length(model.embed_tokens(x), mask, position_ids, valid, queries)
+    return shared_prefix_length(model, model.embed_tokens(x), mask, position_ids, valid, queries)
 
 
 @pytest.mark.parametrize("masked", [True, False])

@@ -173,7 +173,7 @@ def test_loss_only_equals_the_full_logits_loss_and_gradients():
 
 
 def test_a_system_line_every_row_shares_is_computed_once_with_the_same_gradients():
-    """The decoder's loss-only path runs the rows' common prefix once (decoder.SharedPrefix);
+    """The decoder's loss-only path runs the rows' common prefix once (SharedPrefix);
     spliced image features differ per row, so the prefix ends at the first image."""
     model = make().train()
     system = [21, 22, 23]
@@ -295,6 +295,8 @@ def test_stage_1_trains_only_the_projector():
     n_projector = sum(p.numel() for p in model.projector.parameters())
     assert model.count_parameters(trainable_only=True) == n_projector
     assert model.count_parameters() > n_projector
+    summary = model.parameter_summary()  # the three parts make up the model
+    assert sum(part["total"] for part in summary.values()) == model.count_parameters()
     backward_once(model)
     assert all(g is None for g in grads_of(model.vision_tower))
     assert all(g is None for g in grads_of(model.language_model))

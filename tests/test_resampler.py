@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from minillava.decoder import count_parameters
 from minillava.resampler import (
     PerceiverResampler,
     QFormerBridge,
     ResamplerConfig,
-    count_parameters,
     qformer_num_parameters,
 )
 
