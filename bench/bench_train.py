@@ -11,7 +11,7 @@ The comparison is kept fair on purpose:
   train` trains: ViT 4x128 on 48x48 images in 16x16 patches = 9 image tokens, decoder 4x128,
   MLP projector, the tokenizer's vocabulary);
 - the same batch: one batch exactly as the instruct stage builds it (`stages.ConversationBatches`:
-  short-answer VQA, 8 questions per image, or the data engine's conversations), collated once.
+  short-answer VQA, one question per image, or the data engine's conversations), collated once.
   transformers wants each `<image>` expanded to P placeholder ids beforehand (its processor's
   job), minillava expands it inside forward, so both see the same sequence;
 - the same work per step: forward, loss on the assistant's tokens, backward, AdamW step, both in
@@ -56,7 +56,7 @@ def tiny_llava_config(
 def make_batch(tokenizer, batch_size: int, data: str = "vqa", seed: int = 0) -> dict:
     """One batch of the cpu preset's instruct stage, built by the stage's own code.
 
-    data="vqa": short-answer questions, `vqa_questions` per image (85% of instruct batches);
+    data="vqa": one short-answer question per image (85% of instruct batches);
     "conversation": the data engine's conversations, descriptions and reasoning (the other 15%).
     """
     from minillava.data.shapes import ShapesWorld
@@ -68,7 +68,7 @@ def make_batch(tokenizer, batch_size: int, data: str = "vqa", seed: int = 0) -> 
     images = ShapesWorld("train", batch_size, world_config(preset), seed=seed)
     batches = ConversationBatches(
         "instruct", images, tokenizer, stage, seed, preset.data.max_len,
-        vqa_fraction=1.0 if data == "vqa" else 0.0, vqa_questions=preset.data.vqa_questions,
+        vqa_fraction=1.0 if data == "vqa" else 0.0,
     )  # fmt: skip
     return batches[0]
 

@@ -3,9 +3,9 @@
     PYTHONUNBUFFERED=1 python3 bench/device_check.py --out $OUT --work-dir /tmp/dc  # ~9 min
     python bench/device_check.py --out /tmp/dc --device cpu --preset tiny --no-compile  # a test
 
-This project gets GPU time in short loans: a few minutes of device time a session, one command
-of at most 10 minutes, a bare machine at every start (docs/results.md, "GPU preset"). A loan
-should not be spent writing scripts, so this one is written and tested on a CPU beforehand. In
+GPU time may come in short loans: a few minutes of device time, one command of at most 10
+minutes, a bare machine at every start (docs/results.md, "GPU preset"). A loan should not be
+spent writing scripts, so this one is written and tested on a CPU beforehand. In
 order of value, each part under the time the command has left, it runs:
 
 1. `environment`: torch and CUDA versions, the device, its memory, bf16 support.

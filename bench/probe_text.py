@@ -10,7 +10,7 @@ on the token of the text cell, a linear probe and a small MLP that predict the c
 
 Probes fit on training images and are scored on val images. If they read the character and the
 model does not, the eyes are not what fails: the decoder has not learnt the mapping
-(docs/results.md, session 11). `--read N` measures the second half: the model is asked "What is
+(docs/results.md). `--read N` measures the second half: the model is asked "What is
 written in the image?" (the eval's reading questions) about the first N test images that show a
 character, greedy, and the script prints its accuracy and commonest misreadings. (The eval's
 `text by question form: text` line mixes these with images that show none, answered "nothing".)
@@ -33,10 +33,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from minillava.checkpoint import load_llava  # noqa: E402
-from minillava.data.instruct import ask  # noqa: E402
+from minillava.checkpoint import load_llava, world_config_from_dict  # noqa: E402
+from minillava.data.instruct import make_question  # noqa: E402
 from minillava.data.shapes import ShapesWorld  # noqa: E402
-from minillava.eval import model_answerer, normalise_answer, world_config  # noqa: E402
+from minillava.eval import model_answerer, normalise_answer  # noqa: E402
 
 
 @torch.no_grad()
@@ -92,7 +92,7 @@ def fit_probe(x_train, y_train, x_test, y_test, classes: int, hidden: int = 0, s
 
 def reading_items(world: ShapesWorld, n: int, seed: int = 0) -> list[dict]:
     """The first `n` scenes of `world` that show a character, each with one of the eval's
-    questions that ask to read it (`ask_text`'s op "text"), as eval items."""
+    questions that ask to read it (`text_question`'s op "text"), as eval items."""
     rng, items = random.Random(seed), []
     for index in range(len(world)):
         if len(items) == n:
@@ -100,9 +100,9 @@ def reading_items(world: ShapesWorld, n: int, seed: int = 0) -> list[dict]:
         scene = world.scene(index)
         if scene.text is None:
             continue
-        qa = ask(scene, "text", rng, world.config)
+        qa = make_question(scene, "text", rng, world.config)
         while qa.query["op"] != "text":  # "Is there any text?" and "Where is ...?" are not read
-            qa = ask(scene, "text", rng, world.config)
+            qa = make_question(scene, "text", rng, world.config)
         items.append({"pixel_values": world[index].pixel_values, "question": qa.question,
                       "answer": qa.answer})  # fmt: skip
     raise ValueError(f"only {len(items)} of {len(world)} scenes show a character; asked for {n}")
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     model, tokenizer, info = load_llava(args.checkpoint, device="cpu")
-    config = world_config(info["config"]["world"], model.config.vision.image_size)
+    config = world_config_from_dict(info["config"]["world"], model.config.vision.image_size)
     classes = len(config.characters)
     if (args.train > 0) != (args.val > 0) or args.read < 0:
         parser.error("--train and --val are both 0 (reading only) or both positive; --read >= 0")

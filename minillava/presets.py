@@ -75,10 +75,6 @@ class DataSizes:
     # about the same tokens, and the step the same cost (the token budget of a batch, not its
     # row count, is what costs).
     conversation_rows: float = 1.0
-    # Questions per VQA conversation. Only the first comes before the image (data.instruct.
-    # vqa_prompt says why that matters); the others follow it and cannot be read by the image
-    # tokens. 1: every answer is learnt in the eval's format (docs/results.md measures both).
-    vqa_questions: int = 1
     # `clip` stage: half of each batch are shape-swapped twins of the other half (hard
     # negatives, stages.CaptionBatches), so that CLIP must see shape, not only colour.
     clip_hard_negatives: bool = True
@@ -94,32 +90,13 @@ class DataSizes:
     # them; on the others the answer is "nothing" or "no"), and the image tokens carry it
     # (a linear probe reads it at 99.8%: bench/probe_text.py), but at weight 1 the cpu preset's
     # instruct stage asks some 1,100 rows to read one, and the model read one in ten
-    # (docs/results.md, session 11). Instruct only; the evaluation's questions do not change.
+    # (docs/results.md). Instruct only; the evaluation's questions do not change.
     read_text_weight: float | None = None
-    # Questions that a shortcut the model was caught taking gets wrong weigh this much more
-    # than those it gets right, within their form (None: as drawn). E.g. "How many circles?"
-    # with two circles: the cpu model answered "1", and four in five such training questions
-    # have the answer 0 or 1 (data.instruct.shortcut_answer lists the shortcuts). Instruct
-    # only; the evaluation's questions do not change. At 5 in the cpu preset the model took
-    # the opposite shortcut instead of learning to count (session 12): not in a preset.
-    shortcut_weight: float | None = None
-    # Share of relation's "Is A left of B?" questions that `instruct` asks to explain instead
-    # ("...\n<image> Explain your answer.") and answers with the working, the two places the
-    # relation compares, before the yes/no: "the square is bottom, the cross is middle, so no"
-    # (None: none; the evaluation's questions do not change). The bare yes/no compares two
-    # places looked up in the image, and stayed at chance even from perfect image tokens; trained
-    # beside its working, it was learnt in one oracle run of three, after some 60,000 pair
-    # questions (bench/oracle_vqa.py --explain-share; docs/results.md, session 17). No preset
-    # asks that many.
-    explain_relation_share: float | None = None
     # `instruct` may open with a curriculum: phases of (question types, steps) whose short-answer
     # batches ask only those types (same weights; conversations keep their share), then the mix.
     # E.g. ((("colour",), 500),): finding the object a question names forms within a few hundred
-    # steps of one type alone, not in the mixture (docs/results.md, session 4).
+    # steps of one type alone, not in the mixture (docs/results.md).
     curriculum: tuple[tuple[tuple[str, ...], int], ...] = ()
-    # Share of short-answer batches while the curriculum's phases run (None: vqa_fraction).
-    # 1.0: the phases ask only their questions, and conversations come back with the mix.
-    curriculum_vqa_fraction: float | None = None
 
 
 @dataclass
@@ -161,7 +138,7 @@ class Preset:
     # On a CPU: train as this many data-parallel processes (DDP over gloo, started as torchrun
     # would), num_threads shared out among them. A small model's matrix products keep two threads
     # of one process partly idle; two processes of one thread each, each on half of the batch,
-    # do not (docs/results.md, session 10). Ignored on CUDA and MPS, and under torchrun.
+    # do not (docs/results.md). Ignored on CUDA and MPS, and under torchrun.
     cpu_processes: int = 1
     # Instruct stage: full fine-tuning of the decoder, or LoRA adapters (lora.py).
     lora: bool = False
@@ -202,7 +179,7 @@ def measured_question_mix() -> dict:
         # Finding the object a question names forms in a few hundred steps of one look-up type
         # alone, never within the cpu budget in the whole mixture: so instruct opens with
         # colour, then position, then shape questions only, then the whole mixture
-        # (docs/results.md, sessions 4 and 5).
+        # (docs/results.md).
         curriculum=((("colour",), 400), (("position",), 300), (("shape",), 300)),
         # The mixture finishes what the phases began (colour, position and shape end near 100%)
         # and must teach the slower types as well: count, relation and reasoning are asked twice
@@ -216,7 +193,7 @@ def measured_question_mix() -> dict:
             "reasoning": 2.0,
         },
         # Images that show a letter or digit are asked text questions 6 times as often: the
-        # model read 5 of the 52 characters of 4,000 test questions, then 41 (session 11).
+        # model read 5 of the 52 characters of 4,000 test questions, then 41.
         read_text_weight=6.0,
     )
 
@@ -256,12 +233,10 @@ def tiny_preset() -> Preset:
 def cpu_preset() -> Preset:
     """The default of `make train`: all stages, eval included, sized for 15 minutes on 2 cores.
 
-    Where the minutes go (measured on a 2-core CPU, two processes of one thread: 15 min 2 s in
-    all on a slow day, of which instruct 724 s, lm 49 s, clip 59 s, align 10 s, evaluation
-    29 s; one process took 13 min 22 s on a quick day and 16 min 20 s on a slow one;
-    docs/results.md): instruct, the stage that teaches the model to use the image, gets most of
-    them; the decoder stays small (4 x 128) and images small (48 px, 9 image tokens), because
-    on a CPU every position of every sequence costs time.
+    Where the minutes go (per stage in docs/results.md, two processes of one thread on a 2-core
+    CPU): instruct, the stage that teaches the model to use the image, gets most of them; the
+    decoder stays small (4 x 128) and images small (48 px, 9 image tokens), because on a CPU
+    every position of every sequence costs time.
     """
     return Preset(
         name="cpu",
@@ -279,20 +254,18 @@ def cpu_preset() -> Preset:
             # Drawn once, read a dozen times: 0.7 GB of memory for about a minute of drawing.
             cache_images=True,
         ),
-        # One question per conversation (data.vqa_questions) makes rows about half as long as
-        # eight did: twice the rows per batch cost what the old batches cost.
         lm=StageConfig(steps=150, batch_size=32, lr=2e-3, warmup_steps=15, ckpt_every=50),
         clip=StageConfig(steps=400, batch_size=64, lr=1e-3, warmup_steps=20, ckpt_every=100),
         align=StageConfig(
             steps=100, batch_size=32, lr=2e-3, warmup_steps=10, weight_decay=0.0, ckpt_every=50
         ),
         # As many steps as fit with a margin: 3,200 scored 86.0-91.0% on five seeds against
-        # 87.1-90.6% at 2,800 (mean +0.7, within the seeds' spread; session 23) and cost 31-76 s
-        # more (on sessions 6 and 10's slower machines 3,200 took 15.5 and 16.7 minutes).
+        # 87.1-90.6% at 2,800 (mean +0.7, within the seeds' spread) and cost up to a minute
+        # more, over 15 minutes on slower machines.
         instruct=StageConfig(steps=2800, batch_size=96, lr=1e-3, warmup_steps=20, ckpt_every=100),
         num_threads=2,
         cpu_processes=2,
-        # 250 questions a type: the overall accuracy to +-0.7 points (500 left +-1.3: session 6's
+        # 250 questions a type: the overall accuracy to +-0.7 points (500 left +-1.3: one run's
         # 89.8% on 500 was 88.5% on 4,000).
         eval_samples=2000,
     )
@@ -301,8 +274,8 @@ def cpu_preset() -> Preset:
 def gpu_preset() -> Preset:
     """One GPU: a wider, deeper model on larger images, more steps; bf16 + fused AdamW + compile.
 
-    Not measured yet (no GPU was lent to the sessions that built it: docs/results.md, "GPU
-    preset"; `bench/device_check.py` is the command a loan runs). Its instruct stage asks the
+    Not measured yet (docs/results.md, "GPU preset": `bench/device_check.py` is the command
+    that measures it on one GPU). Its instruct stage asks the
     questions the cpu preset measured (`measured_question_mix`): they are about what the
     decoder learns first and how often it sees each type, not about the model's size.
     """

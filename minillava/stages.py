@@ -29,7 +29,21 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from minillava.checkpoint import load_checkpoint
+from minillava.clip import CLIP, CLIPConfig, TextEncoderConfig
+from minillava.data.collate import collate_conversations, collate_text
+from minillava.data.mixture import curriculum_phases, scene_turns
+from minillava.data.shapes import (
+    ShapesWorld,
+    WorldConfig,
+    make_captions,
+    make_description,
+    swap_one_shape,
+)
+from minillava.decoder import Decoder, DecoderConfig
+from minillava.llava import Llava, LlavaConfig
+from minillava.lora import apply_lora
 from minillava.presets import Preset, StageConfig
+from minillava.vit import ViTConfig
 
 CLIP_TEXT_LEN = 64  # tokens: the longest caption (with its end-of-text token) the CLIP text
 # encoder reads; ShapesWorld captions are at most ~45 tokens.
@@ -39,10 +53,8 @@ CLIP_TEXT_LEN = 64  # tokens: the longest caption (with its end-of-text token) t
 # Configs of the three networks, from a preset
 
 
-def world_config(preset: Preset):
+def world_config(preset: Preset) -> WorldConfig:
     """The ShapesWorld every stage (and the final evaluation) draws images from."""
-    from minillava.data.shapes import WorldConfig
-
     return WorldConfig(
         image_size=preset.model.image_size,
         max_objects=preset.data.max_objects,
@@ -50,9 +62,7 @@ def world_config(preset: Preset):
     )
 
 
-def vit_config(preset: Preset):
-    from minillava.vit import ViTConfig
-
+def vit_config(preset: Preset) -> ViTConfig:
     m = preset.model
     return ViTConfig(
         image_size=m.image_size,
@@ -64,9 +74,7 @@ def vit_config(preset: Preset):
     )
 
 
-def decoder_config(preset: Preset, vocab_size: int):
-    from minillava.decoder import DecoderConfig
-
+def decoder_config(preset: Preset, vocab_size: int) -> DecoderConfig:
     m = preset.model
     return DecoderConfig(
         vocab_size=vocab_size,
@@ -81,9 +89,7 @@ def decoder_config(preset: Preset, vocab_size: int):
     )
 
 
-def clip_config(preset: Preset, vocab_size: int):
-    from minillava.clip import CLIPConfig, TextEncoderConfig
-
+def clip_config(preset: Preset, vocab_size: int) -> CLIPConfig:
     m = preset.model
     text = TextEncoderConfig(
         vocab_size=vocab_size,
@@ -96,9 +102,7 @@ def clip_config(preset: Preset, vocab_size: int):
     return CLIPConfig(vision=vit_config(preset), text=text, embed_dim=m.clip_embed_dim)
 
 
-def llava_config(preset: Preset, tokenizer):
-    from minillava.llava import LlavaConfig
-
+def llava_config(preset: Preset, tokenizer) -> LlavaConfig:
     return LlavaConfig(
         vision=vit_config(preset),
         text=decoder_config(preset, tokenizer.vocab_size),
@@ -204,8 +208,6 @@ class CaptionBatches(StageBatches):
     def with_twins(self, indices: list[int], rng: random.Random) -> list:
         """The samples of `indices`, every second one replaced by a shape-swapped twin of the
         one before it (only the samples kept are drawn)."""
-        from minillava.data.shapes import swap_one_shape
-
         samples = []
         for j, index in enumerate(indices):
             if j % 2 == 1:
@@ -218,8 +220,6 @@ class CaptionBatches(StageBatches):
         return samples
 
     def make_batch(self, indices: list[int], rng: random.Random, step: int = 0) -> dict:
-        from minillava.data.collate import collate_text
-
         if self.hard_negatives:
             samples = self.with_twins(indices, rng)
         else:
@@ -233,196 +233,19 @@ class CaptionBatches(StageBatches):
         }
 
 
-def scene_turns(
-    scene,
-    captions: list[str],
-    rng: random.Random,
-    config,
-    vqa: bool = False,
-    vqa_questions: int = 1,
-    kinds: tuple[str, ...] = ("conversation", "detail", "reasoning"),
-    type_weights: dict[str, float] | None = None,
-    text_weight: float | None = None,
-    shortcut_weight: float | None = None,
-    explain_share: float | None = None,
-) -> list[dict]:
-    """One training conversation about `scene`, "<image>" in its first human turn.
-
-    `vqa=True`: `vqa_questions` short-answer questions (`vqa_turns`, with `type_weights`,
-    `text_weight`, `shortcut_weight` and `explain_share`).
-    Otherwise: a conversation of one of the data engine's `kinds` (conversation, detail,
-    reasoning, caption).
-    """
-    from minillava.data.instruct import make_conversation
-
-    if vqa:
-        weights = (type_weights, text_weight, shortcut_weight, explain_share)
-        return vqa_turns(scene, rng, config, vqa_questions, *weights)[0]
-    return space_answers(make_conversation(scene, captions, rng, rng.choice(kinds), config=config))
-
-
-SHORTCUT_REDRAWS = 10  # a scene where every question has the shortcut's answer keeps its 11th
-
-
-def vqa_turns(
-    scene,
-    rng: random.Random,
-    config,
-    questions: int,
-    type_weights: dict[str, float] | None = None,
-    text_weight: float | None = None,
-    shortcut_weight: float | None = None,
-    explain_share: float | None = None,
-) -> tuple[list[dict], list]:
-    """`questions` short-answer questions about `scene` in the eval convention, and their `QA`s
-    (type, answer and the query each question runs, e.g. {"op": "relation", ...}).
-
-    As LLaVA-1.5 mixed VQAv2 and GQA into its data (without them the model answers in sentences
-    and exact-match accuracy means nothing). The first question is exactly an eval prompt
-    ("{question}\\n<image>\\nAnswer with a single word or phrase.", `vqa_prompt`: the question
-    before the image); the others follow as more turns, without repeating the instruction: the
-    image and the system line are paid for once, and the model gets `questions` answers instead
-    of one (at the price of later questions that the image tokens cannot read).
-    `type_weights` (e.g. {"colour": 3.0}) makes some question types more frequent; a type it
-    does not name has weight 1 (all 1: the uniform mix). `text_weight`, if not None, is the
-    text type's weight instead on a scene that shows a character (`DataSizes.read_text_weight`),
-    unless `type_weights` gives text 0 (a curriculum phase without it). `shortcut_weight`, if
-    not None, weighs the questions that a known shortcut gets wrong (`shortcut_answer`: two
-    circles counted as one, say) that many times those it gets right, within their form: a
-    question the shortcut answers is kept with probability 1 / shortcut_weight, else another
-    of its form is drawn (at most SHORTCUT_REDRAWS times): the mix of types and of forms does
-    not change, only the answers within a form. `explain_share`, if not None, asks that share
-    of the first questions that are relation's "Is A left of B?" to explain instead of answering
-    in a word (`vqa_prompt(explain=True)`), and answers them with their working first: "the
-    square is bottom, the cross is middle, so no" (`DataSizes.explain_relation_share`).
-    """
-    from minillava.data.instruct import (
-        QUESTION_TYPES,
-        ask,
-        shortcut_answer,
-        vqa_prompt,
-        with_working,
-    )
-
-    weights = question_type_weights(type_weights)
-    text = QUESTION_TYPES.index("text")
-    if text_weight is not None and scene.text is not None and weights[text] > 0:
-        weights[text] = text_weight
-    turns, asked, explain = [], [], False
-    for k in range(questions):
-        question_type = rng.choices(QUESTION_TYPES, weights)[0]
-        qa = ask(scene, question_type, rng, config)
-        for _ in range(SHORTCUT_REDRAWS if shortcut_weight is not None else 0):
-            if shortcut_answer(qa, scene) != qa.answer or rng.random() * shortcut_weight < 1:
-                break
-            qa = ask_same_form(scene, qa, rng, config)
-        answer = qa.answer
-        # Only the first question carries the instruction, so only it can ask for the working.
-        if k == 0 and explain_share is not None and qa.query.get("op") == "relation":
-            explain = rng.random() < explain_share
-            if explain:
-                answer = with_working(qa.explanation, qa.answer)
-        turns += [{"from": "human", "value": qa.question}, {"from": "gpt", "value": answer}]
-        asked.append(qa)
-    turns[0]["value"] = vqa_prompt(turns[0]["value"], explain=explain)
-    return space_answers(turns), asked
-
-
-def ask_same_form(scene, qa, rng: random.Random, config, tries: int = 100):
-    """Another question about `scene` of `qa`'s type and form: same op, and a shortcut known
-    (`shortcut_answer`) for both or neither; `qa` itself if `tries` draws find none."""
-    from minillava.data.instruct import ask, shortcut_answer
-
-    def form(q) -> tuple:
-        return q.query.get("op"), shortcut_answer(q, scene) is None
-
-    wanted = form(qa)
-    for _ in range(tries):
-        other = ask(scene, qa.type, rng, config)
-        if form(other) == wanted:
-            return other
-    return qa
-
-
-def space_answers(turns: list[dict]) -> list[dict]:
-    """Start every answer with a space, as a word inside a sentence does (in place).
-
-    Our BPE has one token for " blue" (in captions, descriptions, questions) and another for
-    "blue", and the answer should be the word the model has read everywhere else. The eval
-    strips the space.
-    """
-    for turn in turns[1::2]:
-        turn["value"] = " " + turn["value"]
-    return turns
-
-
-def question_type_weights(type_weights: dict[str, float] | None) -> list[float]:
-    """One weight per entry of QUESTION_TYPES (1 where `type_weights` is silent), checked."""
-    from minillava.data.instruct import QUESTION_TYPES
-
-    type_weights = type_weights or {}
-    unknown = sorted(set(type_weights) - set(QUESTION_TYPES))
-    if unknown:
-        raise ValueError(
-            f"data.vqa_type_weights: unknown question types {unknown}; expected some of "
-            f"{QUESTION_TYPES}"
-        )
-    weights = [float(type_weights.get(t, 1.0)) for t in QUESTION_TYPES]
-    if any(w < 0 for w in weights) or not any(weights):
-        raise ValueError(f"data.vqa_type_weights must be >= 0, not all 0; got {type_weights}")
-    return weights
-
-
-def curriculum_phases(curriculum, type_weights: dict | None) -> list[tuple[int, dict]]:
-    """data.curriculum ((types, steps), ...) -> [(first step after the phase, type weights)].
-
-    Each phase keeps `type_weights` for its own types and 0 for the others: its short-answer
-    batches ask only those types; the other batches (1 - vqa_fraction) stay conversations.
-    """
-    from minillava.data.instruct import QUESTION_TYPES
-
-    weights = dict(zip(QUESTION_TYPES, question_type_weights(type_weights), strict=True))
-    phases, end = [], 0
-    for phase in curriculum:
-        is_pair = isinstance(phase, tuple | list) and len(phase) == 2
-        types, steps = phase if is_pair else (None, None)
-        types = (types,) if isinstance(types, str) else tuple(types or ())
-        unknown = sorted(set(types) - set(QUESTION_TYPES))
-        if not types or unknown or not isinstance(steps, int) or steps < 1:
-            raise ValueError(
-                f"data.curriculum: each phase is ((question types...), steps >= 1) with types "
-                f"from {QUESTION_TYPES}; got {phase!r}"
-            )
-        phase_weights = {t: w if t in types else 0.0 for t, w in weights.items()}
-        if not any(phase_weights.values()):
-            raise ValueError(f"data.curriculum: {types} all weigh 0 in data.vqa_type_weights")
-        end += steps
-        phases.append((end, phase_weights))
-    return phases
-
-
 def check_instruct_mix(preset: Preset) -> list[tuple[int, dict]]:
     """data.curriculum's phases (`curriculum_phases`), after checking the fields that shape the
     instruct stage's batches; `minillava train` calls it before any stage, so that a bad value
     fails before lm, clip and align spend their minutes.
 
     Raises ValueError if the phases are malformed or leave no step of instruct for the whole
-    mix, or if data.conversation_rows, data.curriculum_vqa_fraction, data.read_text_weight,
-    data.shortcut_weight or data.explain_relation_share is out of range.
+    mix, or if data.conversation_rows or data.read_text_weight is out of range.
     """
     data = preset.data
     if data.read_text_weight is not None and data.read_text_weight < 0:
         raise ValueError(f"data.read_text_weight must be >= 0 or None; got {data.read_text_weight}")
-    if data.shortcut_weight is not None and data.shortcut_weight < 1:
-        raise ValueError(f"data.shortcut_weight must be >= 1 or None; got {data.shortcut_weight}")
-    share = data.explain_relation_share
-    if share is not None and not 0.0 <= share <= 1.0:
-        raise ValueError(f"data.explain_relation_share must be in [0, 1] or None; got {share}")
     if not 0.0 < data.conversation_rows <= 1.0:
         raise ValueError(f"data.conversation_rows must be in (0, 1]; got {data.conversation_rows}")
-    fraction = data.curriculum_vqa_fraction
-    if fraction is not None and not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"data.curriculum_vqa_fraction must be in [0, 1] or None; got {fraction}")
     phases = curriculum_phases(data.curriculum, data.vqa_type_weights)
     if phases and phases[-1][0] >= preset.instruct.steps:
         raise ValueError(
@@ -452,19 +275,17 @@ class SceneTextBatches(StageBatches):
     answer tersely when asked to, and (the hard part for a tiny model) to look an answer up in
     the description, which stands where the image will (after the question: `vqa_prompt`).
     Within the cpu preset's 150 steps it learns the first three, not the look-up
-    (docs/results.md, session 3). The projector's job in the later stages is then to make the
+    (docs/results.md). The projector's job in the later stages is then to make the
     image tokens readable like that description. Every token is a target, as in pretraining.
     """
 
     def __init__(self, world, tokenizer, config: StageConfig, seed: int, max_len: int, **mix):
         self.world, self.tokenizer, self.max_len = world, tokenizer, max_len
         dist = {key: mix.pop(key) for key in ("rank", "world_size") if key in mix}
-        self.mix = mix  # vqa_fraction, vqa_questions, kinds (see scene_turns)
+        self.mix = mix  # vqa_fraction, kinds (see scene_turns)
         super().__init__("lm", len(world), config, seed, **dist)
 
     def text_ids(self, index: int, rng: random.Random, mix: dict) -> list[int]:
-        from minillava.data.shapes import make_captions, make_description
-
         scene = self.world.scene(index)  # the annotation only: no pixels are drawn
         turns = scene_turns(scene, make_captions(scene, rng), rng, self.world.config, **mix)
         turns[0]["value"] = turns[0]["value"].replace("<image>", make_description(scene, rng))
@@ -489,9 +310,8 @@ class ConversationBatches(StageBatches):
 
     `align` uses the "caption" kind only; `instruct` the mix of VQA and the data engine's kinds,
     whose short-answer batches ask only the current phase's question types while the phases of
-    data.curriculum (`phases`, from `check_instruct_mix`) run; `phase_vqa_fraction` (if not None)
-    replaces vqa_fraction while they do. `conversation_rows`: the share of the rows that a batch
-    of conversations keeps (they are longer than short-answer rows).
+    data.curriculum (`phases`, from `check_instruct_mix`) run. `conversation_rows`: the share of
+    the rows that a batch of conversations keeps (they are longer than short-answer rows).
     """
 
     def __init__(
@@ -503,28 +323,22 @@ class ConversationBatches(StageBatches):
         seed: int,
         max_len: int,
         phases: list[tuple[int, dict]] | None = None,
-        phase_vqa_fraction: float | None = None,
         conversation_rows: float = 1.0,
         **mix,
     ):
         self.world, self.tokenizer, self.max_len = world, tokenizer, max_len
         dist = {key: mix.pop(key) for key in ("rank", "world_size") if key in mix}
         self.mix = mix
-        # Checked by the caller (check_instruct_mix), with conversation_rows and the fraction.
+        # Checked by the caller (check_instruct_mix), with conversation_rows.
         self.phases = phases or []
-        self.phase_vqa_fraction = phase_vqa_fraction
         self.conversation_rows = conversation_rows
         super().__init__(stage, len(world), config, seed, **dist)
 
     def make_batch(self, indices: list[int], rng: random.Random, step: int = 0) -> dict:
-        from minillava.data.collate import collate_conversations
-
         mix = dict(self.mix)
         for last_step, weights in self.phases:  # a curriculum phase: only its question types
             if step < last_step:
                 mix["type_weights"] = weights
-                if self.phase_vqa_fraction is not None:
-                    mix["vqa_fraction"] = self.phase_vqa_fraction
                 break
         mix = _choose_vqa(rng, mix)
         if not mix["vqa"]:  # a conversation is ~3x a one-question row: fewer rows, same tokens
@@ -573,47 +387,54 @@ class StagePlan:
 
 def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, world_size=1):
     """Model, batches and model config of stage `name` (lm | clip | align | instruct)."""
-    from minillava.data.shapes import ShapesWorld
-
-    dist = {"rank": rank, "world_size": world_size}
-    world = world_config(preset)
-    seed = preset.seed
-    config = preset.stage(name)
+    if name not in BUILDERS:
+        raise ValueError(f"unknown stage {name!r}; expected one of {Preset.STAGES}")
     # Each stage seeds its own initialisation: `--stage align` alone builds the same model as
     # the align stage of a full run.
-    torch.manual_seed(hash_seed(seed, name))
+    torch.manual_seed(hash_seed(preset.seed, name))
+    return BUILDERS[name](preset, tokenizer, out_dir, {"rank": rank, "world_size": world_size})
 
-    if name == "lm":
-        from minillava.decoder import Decoder
 
-        cfg = decoder_config(preset, tokenizer.vocab_size)
-        if preset.data.lm_seq_len > cfg.max_seq_len:
-            raise ValueError(
-                f"data.lm_seq_len={preset.data.lm_seq_len} is longer than model.max_seq_len="
-                f"{cfg.max_seq_len}"
-            )
-        scenes = ShapesWorld("train", preset.data.lm_scenes, world, seed=seed)
-        batches = SceneTextBatches(
-            scenes, tokenizer, config, seed, preset.data.lm_seq_len,
-            vqa_fraction=preset.data.vqa_fraction, vqa_questions=preset.data.vqa_questions,
-            kinds=("conversation", "detail", "reasoning", "caption"), **dist,
-        )  # fmt: skip
-        return StagePlan(Decoder(cfg), batches, asdict(cfg))
-
-    images = ShapesWorld(
-        "train", preset.data.train_images, world, seed=seed, cache=preset.data.cache_images
-    )
-    if name == "clip":
-        from minillava.clip import CLIP
-
-        cfg = clip_config(preset, tokenizer.vocab_size)
-        batches = CaptionBatches(
-            images, tokenizer, config, seed, hard_negatives=preset.data.clip_hard_negatives, **dist
+def build_lm(preset: Preset, tokenizer, out_dir: Path, dist: dict) -> StagePlan:
+    """Stage 0a: the decoder alone, on the world's text (we have no Vicuna: we make one)."""
+    cfg = decoder_config(preset, tokenizer.vocab_size)
+    if preset.data.lm_seq_len > cfg.max_seq_len:
+        raise ValueError(
+            f"data.lm_seq_len={preset.data.lm_seq_len} is longer than model.max_seq_len="
+            f"{cfg.max_seq_len}"
         )
-        return StagePlan(CLIP(cfg), batches, asdict(cfg))
+    scenes = ShapesWorld("train", preset.data.lm_scenes, world_config(preset), seed=preset.seed)
+    batches = SceneTextBatches(
+        scenes, tokenizer, preset.lm, preset.seed, preset.data.lm_seq_len,
+        vqa_fraction=preset.data.vqa_fraction,
+        kinds=("conversation", "detail", "reasoning", "caption"), **dist,
+    )  # fmt: skip
+    return StagePlan(Decoder(cfg), batches, asdict(cfg))
 
-    from minillava.llava import Llava
 
+def training_images(preset: Preset) -> ShapesWorld:
+    """The training split's images every image stage draws its batches from."""
+    return ShapesWorld(
+        "train",
+        preset.data.train_images,
+        world_config(preset),
+        seed=preset.seed,
+        cache=preset.data.cache_images,
+    )
+
+
+def build_clip(preset: Preset, tokenizer, out_dir: Path, dist: dict) -> StagePlan:
+    """Stage 0b: the ViT and a text encoder, contrastive on image-caption pairs."""
+    cfg = clip_config(preset, tokenizer.vocab_size)
+    batches = CaptionBatches(
+        training_images(preset), tokenizer, preset.clip, preset.seed,
+        hard_negatives=preset.data.clip_hard_negatives, **dist,
+    )  # fmt: skip
+    return StagePlan(CLIP(cfg), batches, asdict(cfg))
+
+
+def new_llava(preset: Preset, tokenizer) -> tuple[Llava, LlavaConfig]:
+    """A LLaVA of the preset's sizes, after checking that its longest sequence fits."""
     cfg = llava_config(preset, tokenizer)
     longest = preset.data.max_len - 1 + cfg.num_image_tokens  # <image> becomes P positions
     if longest > cfg.text.max_seq_len:
@@ -622,43 +443,47 @@ def build_stage(name: str, preset: Preset, tokenizer, out_dir: Path, rank=0, wor
             f"tokens make {longest} positions, more than model.max_seq_len="
             f"{cfg.text.max_seq_len}: raise max_seq_len or lower max_len"
         )
-    model = Llava(cfg)
-    if name == "align":
-        load_part(model.vision_tower, out_dir / "clip.pt", "vision_model.", "vision tower (ViT)")
+    return Llava(cfg), cfg
+
+
+def build_align(preset: Preset, tokenizer, out_dir: Path, dist: dict) -> StagePlan:
+    """Stage 1: CLIP's ViT and the lm stage's decoder, frozen; the projector learns to caption."""
+    model, cfg = new_llava(preset, tokenizer)
+    load_part(model.vision_tower, out_dir / "clip.pt", "vision_model.", "vision tower (ViT)")
+    load_part(model.language_model, out_dir / "lm.pt", "", "language model")
+    model.freeze_vision()
+    model.freeze_language()  # stage 1: only the projector learns
+    batches = ConversationBatches(
+        "align", training_images(preset), tokenizer, preset.align, preset.seed, preset.data.max_len,
+        kinds=("caption",), **dist,
+    )  # fmt: skip
+    return StagePlan(model, batches, asdict(cfg))
+
+
+def build_instruct(preset: Preset, tokenizer, out_dir: Path, dist: dict) -> StagePlan:
+    """Stage 2: from align's LLaVA, the projector and the decoder (or its LoRA) learn the mix."""
+    model, cfg = new_llava(preset, tokenizer)
+    if not load_part(model, out_dir / "align.pt", "", "LLaVA after align"):
+        load_part(model.vision_tower, out_dir / "clip.pt", "vision_model.", "vision tower")
         load_part(model.language_model, out_dir / "lm.pt", "", "language model")
-        model.freeze_vision()
-        model.freeze_language()  # stage 1: only the projector learns
-        batches = ConversationBatches(
-            "align", images, tokenizer, config, seed, preset.data.max_len, kinds=("caption",),
-            **dist,
-        )  # fmt: skip
-        return StagePlan(model, batches, asdict(cfg))
+    model.freeze_vision()  # stage 2: projector + decoder learn, the eyes stay as they are
+    if preset.lora:
+        wrapped = apply_lora(
+            model.language_model,
+            preset.lora_targets,
+            rank=preset.lora_rank,
+            alpha=preset.lora_alpha,
+            dropout=preset.lora_dropout,
+        )
+        print(f"  LoRA rank {preset.lora_rank} on {len(wrapped)} layers of the decoder")
+    data = preset.data
+    batches = ConversationBatches(
+        "instruct", training_images(preset), tokenizer, preset.instruct, preset.seed, data.max_len,
+        vqa_fraction=data.vqa_fraction, type_weights=data.vqa_type_weights,
+        text_weight=data.read_text_weight, phases=check_instruct_mix(preset),
+        conversation_rows=data.conversation_rows, **dist,
+    )  # fmt: skip
+    return StagePlan(model, batches, asdict(cfg))
 
-    if name == "instruct":
-        if not load_part(model, out_dir / "align.pt", "", "LLaVA after align"):
-            load_part(model.vision_tower, out_dir / "clip.pt", "vision_model.", "vision tower")
-            load_part(model.language_model, out_dir / "lm.pt", "", "language model")
-        model.freeze_vision()  # stage 2: projector + decoder learn, the eyes stay as they are
-        if preset.lora:
-            from minillava.lora import apply_lora
 
-            wrapped = apply_lora(
-                model.language_model,
-                preset.lora_targets,
-                rank=preset.lora_rank,
-                alpha=preset.lora_alpha,
-                dropout=preset.lora_dropout,
-            )
-            print(f"  LoRA rank {preset.lora_rank} on {len(wrapped)} layers of the decoder")
-        batches = ConversationBatches(
-            "instruct", images, tokenizer, config, seed, preset.data.max_len,
-            vqa_fraction=preset.data.vqa_fraction, vqa_questions=preset.data.vqa_questions,
-            type_weights=preset.data.vqa_type_weights, text_weight=preset.data.read_text_weight,
-            shortcut_weight=preset.data.shortcut_weight,
-            explain_share=preset.data.explain_relation_share,
-            phases=check_instruct_mix(preset),
-            phase_vqa_fraction=preset.data.curriculum_vqa_fraction,
-            conversation_rows=preset.data.conversation_rows, **dist,
-        )  # fmt: skip
-        return StagePlan(model, batches, asdict(cfg))
-    raise ValueError(f"unknown stage {name!r}; expected one of {Preset.STAGES}")
+BUILDERS = {"lm": build_lm, "clip": build_clip, "align": build_align, "instruct": build_instruct}

@@ -414,17 +414,14 @@ def test_vision_feature_layer_is_a_preset_field_the_llava_config_follows():
 def test_vqa_training_conversations_open_with_exactly_the_eval_prompt():
     import random
 
-    from minillava.data.instruct import ANSWER_SUFFIX
+    from minillava.data.instruct import ANSWER_SUFFIX, vqa_prompt
+    from minillava.data.mixture import scene_turns
     from minillava.data.shapes import ShapesWorld, WorldConfig
-    from minillava.eval import vqa_prompt
-    from minillava.stages import scene_turns
 
     world = ShapesWorld("train", 4, WorldConfig(image_size=16))
     sample = world[0]
-    turns = scene_turns(
-        sample.scene, sample.captions, random.Random(0), world.config, vqa=True, vqa_questions=3
-    )
-    assert [t["from"] for t in turns] == ["human", "gpt"] * 3
+    turns = scene_turns(sample.scene, sample.captions, random.Random(0), world.config, vqa=True)
+    assert [t["from"] for t in turns] == ["human", "gpt"]
     question = turns[0]["value"].removesuffix("\n<image>" + ANSWER_SUFFIX)
     assert turns[0]["value"] == vqa_prompt(question)  # what `minillava eval` asks
     assert question.endswith("?") or question.endswith(".")  # the question comes before the image
@@ -436,18 +433,16 @@ def test_vqa_type_weights_change_the_question_mix_and_reject_unknown_types():
     import random
     from collections import Counter
 
+    from minillava.data.mixture import scene_turns
     from minillava.data.shapes import ShapesWorld, WorldConfig
-    from minillava.stages import scene_turns
 
-    world = ShapesWorld("train", 40, WorldConfig(image_size=16))
+    world = ShapesWorld("train", 320, WorldConfig(image_size=16))
 
     def colour_share(weights) -> float:
         rng, asked = random.Random(0), Counter()
         for i in range(len(world)):
-            turns = scene_turns(
-                world.scene(i), [], rng, world.config, vqa=True, vqa_questions=8,
-                type_weights=weights,
-            )  # fmt: skip
+            turns = scene_turns(world.scene(i), [], rng, world.config, vqa=True,
+                                type_weights=weights)  # fmt: skip
             asked.update("colo" in t["value"].lower() for t in turns[0::2])
         return asked[True] / sum(asked.values())
 
@@ -521,30 +516,11 @@ def test_the_curriculum_asks_only_each_phases_types_then_the_whole_mix(tmp_path,
             )  # fmt: skip
 
 
-def test_curriculum_vqa_fraction_sets_the_share_of_short_answers_during_the_phases(tmp_path):
-    from minillava.stages import build_stage
-    from minillava.tokenizer import get_tokenizer
-
-    preset = apply_overrides(
-        get_preset("tiny"),
-        ["data.curriculum=((('colour',), 20),)", "instruct.steps=60", "data.vqa_fraction=0.5",
-         "data.curriculum_vqa_fraction=1.0", "instruct.batch_size=8",
-         "data.conversation_rows=0.5"],
-    )  # fmt: skip
-    batches = build_stage("instruct", preset, get_tokenizer(), tmp_path).batches
-    rows = [batches[m]["input_ids"].shape[0] for m in range(60)]
-    assert set(rows[:20]) == {8}  # phase: every batch short-answer (conversations have 4 rows)
-    assert 4 in rows[20:] and 8 in rows[20:]  # the mix: both kinds again
-    with pytest.raises(ValueError, match="curriculum_vqa_fraction must be in"):
-        build_stage("instruct", apply_overrides(preset, ["data.curriculum_vqa_fraction=1.5"]),
-                    get_tokenizer(), tmp_path)  # fmt: skip
-
-
 def test_an_optional_field_can_be_set_back_to_none_and_others_cannot():
-    preset = apply_overrides(get_preset("cpu"), ["data.curriculum_vqa_fraction=1.0"])
-    assert preset.data.curriculum_vqa_fraction == 1.0
-    apply_overrides(preset, ["data.curriculum_vqa_fraction=None", "model.num_kv_heads=None"])
-    assert preset.data.curriculum_vqa_fraction is None and preset.model.num_kv_heads is None
+    preset = apply_overrides(get_preset("tiny"), ["data.read_text_weight=2.0"])
+    assert preset.data.read_text_weight == 2.0
+    apply_overrides(preset, ["data.read_text_weight=None", "model.num_kv_heads=None"])
+    assert preset.data.read_text_weight is None and preset.model.num_kv_heads is None
     with pytest.raises(ValueError, match="expected a int"):
         apply_overrides(preset, ["model.hidden_size=None"])
 
@@ -619,8 +595,9 @@ def test_read_text_weight_asks_text_questions_on_images_that_show_a_character(tm
     import random
     from collections import Counter
 
+    from minillava.data.mixture import vqa_turns
     from minillava.data.shapes import ShapesWorld, WorldConfig
-    from minillava.stages import build_stage, vqa_turns
+    from minillava.stages import build_stage
     from minillava.tokenizer import get_tokenizer
 
     world = ShapesWorld("train", 400, WorldConfig(image_size=16, text_prob=0.5))
@@ -630,10 +607,10 @@ def test_read_text_weight_asks_text_questions_on_images_that_show_a_character(tm
         rng, asked, scenes = random.Random(0), Counter(), Counter()
         for i in range(len(world)):
             scene = world.scene(i)
-            _, qas = vqa_turns(scene, rng, world.config, 1, type_weights, text_weight)
+            _, qa = vqa_turns(scene, rng, world.config, type_weights, text_weight)
             shows = scene.text is not None
             scenes[shows] += 1
-            asked[shows] += qas[0].type == "text"
+            asked[shows] += qa.type == "text"
         return {shows: asked[shows] / scenes[shows] for shows in (True, False)}
 
     plain, weighted = text_share(None), text_share(21.0)  # 21 / (7 + 21): 3 in 4 questions
@@ -647,84 +624,4 @@ def test_read_text_weight_asks_text_questions_on_images_that_show_a_character(tm
 
     preset = apply_overrides(get_preset("tiny"), ["data.read_text_weight=-1.0"])
     with pytest.raises(ValueError, match="data.read_text_weight must be >= 0"):
-        build_stage("instruct", preset, get_tokenizer(), tmp_path)
-
-
-def test_shortcut_weight_asks_more_questions_the_shortcut_gets_wrong(tmp_path):
-    import random
-    from collections import Counter
-
-    from minillava.data.instruct import shortcut_answer
-    from minillava.data.shapes import ShapesWorld, WorldConfig
-    from minillava.stages import build_stage, vqa_turns
-    from minillava.tokenizer import get_tokenizer
-
-    world = ShapesWorld("train", 1500, WorldConfig(image_size=16, max_objects=4))
-    weights = {"colour": 0.0, "shape": 0.0, "existence": 0.0, "position": 0.0, "text": 0.0}
-
-    def draw(shortcut_weight):
-        """Forms asked, and for each form the share of questions its shortcut answers."""
-        rng, forms, right = random.Random(0), Counter(), Counter()
-        for i in range(len(world)):
-            scene = world.scene(i)
-            _, [qa] = vqa_turns(scene, rng, world.config, 1, weights, None, shortcut_weight)
-            guess = shortcut_answer(qa, scene)
-            form = (qa.type, qa.query["op"], guess is None)
-            forms[form] += 1
-            right[form] += guess == qa.answer
-        return forms, {f: right[f] / n for f, n in forms.items()}
-
-    plain_forms, plain = draw(None)
-    weighted_forms, weighted = draw(5.0)
-    counts = ("count", "count", False)  # "How many red shapes?": a subset to count
-    assert plain[counts] > 0.7  # mostly 0 or 1: the shortcut is usually right
-    assert weighted[counts] < plain[counts] - 0.2
-    any_relation = ("relation", "any_relation", False)  # "Is there a shape left of A?"
-    assert weighted[any_relation] < plain[any_relation] - 0.05
-    # Only the answers within a form move: the forms keep their shares (+- sampling noise).
-    for form, n in plain_forms.items():
-        assert abs(weighted_forms[form] - n) < 0.25 * n + 20, (form, n, weighted_forms[form])
-
-    preset = apply_overrides(get_preset("tiny"), ["data.shortcut_weight=0.5"])
-    with pytest.raises(ValueError, match="data.shortcut_weight must be >= 1"):
-        build_stage("instruct", preset, get_tokenizer(), tmp_path)
-
-
-def test_explain_relation_share_asks_some_pair_questions_for_their_working(tmp_path):
-    import random
-
-    from minillava.data.instruct import EXPLAIN_SUFFIX, vqa_prompt
-    from minillava.data.shapes import ShapesWorld, WorldConfig
-    from minillava.stages import build_stage, vqa_turns
-    from minillava.tokenizer import get_tokenizer
-
-    world = ShapesWorld("train", 600, WorldConfig(image_size=16))
-    weights = {"relation": 3.0}
-
-    def draw(share):
-        rng, rows = random.Random(0), []
-        for i in range(len(world)):
-            turns, [qa] = vqa_turns(world.scene(i), rng, world.config, 1, weights, None, None,
-                                    share)  # fmt: skip
-            rows.append((turns[0]["value"], turns[1]["value"], qa))
-        return rows
-
-    for share in (None, 0.0, 0.5, 1.0):
-        rows = draw(share)
-        pairs = [(q, a, qa) for q, a, qa in rows if qa.query["op"] == "relation"]
-        explained = [q.endswith(EXPLAIN_SUFFIX) for q, _, _ in pairs]
-        assert len(pairs) > 60
-        assert abs(sum(explained) / len(pairs) - (share or 0.0)) < 0.15
-        for question, answer, qa in pairs:
-            if question.endswith(EXPLAIN_SUFFIX):
-                assert question == vqa_prompt(qa.question, explain=True)
-                assert answer == f" {qa.explanation}, so {qa.answer}"
-            else:
-                assert question == vqa_prompt(qa.question) and answer == f" {qa.answer}"
-        # Every other question keeps its short answer and the short-answer instruction.
-        for question, answer, qa in rows:
-            if qa.query["op"] != "relation":
-                assert question == vqa_prompt(qa.question) and answer == f" {qa.answer}"
-    preset = apply_overrides(get_preset("tiny"), ["data.explain_relation_share=1.5"])
-    with pytest.raises(ValueError, match="data.explain_relation_share must be in"):
         build_stage("instruct", preset, get_tokenizer(), tmp_path)

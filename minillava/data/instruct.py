@@ -37,8 +37,6 @@ import torch
 
 from minillava.data.shapes import (
     CELL_NAMES,
-    COLS,
-    ROWS,
     Scene,
     SceneObject,
     ShapesWorld,
@@ -74,8 +72,8 @@ class QA:
 
     `query` states the question as data ({"op": "count", "filter": {"colour": "red"}}): tests
     recompute the answer from it and the annotation, independently of the wording.
-    `explanation` says why the answer holds: a sentence for reasoning questions, the two places
-    compared for relation's "Is A left of B?" ("the square is bottom, the cross is middle").
+    `explanation` says why the answer holds, for reasoning questions: the sentence a reasoning
+    conversation answers with before "So the answer is ...".
     """
 
     question: str
@@ -155,7 +153,7 @@ def _yes_no(value: bool) -> str:
 # One generator per question type: (scene, rng, config) -> QA
 
 
-def ask_colour(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
+def colour_question(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
     obj = rng.choice(scene.objects)
     ref = reference(scene, obj, avoid=("colour",)) or {"cell": obj.cell}
     template = rng.choice(
@@ -166,7 +164,7 @@ def ask_colour(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
     return QA(question, obj.colour, "colour", {"op": "colour_of", "target": ref})
 
 
-def ask_shape(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
+def shape_question(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
     obj = rng.choice(scene.objects)
     ref = reference(scene, obj, avoid=("shape",)) or {"cell": obj.cell}
     if "cell" in ref:
@@ -198,7 +196,7 @@ def _random_filter(scene: Scene, rng: random.Random, config: WorldConfig) -> dic
     }[kind]
 
 
-def ask_count(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
+def count_question(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
     constraints = {} if rng.random() < 0.3 else _random_filter(scene, rng, config)
     n = len(select(scene, constraints))
     things = filter_phrase(constraints)
@@ -211,7 +209,7 @@ def ask_count(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
     )
 
 
-def ask_existence(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
+def existence_question(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
     """Yes and no equally often; "no" asks about a near miss (same colour or same shape)."""
     heldout = set(config.heldout_combos)
     present = {(o.shape, o.colour) for o in scene.objects}
@@ -242,7 +240,7 @@ def ask_existence(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
     )
 
 
-def ask_position(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
+def position_question(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
     candidates = [(o, reference(scene, o, avoid=("cell",))) for o in scene.objects]
     candidates = [(o, ref) for o, ref in candidates if ref is not None]
     if not candidates:  # every object has a twin: ask about a cell instead
@@ -267,44 +265,11 @@ RELATIONS = {  # name -> (words, the axis it compares, test on (a, b))
 }
 
 
-def relation_working(a: SceneObject, ref_a: dict, b: SceneObject, ref_b: dict, rel: str) -> str:
-    """What "Is A {rel} B?" compares, in words: "the square is bottom, the cross is middle".
-
-    Each shape is named before its place, and the place is only the row or column the relation
-    compares (one of three words, not one of nine cells): with perfect image tokens, a decoder
-    learnt the yes/no after this working and not after the cells (docs/results.md, sessions 15
-    and 16). `DataSizes.explain_relation_share` trains on it.
-    """
-    place_a, place_b = compared_places(a, b, rel)
-    return f"{noun_phrase(ref_a)} is {place_a}, {noun_phrase(ref_b)} is {place_b}"
-
-
-def compared_places(a: SceneObject, b: SceneObject, rel: str) -> tuple[str, str]:
-    """The places of `a` and `b` on the axis `rel` compares: columns ("left", "centre", ...)
-    for left / right, rows ("top", "middle", ...) for above / below."""
-    axis = RELATIONS[rel][1]
-    words = COLS if axis == "col" else ROWS
-    return words[getattr(a, axis)], words[getattr(b, axis)]
-
-
-WORKING_THEN_ANSWER = ", so "  # "the square is bottom, the cross is middle, so no"
-
-
-def with_working(working: str, answer: str) -> str:
-    """An answer written after its working: what an explained pair question is trained on."""
-    return f"{working}{WORKING_THEN_ANSWER}{answer}"
-
-
-def answer_after_working(text: str) -> str:
-    """The answer an explained reply ends with (after its last ", so "); all of it if none."""
-    return text.rsplit(WORKING_THEN_ANSWER, 1)[-1]
-
-
 def cell_distance(a: SceneObject, b: SceneObject) -> float:
     return ((a.row - b.row) ** 2 + (a.col - b.col) ** 2) ** 0.5
 
 
-def ask_relation(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
+def relation_question(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
     named = [(o, reference(scene, o, avoid=("cell",))) for o in scene.objects]
     named = [(o, ref) for o, ref in named if ref is not None]
     if len(named) >= 2 and rng.random() < 0.7:
@@ -328,8 +293,7 @@ def ask_relation(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
         question = template.format(a=noun_phrase(ref_a), rel=words, b=noun_phrase(ref_b))
         answer = _yes_no(RELATIONS[rel][2](a, b))
         query = {"op": "relation", "a": ref_a, "b": ref_b, "relation": rel}
-        working = relation_working(a, ref_a, b, ref_b, rel)
-        return QA(question, answer, "relation", query, explanation=working)
+        return QA(question, answer, "relation", query)
     # One object, or by chance: is anything on that side of it?
     obj = rng.choice(scene.objects)
     ref = reference(scene, obj, avoid=("cell",)) or {"cell": obj.cell}
@@ -340,7 +304,7 @@ def ask_relation(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
     return QA(question, answer, "relation", {"op": "any_relation", "target": ref, "relation": rel})
 
 
-def ask_text(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
+def text_question(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
     form = rng.choice(["read", "read", "has", "where"])
     if form == "has" or (form == "where" and scene.text is None):
         template = rng.choice(
@@ -360,7 +324,7 @@ def ask_text(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
     return QA(template, answer, "text", {"op": "text"})
 
 
-def ask_reasoning(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
+def reasoning_question(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
     n = len(scene.objects)
     form = rng.choice(["remove", "remove", "more", "colours", "line", "same"])
     if form == "same" and n < 2:
@@ -430,37 +394,37 @@ def ask_reasoning(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
     )
 
 
-ASK: dict[str, Callable[[Scene, random.Random, WorldConfig], QA]] = {
-    "colour": ask_colour,
-    "shape": ask_shape,
-    "count": ask_count,
-    "existence": ask_existence,
-    "position": ask_position,
-    "relation": ask_relation,
-    "text": ask_text,
-    "reasoning": ask_reasoning,
+QUESTION_MAKERS: dict[str, Callable[[Scene, random.Random, WorldConfig], QA]] = {
+    "colour": colour_question,
+    "shape": shape_question,
+    "count": count_question,
+    "existence": existence_question,
+    "position": position_question,
+    "relation": relation_question,
+    "text": text_question,
+    "reasoning": reasoning_question,
 }
 
 
-def ask(
+def make_question(
     scene: Scene, question_type: str, rng: random.Random, config: WorldConfig | None = None
 ) -> QA:
     """One question of `question_type` about `scene` (answer from the annotation)."""
-    if question_type not in ASK:
+    if question_type not in QUESTION_MAKERS:
         raise ValueError(f"question_type must be one of {QUESTION_TYPES}, got {question_type!r}")
-    return ASK[question_type](scene, rng, config or WorldConfig())
+    return QUESTION_MAKERS[question_type](scene, rng, config or WorldConfig())
 
 
 def vqa_pairs(scene: Scene, rng: random.Random, config: WorldConfig | None = None) -> list[QA]:
     """One short-answer question of every type about `scene`, in QUESTION_TYPES order."""
-    return [ask(scene, t, rng, config) for t in QUESTION_TYPES]
+    return [make_question(scene, t, rng, config) for t in QUESTION_TYPES]
 
 
 def shortcut_answer(qa: QA, scene: Scene) -> str | None:
     """What a model that neither counts nor compares answers to `qa`, where we know a shortcut.
 
-    The cpu preset's model was caught taking these (docs/results.md, sessions 11 and 12); each
-    reads a little of the image, but less than the question asks:
+    The cpu preset's model was caught taking these (docs/results.md); each reads a little of the
+    image, but less than the question asks:
 
         count a subset ("How many circles?")     0 or 1: it checks whether one is there
         shapes left after removing the red ones  n - 1: it removes one
@@ -470,8 +434,8 @@ def shortcut_answer(qa: QA, scene: Scene) -> str | None:
     On most training scenes the shortcut is right (four in five counts of a subset are 0 or 1),
     so it is learnt first and the skill may never be; VQA v2 rebalanced its answers for the same
     reason (Goyal et al., 2017). `minillava eval` reports the accuracy where the shortcut is
-    wrong; `DataSizes.shortcut_weight` asks those questions more often in training (which moved
-    the model's prior, not its skill: session 12). None: no shortcut known for this form.
+    wrong. Asking those questions more often in training moved the model's prior (it took the
+    opposite shortcut), not its skill. None: no shortcut known for this form.
     """
     op, n = qa.query.get("op"), len(scene.objects)
     if op == "count" and qa.query.get("filter"):  # count, and reasoning's row / column counts
@@ -513,13 +477,10 @@ ANSWER_SUFFIX = "\nAnswer with a single word or phrase."
 FIXED_PROMPTS: tuple[str, ...] = (*DETAIL_PROMPTS, *CAPTION_PROMPTS, EXPLAIN_SUFFIX, ANSWER_SUFFIX)
 
 
-def vqa_prompt(question: str, with_image: bool = True, explain: bool = False) -> str:
+def vqa_prompt(question: str, with_image: bool = True) -> str:
     """The human turn of a short-answer question: what `instruct` trains on and `eval` asks.
 
         What colour is the circle?\n<image>\nAnswer with a single word or phrase.
-
-    `explain=True` asks for the working instead ("...\n<image> Explain your answer."), which
-    `instruct` may train on beside the short answers (`DataSizes.explain_relation_share`).
 
     The question comes *before* the image. LLaVA-1.5 asks its VQA benchmarks with the image
     first, and its training data has both orders (LLaVA-Instruct's first turns start or end
@@ -537,10 +498,10 @@ def vqa_prompt(question: str, with_image: bool = True, explain: bool = False) ->
     a quarter cheaper steps. Its nine tokens are nine positions that read the image tokens
     before the answer does, and the model seems to use them: moved first, the look-up
     questions formed later and less reliably (79.4% overall instead of 89.8% at the cpu
-    preset's steps, docs/results.md, session 7).
+    preset's steps).
     """
     image = "\n<image>" if with_image else ""
-    return f"{question}{image}{EXPLAIN_SUFFIX if explain else ANSWER_SUFFIX}"
+    return f"{question}{image}{ANSWER_SUFFIX}"
 
 
 def _turn(speaker: str, value: str, type_: str | None = None) -> dict:
@@ -566,7 +527,7 @@ def make_conversation(
     config = config or WorldConfig()
     if kind == "conversation":
         types = rng.sample(QUESTION_TYPES, rng.randint(*num_turns))
-        pairs = [(ask(scene, t, rng, config), t) for t in types]
+        pairs = [(make_question(scene, t, rng, config), t) for t in types]
         turns = []
         for qa, t in pairs:
             turns += [_turn("human", qa.question), _turn("gpt", qa.answer, t)]
@@ -576,7 +537,7 @@ def make_conversation(
     elif kind == "reasoning":
         turns = []
         for _ in range(rng.randint(1, 2)):
-            qa = ask_reasoning(scene, rng, config)
+            qa = reasoning_question(scene, rng, config)
             answer = f"{qa.explanation} So the answer is {qa.answer}."
             turns += [
                 _turn("human", qa.question + EXPLAIN_SUFFIX),
@@ -696,7 +657,7 @@ class VQADataset(torch.utils.data.Dataset):
         index = index % len(world)
         scene = world.scene(index)
         rng = sample_rng(world.seed, world.split, index, stream="vqa")
-        return scene, ask(scene, self.types[index % len(self.types)], rng, world.config)
+        return scene, make_question(scene, self.types[index % len(self.types)], rng, world.config)
 
     def __getitem__(self, index: int) -> dict:
         sample = self.world[index]

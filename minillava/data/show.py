@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import textwrap
 
-from minillava.data.instruct import QUESTION_TYPES, ask
+from minillava.data.instruct import QUESTION_TYPES, make_question
 from minillava.data.shapes import ShapesWorld, WorldConfig, sample_rng
 
 
@@ -42,7 +42,7 @@ def show_samples(
         rng = sample_rng(seed, split, sample.index, stream="show")
         lines = textwrap.wrap(sample.captions[0], 38)
         for qtype in rng.sample(QUESTION_TYPES, min(questions, len(QUESTION_TYPES))):
-            qa = ask(sample.scene, qtype, rng, world.config)
+            qa = make_question(sample.scene, qtype, rng, world.config)
             wrapped = textwrap.wrap(f"Q ({qa.type}): {qa.question}", 38)
             lines += wrapped + [f"A: {qa.answer}"]
         ax.set_xlabel("\n".join(lines), fontsize=7, loc="left", family="monospace")

@@ -1,0 +1,127 @@
+"""The training mixture: which conversation about a scene a training row holds.
+
+The data engine (`data.instruct`) can write many things about one scene: a multi-turn
+conversation, a detailed description, a reasoning chain, a caption, or one short-answer question
+in the evaluation's convention. The `lm`, `align` and `instruct` stages each draw one of them per
+row; this file decides which, and how often each question type is asked:
+
+    scene_turns(scene, captions, rng, config)                 a conversation of a random kind
+    scene_turns(..., vqa=True, type_weights={"colour": 3.0})  one short-answer question
+    curriculum_phases(((("colour",), 400),), weights)         phases that ask some types only
+
+Every draw comes from the `rng` it is given, so a batch is a function of its seed alone.
+"""
+
+from __future__ import annotations
+
+import random
+
+from minillava.data.instruct import QA, QUESTION_TYPES, make_conversation, make_question, vqa_prompt
+from minillava.data.shapes import Scene, WorldConfig
+
+
+def scene_turns(
+    scene: Scene,
+    captions: list[str],
+    rng: random.Random,
+    config: WorldConfig,
+    vqa: bool = False,
+    kinds: tuple[str, ...] = ("conversation", "detail", "reasoning"),
+    type_weights: dict[str, float] | None = None,
+    text_weight: float | None = None,
+) -> list[dict]:
+    """One training conversation about `scene`, "<image>" in its first human turn.
+
+    `vqa=True`: one short-answer question (`vqa_turns`, with `type_weights` and `text_weight`).
+    Otherwise: a conversation of one of the data engine's `kinds` (conversation, detail,
+    reasoning, caption).
+    """
+    if vqa:
+        return vqa_turns(scene, rng, config, type_weights, text_weight)[0]
+    return space_answers(make_conversation(scene, captions, rng, rng.choice(kinds), config=config))
+
+
+def vqa_turns(
+    scene: Scene,
+    rng: random.Random,
+    config: WorldConfig,
+    type_weights: dict[str, float] | None = None,
+    text_weight: float | None = None,
+) -> tuple[list[dict], QA]:
+    """One short-answer question about `scene` in the eval convention, and its `QA` (type, answer
+    and the query the question runs, e.g. {"op": "relation", ...}).
+
+    As LLaVA-1.5 mixed VQAv2 and GQA into its data (without them the model answers in sentences
+    and exact-match accuracy means nothing). The human turn is exactly an eval prompt
+    ("{question}\\n<image>\\nAnswer with a single word or phrase.", `vqa_prompt`: the question
+    before the image, so that the image tokens can read it). One question per image: a second
+    one would come after the image, where the image tokens cannot read it.
+    `type_weights` (e.g. {"colour": 3.0}) makes some question types more frequent; a type it
+    does not name has weight 1 (all 1: the uniform mix). `text_weight`, if not None, is the
+    text type's weight instead on a scene that shows a character (`DataSizes.read_text_weight`),
+    unless `type_weights` gives text 0 (a curriculum phase without it).
+    """
+    weights = question_type_weights(type_weights)
+    text = QUESTION_TYPES.index("text")
+    if text_weight is not None and scene.text is not None and weights[text] > 0:
+        weights[text] = text_weight
+    question_type = rng.choices(QUESTION_TYPES, weights)[0]
+    qa = make_question(scene, question_type, rng, config)
+    turns = [
+        {"from": "human", "value": vqa_prompt(qa.question)},
+        {"from": "gpt", "value": qa.answer},
+    ]
+    return space_answers(turns), qa
+
+
+def space_answers(turns: list[dict]) -> list[dict]:
+    """Start every answer with a space, as a word inside a sentence does (in place).
+
+    Our BPE has one token for " blue" (in captions, descriptions, questions) and another for
+    "blue", and the answer should be the word the model has read everywhere else. The eval
+    strips the space.
+    """
+    for turn in turns[1::2]:
+        turn["value"] = " " + turn["value"]
+    return turns
+
+
+def question_type_weights(type_weights: dict[str, float] | None) -> list[float]:
+    """One weight per entry of QUESTION_TYPES (1 where `type_weights` is silent), checked."""
+    type_weights = type_weights or {}
+    unknown = sorted(set(type_weights) - set(QUESTION_TYPES))
+    if unknown:
+        raise ValueError(
+            f"data.vqa_type_weights: unknown question types {unknown}; expected some of "
+            f"{QUESTION_TYPES}"
+        )
+    weights = [float(type_weights.get(t, 1.0)) for t in QUESTION_TYPES]
+    if any(w < 0 for w in weights) or not any(weights):
+        raise ValueError(f"data.vqa_type_weights must be >= 0, not all 0; got {type_weights}")
+    return weights
+
+
+def curriculum_phases(curriculum, type_weights: dict | None) -> list[tuple[int, dict]]:
+    """data.curriculum ((types, steps), ...) -> [(first step after the phase, type weights)].
+
+    Each phase keeps `type_weights` for its own types and 0 for the others: its short-answer
+    batches ask only those types; the other batches (1 - vqa_fraction) stay conversations.
+    """
+    weights = dict(zip(QUESTION_TYPES, question_type_weights(type_weights), strict=True))
+    phases, end = [], 0
+    for phase in curriculum:
+        is_pair = isinstance(phase, tuple | list) and len(phase) == 2
+        types, steps = phase if is_pair else (None, None)
+        types = (types,) if isinstance(types, str) else tuple(types or ())
+        unknown = sorted(set(types) - set(QUESTION_TYPES))
+        if not types or unknown or not isinstance(steps, int) or steps < 1:
+            raise ValueError(
+                f"data.curriculum: each phase is ((question types...), steps >= 1) with types "
+                f"from {QUESTION_TYPES}; got {phase!r}"
+            )
+        phase_weights = {t: w if t in types else 0.0 for t, w in weights.items()}
+        if not any(phase_weights.values()):
+            raise ValueError(f"data.curriculum: {types} all weigh 0 in data.vqa_type_weights")
+        end += steps
+        phases.append((end, phase_weights))
+    return phases
