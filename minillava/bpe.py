@@ -28,16 +28,14 @@ has the lowest rank, which replays our merges in training order.
 
 Regenerate the vocabulary shipped with minillava (deterministic, a few seconds)::
 
-    python -m minillava.bpe --vocab-size 768 --out minillava/assets/shapesworld.tiktoken
+    python -m minillava.vocabulary train
 
 The file format is tiktoken's ``.tiktoken``: one line per token, ``base64(token bytes) rank``.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
-import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -158,7 +156,7 @@ def load_ranks(path: str | Path) -> dict[bytes, int]:
     if not path.is_file():
         raise FileNotFoundError(
             f"BPE ranks file {path} does not exist. Regenerate the ShapesWorld vocabulary with: "
-            "python -m minillava.bpe --vocab-size 768 --out minillava/assets/shapesworld.tiktoken"
+            "python -m minillava.vocabulary train"
         )
     ranks: dict[bytes, int] = {}
     for line_no, line in enumerate(path.read_text(encoding="ascii").splitlines(), start=1):
@@ -172,55 +170,3 @@ def load_ranks(path: str | Path) -> dict[bytes, int]:
                 f"{path}:{line_no}: expected 'base64token rank', got {line!r}"
             ) from err
     return ranks
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m minillava.bpe",
-        description="Train the ShapesWorld BPE vocabulary on world_text and save it.",
-    )
-    parser.add_argument(
-        "--vocab-size",
-        type=int,
-        default=768,
-        help="largest total vocabulary, special tokens included (default 768); training stops "
-        "earlier once every distinct pre-token is a single token",
-    )
-    parser.add_argument("--out", default="minillava/assets/shapesworld.tiktoken")
-    parser.add_argument(
-        "--n-scenes", type=int, default=5000, help="scenes of world_text (about 10 texts each)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--verbose", action="store_true", help="print every merge")
-    args = parser.parse_args(argv)
-
-    # Imported here: the data engine is only needed to (re)train, not to tokenize.
-    from minillava.data.instruct import FIXED_PROMPTS, world_text
-    from minillava.tokenizer import SPECIAL_TOKENS, SYSTEM
-
-    start = time.perf_counter()
-    texts = list(world_text(split="train", n=args.n_scenes, seed=args.seed))
-    # world_text has the questions, captions and answers, but not the fixed strings around them:
-    # the chat template's system line (in every sequence), the short-answer suffix (in every VQA
-    # sequence), the caption prompts. Once per scene each, so their words become single tokens.
-    texts += [SYSTEM, *FIXED_PROMPTS] * args.n_scenes
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    text_seconds = time.perf_counter() - start
-    # The special tokens are appended after the merges, so they take part of the vocabulary.
-    ranks = train_bpe(texts, args.vocab_size - len(SPECIAL_TOKENS), verbose=args.verbose)
-    save_ranks(ranks, args.out)
-    train_seconds = time.perf_counter() - start - text_seconds
-    print(
-        f"trained {len(ranks)} mergeable tokens (+{len(SPECIAL_TOKENS)} special) on "
-        f"{len(texts)} texts ({n_bytes / 1e6:.2f} MB) -> {args.out}\n"
-        f"time: {text_seconds:.1f} s generating the text, {train_seconds:.1f} s training BPE"
-    )
-    if len(ranks) + len(SPECIAL_TOKENS) < args.vocab_size:
-        print(
-            f"stopped before --vocab-size {args.vocab_size}: every distinct word of the text is "
-            f"already one token (vocabulary {len(ranks) + len(SPECIAL_TOKENS)} with the specials)"
-        )
-
-
-if __name__ == "__main__":
-    main()

@@ -280,15 +280,15 @@ def _check_openai_cached(name: str) -> None:
 def get_tokenizer(name: str = "shapesworld") -> Tokenizer:
     """Load a tokenizer: "shapesworld" (shipped), or "gpt2" / "cl100k_base" if cached locally.
 
-    A path to a ``.tiktoken`` file also works (trained with ``python -m minillava.bpe``); the
-    tokenizer is then named after the file.
+    A path to a ``.tiktoken`` file also works (trained with ``python -m minillava.vocabulary
+    train``); the tokenizer is then named after the file.
     """
     if name == "shapesworld" or name.endswith(".tiktoken"):
         path = SHAPESWORLD_FILE if name == "shapesworld" else Path(name)
         if not path.is_file():
             raise FileNotFoundError(
-                f"tokenizer file {path} not found. Regenerate it with: python -m minillava.bpe "
-                f"--vocab-size 768 --out {path}"
+                f"tokenizer file {path} not found. Regenerate it with: "
+                f"python -m minillava.vocabulary train --out {path}"
             )
         name = "shapesworld" if name == "shapesworld" else path.stem
         return Tokenizer(_load_encoding(name, str(path), path.stat().st_mtime), path=path)
@@ -312,61 +312,3 @@ def get_tokenizer(name: str = "shapesworld") -> Tokenizer:
         f"unknown tokenizer {name!r}: expected 'shapesworld', 'gpt2', 'cl100k_base' or a path to "
         "a .tiktoken file"
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m minillava.tokenizer``: how compactly the tokenizer writes ShapesWorld."""
-    import argparse
-
-    from minillava.data.instruct import ALL_KINDS, ANSWER_SUFFIX, make_conversation, world_text
-    from minillava.data.shapes import ShapesWorld, make_captions, make_description, sample_rng
-    from minillava.presets import DataSizes
-    from minillava.stages import scene_turns
-
-    parser = argparse.ArgumentParser(prog="python -m minillava.tokenizer", description=main.__doc__)
-    parser.add_argument("--name", default="shapesworld", help="tokenizer to measure")
-    parser.add_argument("--split", default="val", help="ShapesWorld split (not the BPE's train)")
-    parser.add_argument("--n-scenes", type=int, default=1000)
-    args = parser.parse_args(argv)
-
-    tok = get_tokenizer(args.name)
-    texts = list(world_text(split=args.split, n=args.n_scenes))
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    n_words = sum(len(t.split()) for t in texts)
-    n_tokens = sum(len(tok.encode(t)) for t in texts)
-    print(f"{tok!r}: {len(texts)} world_text strings of {args.split!r}")
-    print(
-        f"  {n_tokens / n_words:.3f} tokens/word, {n_bytes / n_tokens:.2f} bytes/token "
-        f"(raw bytes: 1 token per byte -> {n_bytes / n_tokens:.1f}x fewer tokens)"
-    )
-
-    world = ShapesWorld(args.split, args.n_scenes)
-    n_questions = DataSizes().vqa_questions  # as the lm and instruct stages ask them
-    lengths: dict[str, list[int]] = {"caption": [], "description": []}
-    lengths.update({f"conversation ({kind})": [] for kind in ALL_KINDS})
-    lengths[f"VQA training ({n_questions} Q/A)"] = []
-    answer_tokens = []
-    for index in range(args.n_scenes):
-        scene = world.scene(index)
-        rng = sample_rng(world.seed, world.split, index, stream="text")
-        captions = make_captions(scene, rng)
-        lengths["caption"] += [len(tok.encode(c)) for c in captions]
-        lengths["description"].append(len(tok.encode(make_description(scene, rng))))
-        for kind in ALL_KINDS:
-            ids, mask = tok.render(make_conversation(scene, captions, rng, kind))
-            lengths[f"conversation ({kind})"].append(len(ids))
-            answer_tokens.append(sum(mask))
-        turns = scene_turns(scene, captions, rng, world.config, vqa=True, vqa_questions=n_questions)
-        lengths[f"VQA training ({n_questions} Q/A)"].append(len(tok.render(turns)[0]))
-    for what, values in lengths.items():
-        print(f"  {what:28s} mean {sum(values) / len(values):6.1f} tokens, max {max(values)}")
-    n_system = len(tok.encode_ordinary(tok.system))
-    n_suffix = len(tok.encode_ordinary(ANSWER_SUFFIX))
-    print(f"  (conversations include the {n_system}-token system line, <image> counts as 1;")
-    print(f"   a VQA conversation's first question ends with the {n_suffix}-token answer suffix)")
-    mean_answer = sum(answer_tokens) / len(answer_tokens)
-    print(f"  trained-on (answer) tokens per conversation: {mean_answer:.1f}")
-
-
-if __name__ == "__main__":
-    main()

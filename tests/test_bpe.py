@@ -122,14 +122,15 @@ def test_load_errors_name_the_file(tmp_path):
 
 
 def test_cli_trains_on_the_fixed_prompts_too(tmp_path, capsys):
-    # `python -m minillava.bpe` adds the system line and the data engine's fixed prompts to
-    # world_text: the short-answer suffix (in no world_text string) must come out one token a word.
-    from minillava.bpe import main
+    # `python -m minillava.vocabulary train` adds the system line and the data engine's fixed
+    # prompts to world_text: the short-answer suffix (in no world_text string) must come out one
+    # token a word.
     from minillava.data.instruct import ANSWER_SUFFIX, FIXED_PROMPTS
     from minillava.tokenizer import SYSTEM, get_tokenizer
+    from minillava.vocabulary import main
 
     path = tmp_path / "small.tiktoken"
-    main(["--vocab-size", "768", "--n-scenes", "20", "--out", str(path)])
+    main(["train", "--vocab-size", "768", "--n-scenes", "20", "--out", str(path)])
     assert f"-> {path}" in capsys.readouterr().out
     tok = get_tokenizer(str(path))
     pattern = regex.compile(PAT_STR)

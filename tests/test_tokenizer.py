@@ -113,9 +113,9 @@ def test_vocabulary_compresses_world_text(tok, corpus):
 
 def test_fixed_strings_cost_one_token_per_word(tok):
     # The system line opens every sequence and the short-answer suffix ends every VQA prompt: the
-    # BPE is trained on them (python -m minillava.bpe), so each pre-token (a word with its leading
-    # space, a punctuation run, the newline) is a single token. Fails if a prompt is added or
-    # reworded without regenerating the vocabulary.
+    # BPE is trained on them (python -m minillava.vocabulary train), so each pre-token (a word
+    # with its leading space, a punctuation run, the newline) is a single token. Fails if a
+    # prompt is added or reworded without regenerating the vocabulary.
     pattern = regex.compile(PAT_STR)
     for text in (tok.system, *FIXED_PROMPTS):
         pieces = pattern.findall(text)
@@ -126,13 +126,12 @@ def test_fixed_strings_cost_one_token_per_word(tok):
 
 
 def test_cli_reports_the_lengths_the_model_pays_for(tok, capsys):
-    tokenizer_module.main(["--n-scenes", "4"])
+    from minillava.vocabulary import main
+
+    main(["stats", "--n-scenes", "4"])
     out = capsys.readouterr().out
     assert f"vocab_size={tok.vocab_size}" in out
-    from minillava.presets import DataSizes
-
-    n_questions = DataSizes().vqa_questions  # as the stages ask them
-    assert f"VQA training ({n_questions} Q/A)" in out and "conversation (caption)" in out
+    assert "VQA training (1 Q/A)" in out and "conversation (caption)" in out
     assert f"the {len(tok.encode_ordinary(tok.system))}-token system line" in out
     assert f"the {len(tok.encode_ordinary(ANSWER_SUFFIX))}-token answer suffix" in out
 
@@ -285,5 +284,5 @@ def test_load_from_a_tiktoken_path(tmp_path, tok):
 def test_unknown_name_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="unknown tokenizer 'llama'"):
         get_tokenizer("llama")
-    with pytest.raises(FileNotFoundError, match="python -m minillava.bpe"):
+    with pytest.raises(FileNotFoundError, match="python -m minillava.vocabulary train"):
         get_tokenizer(str(tmp_path / "nope.tiktoken"))
