@@ -55,8 +55,12 @@ from tqdm.auto import tqdm
 
 from minillava.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 from minillava.device import autocast, pick_device
-from minillava.plots import plot_loss_curve
+from minillava.lora import merge_lora
+from minillava.plots import plot_loss_curve, read_metrics
 from minillava.presets import PRESETS, Preset, StageConfig, apply_overrides, get_preset
+from minillava.report import load_clip_for_eval, report
+from minillava.stages import StagePlan, build_stage, check_instruct_mix, world_config
+from minillava.tokenizer import get_tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # Several processes (DDP)
@@ -208,14 +212,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
     }
 
 
-def _read_jsonl(path: Path, up_to_step: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if r.get("step", 0) <= up_to_step]
-
-
 def train_stage(
     model: nn.Module,
     batches: Dataset,
@@ -246,71 +242,166 @@ def train_stage(
         config: steps, learning rate and schedule, accumulation, clipping, checkpoint interval.
         name: the stage name; files are `{out_dir}/{name}.pt`, `{name}.jsonl`, `{name}_loss.png`.
         out_dir: where to write them (None: write nothing, e.g. in a notebook).
+        device, dtype: where and in what precision to train ("auto": the best available, bf16
+            autocast on CUDA); compile: torch.compile the model; num_workers: DataLoader workers.
         groups: optimizer parameter groups (default: `param_groups(model, weight_decay)`); a
             group may carry "lr_scale" to train at a multiple of the scheduled rate.
         resume: continue from `{out_dir}/{name}.pt` if it exists (returns at once if that stage
             was already finished).
+        run_config, model_config: stored in every checkpoint (how to rebuild the model).
         eval_fn: called as eval_fn(model) (in eval mode, no grad) every `eval_every` steps and
             at the end; its dict of numbers is logged with the step (e.g. {"val_loss": ...}).
+        progress: show a tqdm progress bar (on the main process).
     """
     started = time.perf_counter()
     info = dist_info()
+    device = prepare_device(device)
+    model.to(device)
+    groups = groups if groups is not None else param_groups(model, config.weight_decay)
+    optimizer = make_optimizer(groups, config, device)
+    files = StageFiles.of(name, out_dir)
+    result = StageResult(name, 0, checkpoint=files.checkpoint, metrics=files.metrics,
+                         plot=files.plot)  # fmt: skip
+
+    # Resume: restore weights, optimizer moments, step and RNG, then skip the steps already done.
+    records = []
+    if resume and files.checkpoint is not None and files.checkpoint.is_file():
+        result.resumed_from = restore(files.checkpoint, model, optimizer, device)
+        if files.metrics.is_file():
+            records = read_metrics(files.metrics, up_to_step=result.resumed_from)
+        if info.is_main:
+            print(f"[{name}] resuming from {files.checkpoint} at step {result.resumed_from}/"
+                  f"{config.steps}")  # fmt: skip
+    result.losses = [r["loss"] for r in records if "loss" in r]
+    result.steps = start_step = result.resumed_from
+    if start_step >= config.steps:
+        result.seconds = time.perf_counter() - started
+        return result  # this stage was already finished
+
+    run_config = {**(run_config or {}), "stage": asdict(config)}
+    checkpointer = Checkpointer(files.checkpoint, model, optimizer, device, config.steps, name,
+                                run_config, model_config or {}, info.is_main)  # fmt: skip
+    train_model, ddp_model = wrap_for_training(model, device, info, compile)
+    step_fn = OptimizationStep(train_model, ddp_model, optimizer, config, device, dtype, info,
+                               loss_only_kwargs(model), name, files.checkpoint)  # fmt: skip
+    micro_batches = iter(make_loader(batches, config, start_step, num_workers, device))
+    log = MetricsLog(files.metrics if info.is_main else None, records)
+    bar = tqdm(total=config.steps, initial=start_step, desc=f"{name:>8}",
+               disable=not (progress and info.is_main), dynamic_ncols=True, leave=True)  # fmt: skip
+    meter = Throughput(info.world_size)
+    try:
+        for step in range(start_step, config.steps):
+            lr = set_learning_rate(optimizer, step, config)
+            step_loss, grad_norm = step_fn(micro_batches, step, meter)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps:
+                loss_value = _mean_over_ranks(step_loss, info).item()
+                record = {"stage": name, "step": done, "loss": loss_value, "lr": lr,
+                          "grad_norm": float(grad_norm), "tokens_per_s": meter.rate(),
+                          "time_s": time.perf_counter() - started}  # fmt: skip
+                if device.type == "cuda":  # what the stage has held at most so far
+                    record["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                result.losses.append(loss_value)
+                log.write(record)
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)  # fmt: skip
+            bar.update(1)
+            result.steps = done
+            if eval_fn is not None and (
+                done == config.steps or eval_every and done % eval_every == 0
+            ):
+                evaluation = {"stage": name, "step": done, **_evaluate(eval_fn, model, train_model)}
+                result.evals.append(evaluation)
+                log.write(evaluation, flush=False)
+            if (config.ckpt_every and done % config.ckpt_every == 0) or done == config.steps:
+                checkpointer.save(done)
+    finally:
+        bar.close()
+        log.close()
+
+    if files.plot is not None and info.is_main and files.metrics.is_file():
+        plot_loss_curve(files.metrics, files.plot, title=f"stage {name}: training loss")
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop's parts: files, resume, model wrapping, batches, one optimizer step, the log
+
+
+@dataclass
+class StageFiles:
+    """Where a stage writes: its checkpoint, its metrics log and its loss plot (None: nowhere)."""
+
+    checkpoint: Path | None = None
+    metrics: Path | None = None
+    plot: Path | None = None
+
+    @classmethod
+    def of(cls, name: str, out_dir: str | Path | None) -> StageFiles:
+        if out_dir is None:
+            return cls()
+        out_dir = Path(out_dir)
+        return cls(out_dir / f"{name}.pt", out_dir / f"{name}.jsonl", out_dir / f"{name}_loss.png")
+
+
+def prepare_device(device: torch.device | str) -> torch.device:
+    """The device to train on; on CUDA, TF32 tensor cores on and the peak-memory count reset."""
     device = pick_device(device) if isinstance(device, str) else device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
         torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)  # each stage's log says its own peak
-    model.to(device)
-    groups = groups if groups is not None else param_groups(model, config.weight_decay)
-    optimizer = make_optimizer(groups, config, device)
+    return device
 
-    out_dir = Path(out_dir) if out_dir is not None else None
-    ckpt_path = out_dir / f"{name}.pt" if out_dir else None
-    metrics_path = out_dir / f"{name}.jsonl" if out_dir else None
-    plot_path = out_dir / f"{name}_loss.png" if out_dir else None
-    result = StageResult(name, 0, checkpoint=ckpt_path, metrics=metrics_path, plot=plot_path)
-    run_config = dict(run_config or {})
-    run_config["stage"] = asdict(config)
-    model_config = model_config or {}
 
-    # Resume: restore weights, optimizer moments, step and RNG, then skip the steps already done.
-    start_step, records = 0, []
-    if resume and ckpt_path is not None and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        unwrap_model(model).load_state_dict(ckpt["model"])
-        if ckpt["optimizer"] is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        start_step = ckpt["step"]
-        torch.set_rng_state(ckpt["extra"]["rng_state"].cpu())  # dropout masks continue as before
-        if device.type == "cuda" and "cuda_rng_state" in ckpt["extra"]:
-            torch.cuda.set_rng_state(ckpt["extra"]["cuda_rng_state"].cpu(), device)
-        records = _read_jsonl(metrics_path, up_to_step=start_step)
-        result.resumed_from = start_step
-        if info.is_main:
-            print(f"[{name}] resuming from {ckpt_path} at step {start_step}/{config.steps}")
-    result.losses = [r["loss"] for r in records if "loss" in r]
-    result.steps = start_step
-    if start_step >= config.steps:
-        result.seconds = time.perf_counter() - started
-        return result  # this stage was already finished
+def restore(path: Path, model: nn.Module, optimizer, device: torch.device) -> int:
+    """Load weights, optimizer moments and RNG state from checkpoint `path`; return its step."""
+    ckpt = load_checkpoint(path, map_location=device)
+    unwrap_model(model).load_state_dict(ckpt["model"])
+    if ckpt["optimizer"] is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["extra"]["rng_state"].cpu())  # dropout masks continue as before
+    if device.type == "cuda" and "cuda_rng_state" in ckpt["extra"]:
+        torch.cuda.set_rng_state(ckpt["extra"]["cuda_rng_state"].cpu(), device)
+    return ckpt["step"]
 
-    def save(step: int) -> None:
-        if ckpt_path is None or not info.is_main:
+
+@dataclass
+class Checkpointer:
+    """Saves the stage's checkpoint (main process only): weights, optimizer, step and RNG state,
+    everything `restore` needs to continue as if never stopped."""
+
+    path: Path | None
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    steps: int
+    name: str
+    run_config: dict
+    model_config: dict
+    is_main: bool
+
+    def save(self, step: int) -> None:
+        if self.path is None or not self.is_main:
             return
-        extra = {"stage": name, "rng_state": torch.get_rng_state(), "done": step >= config.steps}
-        if device.type == "cuda":
-            extra["cuda_rng_state"] = torch.cuda.get_rng_state(device)
+        extra = {"stage": self.name, "rng_state": torch.get_rng_state(), "done": step >= self.steps}
+        if self.device.type == "cuda":
+            extra["cuda_rng_state"] = torch.cuda.get_rng_state(self.device)
         save_checkpoint(
-            ckpt_path,
-            model=model,
-            optimizer=optimizer,
+            self.path,
+            model=self.model,
+            optimizer=self.optimizer,
             step=step,
-            config=run_config,
-            model_config=model_config,
+            config=self.run_config,
+            model_config=self.model_config,
             extra=extra,
         )
 
-    # Wrap for several processes, then (optionally) compile. The unwrapped `model` is what we save.
+
+def wrap_for_training(model: nn.Module, device: torch.device, info: DistInfo, compile: bool):
+    """(the model to call, the DDP wrapper or the model): DDP over several processes, then
+    (optionally) torch.compile. The unwrapped `model` is what gets saved."""
     train_model = ddp_model = model
     if info.world_size > 1:
         train_model = ddp_model = nn.parallel.DistributedDataParallel(
@@ -319,12 +410,15 @@ def train_stage(
     if compile:
         train_model = torch.compile(train_model)
     train_model.train()
-    forward_kwargs = loss_only_kwargs(model)  # {"return_logits": False} for Decoder and Llava
+    return train_model, ddp_model
 
-    # Batch k is item k of `batches`; start where we stopped. Workers build batches in parallel
-    # with training; pinned (page-locked) memory makes the host-to-GPU copy asynchronous.
+
+def make_loader(batches: Dataset, config: StageConfig, start_step: int, num_workers: int,
+                device: torch.device) -> DataLoader:  # fmt: skip
+    """Micro-batch k is item k of `batches`; start where we stopped. Workers build batches in
+    parallel with training; pinned (page-locked) memory makes the host-to-GPU copy asynchronous."""
     accum = config.grad_accum
-    loader = DataLoader(
+    return DataLoader(
         batches,
         batch_size=None,  # items are whole batches already
         sampler=range(start_step * accum, config.steps * accum),
@@ -335,101 +429,107 @@ def train_stage(
         # run's dropout masks would be shifted by one draw.
         generator=torch.Generator().manual_seed(0),
     )
-    micro_batches = iter(loader)
 
-    metrics_file = None
-    if metrics_path is not None and info.is_main:
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(metrics_path, "w")  # rewritten: keeps the records up to the resume
-        for r in records:
-            metrics_file.write(json.dumps(r) + "\n")
-    bar = tqdm(
-        total=config.steps,
-        initial=start_step,
-        desc=f"{name:>8}",
-        disable=not (progress and info.is_main),
-        dynamic_ncols=True,
-        leave=True,
-    )
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    window_tokens, window_start = 0, time.perf_counter()
-    try:
-        for step in range(start_step, config.steps):
-            lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
 
-            step_loss = torch.zeros((), device=device)
-            for micro in range(accum):
-                batch = to_device(next(micro_batches), device)
-                window_tokens += count_tokens(batch)
-                # Under DDP, gradients are all-reduced on every backward unless we say no_sync:
-                # only the last micro-batch of the step needs to communicate.
-                skip_sync = info.world_size > 1 and micro < accum - 1
-                with ddp_model.no_sync() if skip_sync else contextlib.nullcontext():
-                    with autocast(device, dtype):
-                        loss = train_model(**batch, **forward_kwargs).loss / accum
-                    # Checked every micro-step (a GPU sync, cheap next to a step): a NaN must
-                    # stop us before backward() spreads it into the weights.
-                    if not torch.isfinite(_mean_over_ranks(loss.detach(), info)):
-                        raise NonFiniteLossError(_nan_message(name, step, loss, ckpt_path))
-                    loss.backward()
-                step_loss += loss.detach()
+def set_learning_rate(optimizer, step: int, config: StageConfig) -> float:
+    """Set the scheduled rate of `step` in every group (times its "lr_scale"); return it."""
+    lr = lr_at(step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
 
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                trainable, config.grad_clip if config.grad_clip > 0 else float("inf")
-            )
-            if not torch.isfinite(grad_norm):
-                raise NonFiniteLossError(_nan_message(name, step, grad_norm, ckpt_path, "gradient"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
 
-            if done % config.log_every == 0 or done == config.steps:
-                loss_value = _mean_over_ranks(step_loss, info).item()
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "stage": name,
-                    "step": done,
-                    "loss": loss_value,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": window_tokens * info.world_size / max(elapsed, 1e-9),
-                    "time_s": time.perf_counter() - started,
-                }
-                if device.type == "cuda":  # what the stage has held at most so far
-                    record["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                window_tokens, window_start = 0, time.perf_counter()
-                result.losses.append(loss_value)
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                bar.set_postfix(
-                    loss=f"{loss_value:.3f}",
-                    lr=f"{lr:.1e}",
-                    tok_s=f"{record['tokens_per_s']:.0f}",
-                    refresh=False,
-                )
-            bar.update(1)
-            result.steps = done
-            if eval_fn is not None and (
-                done == config.steps or eval_every and done % eval_every == 0
-            ):
-                evaluation = {"stage": name, "step": done, **_evaluate(eval_fn, model, train_model)}
-                result.evals.append(evaluation)
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(evaluation) + "\n")
-            if (config.ckpt_every and done % config.ckpt_every == 0) or done == config.steps:
-                save(done)
-    finally:
-        bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
+class Throughput:
+    """Tokens per second over the steps since the last logged one, over all processes."""
 
-    if plot_path is not None and info.is_main and metrics_path.is_file():
-        plot_loss_curve(metrics_path, plot_path, title=f"stage {name}: training loss")
-    result.seconds = time.perf_counter() - started
-    return result
+    def __init__(self, world_size: int):
+        self.world_size, self.tokens, self.start = world_size, 0, time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        """The window's rate; a new window starts."""
+        elapsed = time.perf_counter() - self.start
+        rate = self.tokens * self.world_size / max(elapsed, 1e-9)
+        self.tokens, self.start = 0, time.perf_counter()
+        return rate
+
+
+@dataclass
+class OptimizationStep:
+    """One optimizer step: grad_accum micro-batches forward and backward, clip, update.
+
+    Returns the step's loss (summed over its micro-batches, each divided by grad_accum) and the
+    global gradient norm before clipping. Raises NonFiniteLossError before a NaN or infinite
+    loss or gradient can reach the weights.
+    """
+
+    train_model: nn.Module
+    ddp_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    config: StageConfig
+    device: torch.device
+    dtype: str
+    info: DistInfo
+    forward_kwargs: dict  # {"return_logits": False} for Decoder and Llava
+    name: str
+    checkpoint: Path | None  # named in the message if the loss goes bad
+
+    def __post_init__(self):
+        self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def __call__(self, micro_batches, step: int, meter: Throughput):
+        accum = self.config.grad_accum
+        step_loss = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            batch = to_device(next(micro_batches), self.device)
+            meter.add(count_tokens(batch))
+            # Under DDP, gradients are all-reduced on every backward unless we say no_sync:
+            # only the last micro-batch of the step needs to communicate.
+            skip_sync = self.info.world_size > 1 and micro < accum - 1
+            with self.ddp_model.no_sync() if skip_sync else contextlib.nullcontext():
+                with autocast(self.device, self.dtype):
+                    loss = self.train_model(**batch, **self.forward_kwargs).loss / accum
+                # Checked every micro-step (a GPU sync, cheap next to a step): a NaN must
+                # stop us before backward() spreads it into the weights.
+                if not torch.isfinite(_mean_over_ranks(loss.detach(), self.info)):
+                    raise NonFiniteLossError(_nan_message(self.name, step, loss, self.checkpoint))
+                loss.backward()
+            step_loss += loss.detach()
+
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        if not torch.isfinite(grad_norm):
+            message = _nan_message(self.name, step, grad_norm, self.checkpoint, "gradient")
+            raise NonFiniteLossError(message)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss, grad_norm
+
+
+class MetricsLog:
+    """The stage's JSONL log, one record a line (main process only; path None: no file).
+
+    Opened anew on every run: a resumed run first writes back the records up to its step."""
+
+    def __init__(self, path: Path | None, records: list[dict]):
+        self.file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "w")
+            for r in records:
+                self.file.write(json.dumps(r) + "\n")
+
+    def write(self, record: dict, flush: bool = True) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            if flush:
+                self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _evaluate(eval_fn: Callable, model: nn.Module, train_model: nn.Module) -> dict:
@@ -538,17 +638,13 @@ def launch_cpu_processes(preset: Preset, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minillava import stages as stage_lib
-    from minillava.lora import merge_lora
-    from minillava.tokenizer import get_tokenizer
-
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     stages = Preset.STAGES if args.stage == "all" else (args.stage,)
     try:
         preset = resolve_preset(args)
         if "instruct" in stages:
-            stage_lib.check_instruct_mix(preset)  # before lm, clip and align spend their minutes
+            check_instruct_mix(preset)  # before lm, clip and align spend their minutes
     except ValueError as error:
         print(f"minillava train: {error}", file=sys.stderr)
         return 2
@@ -567,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = get_tokenizer("shapesworld")
     run_config = {
         "preset": preset.to_dict(),
-        "world": asdict(stage_lib.world_config(preset)),
+        "world": asdict(world_config(preset)),
         "tokenizer": "shapesworld",
     }
     if info.is_main:
@@ -581,57 +677,14 @@ def main(argv: list[str] | None = None) -> int:
     say(f"run dir: {out_dir}/ (preset.json has every setting)")
 
     started = time.perf_counter()
-    model = None
     for name in stages:
-        config = preset.stage(name)
-        say(f"\n== stage {name}: {config.steps} steps, batch {config.batch_size}, lr {config.lr:g}")
-        plan = stage_lib.build_stage(name, preset, tokenizer, out_dir, info.rank, info.world_size)
-        trainable = sum(p.numel() for p in plan.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in plan.model.parameters())
-        kind = type(plan.model).__name__
-        say(f"  {kind}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained")
         try:
-            result = train_stage(
-                plan.model,
-                plan.batches,
-                config,
-                name=name,
-                out_dir=out_dir,
-                device=device,
-                dtype=preset.dtype,
-                resume=args.resume,
-                compile=preset.compile,
-                num_workers=preset.num_workers,
-                run_config=run_config,
-                model_config=plan.model_config,
-                progress=not args.no_progress,
-            )
+            plan = run_stage(name, preset, args, tokenizer, out_dir, device, info, run_config)
         except NonFiniteLossError as error:
             print(f"minillava train: {error}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
-            say(f"\ninterrupted: continue with the same command plus --resume (from {out_dir})")
-            raise
-        first, last = (result.losses[0], result.losses[-1]) if result.losses else (math.nan,) * 2
-        say(
-            f"  done in {result.seconds:.0f} s: loss {first:.3f} -> {last:.3f}\n"
-            f"  checkpoint {result.checkpoint}, metrics {result.metrics}, loss curve {result.plot}"
-        )
-        model = plan.model
-
     if "instruct" in stages and info.is_main:
-        # The deliverable: the instruct model with any LoRA folded in, plain layer names, no
-        # optimizer state. chat/eval/export load it with checkpoint.load_llava.
-        model = merge_lora(unwrap_model(model))
-        final = out_dir / "llava.pt"
-        save_checkpoint(
-            final,
-            model=model,
-            step=preset.instruct.steps,
-            config=run_config,
-            model_config=plan.model_config,
-        )
-        say(f"\nfinal model: {final}  (try: minillava chat --checkpoint {final} ...)")
+        model = save_final_model(plan, out_dir, preset, run_config)
         say(f"training time: {time.perf_counter() - started:.0f} s")
         if preset.eval_samples > 0 and not args.no_eval:
             evaluate_run(model, tokenizer, out_dir, preset, run_config, device)
@@ -641,10 +694,61 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_stage(name, preset, args, tokenizer, out_dir, device, info, run_config) -> StagePlan:
+    """Build stage `name` (stages.py), train it with `train_stage`, say how it went."""
+    say = print if info.is_main else (lambda *a, **k: None)
+    config = preset.stage(name)
+    say(f"\n== stage {name}: {config.steps} steps, batch {config.batch_size}, lr {config.lr:g}")
+    plan = build_stage(name, preset, tokenizer, out_dir, info.rank, info.world_size)
+    trainable = sum(p.numel() for p in plan.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in plan.model.parameters())
+    kind = type(plan.model).__name__
+    say(f"  {kind}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained")
+    try:
+        result = train_stage(
+            plan.model,
+            plan.batches,
+            config,
+            name=name,
+            out_dir=out_dir,
+            device=device,
+            dtype=preset.dtype,
+            resume=args.resume,
+            compile=preset.compile,
+            num_workers=preset.num_workers,
+            run_config=run_config,
+            model_config=plan.model_config,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        say(f"\ninterrupted: continue with the same command plus --resume (from {out_dir})")
+        raise
+    first, last = (result.losses[0], result.losses[-1]) if result.losses else (math.nan,) * 2
+    say(
+        f"  done in {result.seconds:.0f} s: loss {first:.3f} -> {last:.3f}\n"
+        f"  checkpoint {result.checkpoint}, metrics {result.metrics}, loss curve {result.plot}"
+    )
+    return plan
+
+
+def save_final_model(plan: StagePlan, out_dir: Path, preset: Preset, run_config: dict):
+    """The deliverable: the instruct model with any LoRA folded in, plain layer names, no
+    optimizer state, as `llava.pt`. chat/eval/export load it with checkpoint.load_llava."""
+    model = merge_lora(unwrap_model(plan.model))
+    final = out_dir / "llava.pt"
+    save_checkpoint(
+        final,
+        model=model,
+        step=preset.instruct.steps,
+        config=run_config,
+        model_config=plan.model_config,
+    )
+    print(f"\nfinal model: {final}  (try: minillava chat --checkpoint {final} ...)")
+    return model
+
+
 def evaluate_run(model, tokenizer, out_dir: Path, preset: Preset, run_config: dict, device):
     """The eval table (model vs blind baseline, test and held-out splits) and chat samples."""
-    from minillava.eval import load_clip_for_eval, report
-
     started = time.perf_counter()
     print(f"\n== evaluation: {preset.eval_samples} questions per split, greedy decoding")
     report(
