@@ -1,7 +1,7 @@
 """Put several runs' evaluations side by side: is a change better than run-to-run noise?
 
 Six runs of the cpu preset, differing only in seed and machine, scored 84.4 to 90.6% on the same
-2,000 test questions (docs/results.md, session 12): one run of a change says little unless its
+2,000 test questions (docs/results.md): one run of a change says little unless its
 figure is compared with the spread of runs without it. This script reads the eval.json that
 `make train` and `minillava eval` write and prints one markdown row per run: overall accuracy
 and its blind baseline, held-out, every type's accuracy, the weakest gain over the blind baseline
@@ -9,7 +9,7 @@ among the types the goal counts (those whose baseline is at most 60%), and the a
 known shortcut is wrong (`data.instruct.shortcut_answer`); then the mean and the range.
 
     python bench/compare_runs.py runs/cpu /tmp/seed1 /tmp/seed2
-    python bench/compare_runs.py /tmp/s12/seed*/eval_noimage --out runs.json
+    python bench/compare_runs.py /tmp/seeds/seed*/eval_noimage --out runs.json
     python bench/compare_runs.py runs/cpu /tmp/seed1 --blind-mode no_image   # the other baseline
 
 A RUN is a run directory (its eval/eval.json is read), an evaluation directory, or an eval.json.
@@ -40,7 +40,7 @@ def eval_json_path(run: str | Path) -> Path:
 def summarise(
     evaluation: dict, split: str = "test", source: str = "eval.json", blind_mode: str | None = None
 ) -> dict:
-    """One run's figures on `split` from its eval.json dict (`minillava.eval.report`).
+    """One run's figures on `split` from its eval.json dict (`minillava.report.report`).
 
     Gains are over the run's first blind baseline ("blind"), or over the one of `blind_mode`
     ("blank": a grey image, "no_image": no image token), which `report` keeps as "blind" or as
@@ -91,7 +91,7 @@ def markdown_table(runs: dict[str, dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for name, run in runs.items():
         weakest = run["weakest_gain"]
-        mode = run["blind_mode"]  # the relation gain depends on it (docs/results.md, session 12)
+        mode = run["blind_mode"]  # the relation gain depends on it (docs/results.md)
         blind = _pct(run["blind"]) + (f" ({mode})" if mode not in (None, "blank") else "")
         cells = [name, str(run["n"]), _pct(run["accuracy"]), blind,
                  _pct(run["heldout"]), *(_pct(run["per_type"].get(t)) for t in types),

@@ -12,7 +12,7 @@ probes on the token of each cell that holds an object:
 A token that also describes the rest of the image is hard to select by its content: asked "What
 colour is the circle?", the decoder must find the circle's token, and if every token carries
 "red" because a red square sits elsewhere, matching by content fails. LLaVA-1.5 reads the
-penultimate layer (`vision_feature_layer=-2`); docs/results.md (session 4) measures what the
+penultimate layer (`vision_feature_layer=-2`); docs/results.md measures what the
 choice does to VQA.
 
     python bench/probe_vit_layers.py --checkpoint runs/cpu/clip.pt
@@ -32,7 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from minillava.data.shapes import SHAPES, ShapesWorld, WorldConfig  # noqa: E402
-from minillava.eval import load_clip_for_eval  # noqa: E402
+from minillava.report import load_clip_for_eval  # noqa: E402
 
 
 def cell_tokens(clip, world: ShapesWorld, batch: int = 250):

@@ -12,6 +12,8 @@ plain text and the model sees the whole history each time:
 
 Decoding is greedy by default (the most likely token each step: repeatable, best for short
 factual answers). `--temperature 0.8 --top-p 0.9` samples instead: more varied, sometimes wrong.
+The answer is the new tokens up to the first end-of-turn (`decode_answer`); `minillava eval`
+reads its answers with the same function, so what it scores is what the chat would say.
 
 Interactive commands: `/image PATH` switches image (and starts a new conversation), `/reset`
 forgets the conversation, `/quit` (or end of input) leaves. It reads stdin line by line, so
@@ -22,19 +24,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
-DEFAULT_CHECKPOINT = "runs/cpu/llava.pt"
+from minillava.checkpoint import DEFAULT_CHECKPOINT, load_llava
+from minillava.data.image_processor import ImageProcessor
+from minillava.data.shapes import ShapesWorld, WorldConfig
 
 
 def load_image(path: str | Path, image_size: int) -> torch.Tensor:
     """An image file -> normalised (3, S, S) tensor, with a clear error if it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
-
-    from minillava.data.image_processor import ImageProcessor
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} not found")
@@ -44,6 +46,22 @@ def load_image(path: str | Path, image_size: int) -> torch.Tensor:
             return ImageProcessor(image_size=image_size)(image)
     except UnidentifiedImageError as error:
         raise ValueError(f"{str(path)!r} is not an image PIL can read") from error
+
+
+def decode_answer(tokenizer, ids: Sequence[int]) -> str:
+    """New token ids -> the answer's text, cut at the first stop (or padding) token.
+
+    `generate` keeps the stop token and fills a finished row with padding until every row of
+    the batch has stopped; the answer is what comes before. A row that never stopped (it ran
+    out of `max_new_tokens`) is kept whole.
+    """
+    ends = set(tokenizer.stop_ids) | {tokenizer.pad_id}
+    kept = []
+    for token in ids:
+        if token in ends:
+            break
+        kept.append(token)
+    return tokenizer.decode(kept).strip()
 
 
 class ChatSession:
@@ -110,8 +128,6 @@ class ChatSession:
     @torch.inference_mode()
     def ask(self, question: str) -> str:
         """Add the question to the conversation, generate the answer, remember it, return it."""
-        from minillava.eval import decode_answer
-
         question = question.strip()
         if not self.turns and self.pixel_values is not None:
             question = f"{self.tokenizer.IMAGE}\n{question}"
@@ -191,8 +207,6 @@ def interactive(session: ChatSession, image_size: int, stdin=None, stdout=None) 
 
 def draw_sample_image(out: str | Path, index: int = 0, split: str = "test", size: int = 64) -> None:
     """Save ShapesWorld scene `index` of `split` as a PNG and print what it shows."""
-    from minillava.data.shapes import ShapesWorld, WorldConfig
-
     sample = ShapesWorld(split, size=index + 1, config=WorldConfig(image_size=size))[index]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -230,18 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.temperature < 0:
         parser.error(f"--temperature must be >= 0, got {args.temperature}")
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_file():
-        print(
-            f"minillava chat: no checkpoint at {checkpoint}; run `make train` first "
-            "(or pass --checkpoint PATH)",
-            file=sys.stderr,
-        )
-        return 1
-
-    from minillava.checkpoint import load_llava
-
-    model, tokenizer, _ = load_llava(checkpoint, device=args.device)
+    # No checkpoint, or one for another vocabulary: load_llava raises, `minillava` says so.
+    model, tokenizer, _ = load_llava(args.checkpoint, device=args.device)
     image_size = model.config.vision.image_size
     pixel_values = None
     if args.image:

@@ -13,7 +13,12 @@ Two rules make it safe:
 * **No pickled code.** `torch.load(..., weights_only=True)` refuses to unpickle arbitrary objects,
   so loading a checkpoint someone sent you cannot execute code. That is why configs are stored
   as plain dicts (`dataclasses.asdict`), never as dataclass objects, and `save_checkpoint` checks
-  this before writing rather than letting the load fail later.
+  this before writing rather than letting the load fail later; `config_from_dict` (and, for the
+  ShapesWorld a run trained on, `world_config_from_dict`) turns them back into dataclasses.
+
+Reading a checkpoint can go wrong in two ways that are situations, not bugs: there is none yet
+(`CheckpointNotFoundError`: run `make train`), or it was written for another vocabulary
+(`CheckpointMismatchError`: retrain). The `minillava` command prints either in one line.
 """
 
 from __future__ import annotations
@@ -21,10 +26,20 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from minillava.data.shapes import WorldConfig
+from minillava.device import pick_device
+from minillava.llava import Llava, LlavaConfig
+from minillava.tokenizer import get_tokenizer
+
+# Where `make train` (`minillava train --preset cpu`) writes the final model, and so where
+# `minillava chat`, `eval` and `export` look when no --checkpoint is given.
+DEFAULT_CHECKPOINT = "runs/cpu/llava.pt"
 
 PLAIN_TYPES = (str, int, float, bool, type(None), torch.Tensor, torch.Size)
 
@@ -89,22 +104,36 @@ def save_checkpoint(
     os.replace(tmp, path)  # atomic on POSIX and Windows: readers see old or new, never half
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by `save_checkpoint`, refusing pickled code."""
+class CheckpointNotFoundError(FileNotFoundError):
+    """No checkpoint where one was asked for: the model has not been trained yet (or the path is
+    wrong). The `minillava` command prints the message in one line and exits with status 1."""
+
+
+def require_checkpoint(path: str | Path) -> Path:
+    """`path` as a Path if a file is there; else CheckpointNotFoundError saying how to get one."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {str(path)!r} not found; train one first (`make train` writes "
-            "runs/cpu/llava.pt) or pass --checkpoint"
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {path}; run `make train` first (or pass --checkpoint PATH)"
         )
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by `save_checkpoint`, refusing pickled code."""
+    path = require_checkpoint(path)
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
 T = typing.TypeVar("T")
 
 
-def config_from_dict(cls: type[T], values: dict) -> T:
-    """Rebuild a (possibly nested) config dataclass from the dict `dataclasses.asdict` made."""
+def config_from_dict(cls: type[T], values: Mapping) -> T:
+    """Rebuild a (possibly nested) config dataclass from the dict `dataclasses.asdict` made.
+
+    A tuple written to JSON (preset.json, a notebook's copy) comes back as a list, so a field
+    typed as a tuple gets its lists turned back into tuples, nested ones too (a tuple of pairs).
+    """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
@@ -115,10 +144,28 @@ def config_from_dict(cls: type[T], values: dict) -> T:
         hint = hints[name]
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = config_from_dict(hint, value)
-        elif isinstance(value, list) and typing.get_origin(hint) is tuple:
-            value = tuple(value)
+        elif isinstance(value, list | tuple) and typing.get_origin(hint) is tuple:
+            value = _as_tuples(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _as_tuples(value):
+    """Lists (and tuples) -> tuples, all the way down: [["a", "b"]] -> (("a", "b"),)."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def world_config_from_dict(world: Mapping | None, image_size: int) -> WorldConfig:
+    """The ShapesWorld a run trained on, from the `world` dict its checkpoint stores, drawn at
+    `image_size` (the model's ViT input size).
+
+    `minillava train` stores `asdict(stages.world_config(preset))` as the run config's "world",
+    so evaluation renders images the way training did. Fields this code does not know (a newer
+    run's) are ignored rather than refused: the scenes can still be drawn. None: the defaults.
+    """
+    known = {f.name for f in dataclasses.fields(WorldConfig)}
+    values = {k: v for k, v in (world or {}).items() if k in known}
+    return config_from_dict(WorldConfig, {**values, "image_size": image_size})
 
 
 class CheckpointMismatchError(ValueError):
@@ -163,12 +210,9 @@ def load_llava(path: str | Path, device: str | torch.device = "auto"):
     `info` is the checkpoint dict without the weights: `info["config"]` is the training preset as
     a dict (its `world` entry is the ShapesWorld config the model was trained on, so evaluation
     renders images the same way), `info["model_config"]` the `LlavaConfig` as a dict.
-    Raises ValueError if the checkpoint's vocabulary is not the tokenizer's (`check_vocabulary`).
+    Raises CheckpointNotFoundError if there is no file at `path`, CheckpointMismatchError (a
+    ValueError) if the checkpoint's vocabulary is not the tokenizer's (`check_vocabulary`).
     """
-    from minillava.device import pick_device
-    from minillava.llava import Llava, LlavaConfig
-    from minillava.tokenizer import get_tokenizer
-
     ckpt = load_checkpoint(path)
     info = {key: value for key, value in ckpt.items() if key not in ("model", "optimizer")}
     tokenizer = get_tokenizer(info["config"].get("tokenizer", "shapesworld"))

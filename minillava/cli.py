@@ -1,7 +1,10 @@
 """The `minillava` command: one entry point, one subcommand per job.
 
 Each subcommand lives in the module that does the work and exposes `main(argv)`; this file only
-dispatches, so `minillava --help` stays fast (nothing heavy is imported until it is needed).
+dispatches, so `minillava --help` stays fast (nothing heavy is imported until it is needed):
+the subcommand's module is imported by name (`importlib`) once it is chosen, and so is
+`minillava.checkpoint`, whose errors are situations to explain rather than bugs to debug. A
+subcommand raises them; this file prints them in one line, without a traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import sys
 SUBCOMMANDS = {
     "train": ("minillava.train", "train the tiny LLaVA, one stage or all (--preset cpu|gpu)"),
     "chat": ("minillava.chat", "ask a trained model about an image"),
-    "eval": ("minillava.eval", "VQA accuracy by question type, against a blind baseline"),
+    "eval": ("minillava.report", "VQA accuracy by question type, against a blind baseline"),
     "export": ("minillava.export", "write a checkpoint as a transformers LLaVA directory"),
     "data": ("minillava.data.export", "export ShapesWorld as PNG + LLaVA JSON"),
     "grade": ("minillava.grading", "grade your exercises: minillava grade ch01 (or all)"),
@@ -36,10 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minillava: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    from minillava.checkpoint import CheckpointMismatchError
+    # Imported here, not at the top: it loads torch, which `minillava --help` does not need.
+    from minillava.checkpoint import CheckpointMismatchError, CheckpointNotFoundError
 
     try:
         return module.main(rest) or 0
+    except CheckpointNotFoundError as error:  # not trained yet: say how, no traceback
+        print(f"minillava {name}: {error}", file=sys.stderr)
+        return 1
     except CheckpointMismatchError as error:  # a stale checkpoint: say what to do, no traceback
         print(f"minillava {name}: {error}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ and gives the same logits as minillava (the tests check this to 1e-4). Two diffe
 - transformers' LLaVA expects each `<image>` already expanded to one token per image patch in
   `input_ids` (its processor does that); minillava's model expands it itself.
 
-transformers is a dev extra: it is imported only when exporting.
+transformers is a dev extra: `interop` imports it only when exporting.
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_CHECKPOINT = "runs/cpu/llava.pt"
+from minillava.checkpoint import DEFAULT_CHECKPOINT, load_llava
+from minillava.interop import expand_image_tokens_for_hf, to_hf
+from minillava.tokenizer import ASSETS
+
 FORMATS = ("hf",)
 
 README = """# minillava, exported for transformers
@@ -72,8 +75,6 @@ def expand_image_tokens(
     `labels` (B, T), if given, are expanded the same way with -100 on image positions and padding.
     Returns {"input_ids", "attention_mask"} (+ "labels"), ready for `hf_model(**batch)`.
     """
-    from minillava.interop import expand_image_tokens_for_hf
-
     expand = dict(num_patches=num_image_tokens, image_token_id=image_token_id)
     ids, mask = expand_image_tokens_for_hf(
         input_ids,
@@ -104,8 +105,6 @@ def export_hf(model, out_dir: str | Path, tokenizer=None, checkpoint: str = "(in
     The directory gets config.json + model.safetensors (`save_pretrained`), a README.md and, when
     a tokenizer is given, its tiktoken vocabulary under tokenizer/.
     """
-    from minillava.interop import to_hf
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_model = to_hf(model)
@@ -132,8 +131,6 @@ def export_hf(model, out_dir: str | Path, tokenizer=None, checkpoint: str = "(in
 
 def _copy_tokenizer(tokenizer, out_dir: Path) -> None:
     """Copy the tokenizer's vocabulary file (when it has one) and its special-token ids."""
-    from minillava.tokenizer import ASSETS
-
     out_dir.mkdir(parents=True, exist_ok=True)
     vocabulary = ASSETS / f"{tokenizer.name}.tiktoken"
     if vocabulary.is_file():
@@ -160,19 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     args = parser.parse_args(argv)
 
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_file():
-        print(
-            f"minillava export: no checkpoint at {checkpoint}; run `make train` first "
-            "(or pass --checkpoint PATH)",
-            file=sys.stderr,
-        )
-        return 1
-    from minillava.checkpoint import load_llava
-
-    model, tokenizer, _ = load_llava(checkpoint, device="cpu")
+    # No checkpoint, or one for another vocabulary: load_llava raises, `minillava` says so.
+    model, tokenizer, _ = load_llava(args.checkpoint, device="cpu")
     try:
-        out_dir = export_hf(model, args.out_dir, tokenizer, checkpoint=str(checkpoint))
+        out_dir = export_hf(model, args.out_dir, tokenizer, checkpoint=str(Path(args.checkpoint)))
     except (ImportError, ValueError) as error:  # no transformers, or a layout HF cannot hold
         print(f"minillava export: {error}", file=sys.stderr)
         return 1

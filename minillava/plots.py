@@ -13,13 +13,21 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """Read a JSONL metrics log (one JSON object per line) into a list of dicts."""
+def read_metrics(path: str | Path, up_to_step: int | None = None) -> list[dict]:
+    """Read a JSONL metrics log (one JSON object per line, as train.py writes) into dicts.
+
+    `up_to_step` keeps only the records of steps up to it (records without a step are kept):
+    a run resumed from a checkpoint at step s continues the log as it was at s, not with the
+    lines a killed run wrote after its last checkpoint.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metrics log {str(path)!r} not found")
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in f if line.strip()]
+    if up_to_step is not None:
+        records = [r for r in records if r.get("step", 0) <= up_to_step]
+    return records
 
 
 def smooth(values: list[float], beta: float = 0.9) -> list[float]:

@@ -14,7 +14,7 @@ def compare():
 
 
 def fake_evaluation(text_blind_answer: str, blind_mode: str = "blank") -> dict:
-    """An eval.json as `minillava.eval.report` writes it: count questions the model gets half
+    """An eval.json as `minillava.report.report` writes it: count questions the model gets half
     right (its shortcut "1" fails on the 2), text questions answered "nothing" by both."""
     items = [
         {"question": "q", "answer": "1", "type": "count", "op": "count", "shortcut": "1"},

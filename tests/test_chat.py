@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from tiny_models import tiny_llava_config
 
-from minillava.chat import ChatSession, ask, main
+from minillava.chat import ChatSession, ask, decode_answer, main
 from minillava.checkpoint import save_checkpoint
 from minillava.llava import Llava
 from minillava.tokenizer import get_tokenizer
@@ -77,13 +77,6 @@ def test_interactive_mode_reads_stdin_that_is_not_a_tty(
     assert "you> " not in out  # no prompt when stdin is a pipe
 
 
-def test_missing_checkpoint_says_run_make_train(tmp_path, image_file, capsys):
-    missing = tmp_path / "runs" / "llava.pt"
-    assert main([str(image_file), "hi", "--checkpoint", str(missing)]) == 1
-    err = capsys.readouterr().err
-    assert "make train" in err and str(missing) in err
-
-
 def test_missing_image_is_a_clear_error(checkpoint, tmp_path, capsys):
     assert main([str(tmp_path / "no.png"), "hi", "--checkpoint", str(checkpoint)]) == 1
     assert "no.png" in capsys.readouterr().err
@@ -94,6 +87,15 @@ def test_sample_image_draws_a_scene(tmp_path, capsys):
     assert main(["--sample-image", str(out), "--index", "2", "--image-size", "32"]) == 0
     assert Image.open(out).size == (32, 32)
     assert "minillava chat" in capsys.readouterr().out
+
+
+def test_the_answer_ends_at_the_first_stop_or_padding_token(tokenizer):
+    words = tokenizer.encode("a red circle")
+    stop, pad = tokenizer.stop_ids[0], tokenizer.pad_id
+    assert decode_answer(tokenizer, words + [stop] + tokenizer.encode(" more")) == "a red circle"
+    assert decode_answer(tokenizer, words + [pad, pad]) == "a red circle"
+    assert decode_answer(tokenizer, tokenizer.encode(" red ")) == "red"  # ran out of tokens
+    assert decode_answer(tokenizer, [stop]) == ""
 
 
 def test_session_keeps_history_and_the_image_in_the_first_turn(tokenizer):

@@ -11,11 +11,15 @@ import torch
 from torch import nn
 
 from minillava.checkpoint import (
+    CheckpointNotFoundError,
     config_from_dict,
     load_checkpoint,
+    require_checkpoint,
     save_checkpoint,
     unwrap_model,
+    world_config_from_dict,
 )
+from minillava.data.shapes import WorldConfig
 from minillava.presets import Preset, get_preset
 
 
@@ -88,8 +92,11 @@ def test_load_refuses_pickled_code(tmp_path):
 
 
 def test_missing_file_says_how_to_get_one(tmp_path):
-    with pytest.raises(FileNotFoundError, match="make train"):
+    with pytest.raises(CheckpointNotFoundError, match="make train") as error:
         load_checkpoint(tmp_path / "nope.pt")
+    assert isinstance(error.value, FileNotFoundError) and "nope.pt" in str(error.value)
+    (tmp_path / "there.pt").write_bytes(b"")
+    assert require_checkpoint(str(tmp_path / "there.pt")) == tmp_path / "there.pt"
 
 
 def test_unwrap_model_strips_compile_wrapper():
@@ -107,6 +114,15 @@ def test_config_from_dict_rebuilds_nested_dataclasses_and_tuples():
     assert rebuilt == preset and dataclasses.is_dataclass(rebuilt.model)
     with pytest.raises(ValueError, match="unknown fields"):
         config_from_dict(Preset, {**as_dict, "bogus": 1})
+
+
+def test_world_config_from_dict_reads_a_checkpoint_world_at_the_model_size():
+    stored = dataclasses.asdict(WorldConfig(max_objects=2, text_prob=0.0))
+    stored["heldout_combos"] = [list(pair) for pair in stored["heldout_combos"]]  # via JSON
+    stored["unknown_field"] = 1  # a newer run's field: ignored, not a crash
+    config = world_config_from_dict(stored, image_size=32)
+    assert config == WorldConfig(image_size=32, max_objects=2, text_prob=0.0)
+    assert world_config_from_dict(None, image_size=48) == WorldConfig(image_size=48)
 
 
 def _save_tiny_llava(path, *, vocab_size=None, image_token_id=None):

@@ -1,10 +1,13 @@
-"""The `minillava` command: help, bad commands, and a smoke test of `minillava data export`."""
+"""The `minillava` command: help, bad commands, a missing checkpoint, and a smoke test of
+`minillava data export`."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+
+import pytest
 
 from minillava.cli import SUBCOMMANDS, main
 
@@ -45,6 +48,19 @@ def test_subcommand_help_exits_0(capsys):
         except SystemExit as stop:  # argparse exits after printing help
             assert stop.code == 0
         assert f"minillava {name}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv", [["chat", "scene.png", "hi"], ["eval"], ["export", "out"]], ids=lambda a: a[0]
+)
+def test_a_missing_checkpoint_is_one_line_that_says_run_make_train(argv, tmp_path, capsys):
+    missing = tmp_path / "runs" / "llava.pt"
+    assert main([*argv, "--checkpoint", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"minillava {argv[0]}: no checkpoint at {missing}; run `make train` first "
+        "(or pass --checkpoint PATH)\n"
+    )
 
 
 def test_data_export_writes_images_and_llava_json_that_data_check_accepts(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Evaluation: the scoring is proven right with oracles; the model path runs on a tiny model."""
+"""Evaluation and its report: the scoring is proven right with oracles; the model path, the
+tables, plots and the `minillava eval` command run on a tiny model."""
 
 from __future__ import annotations
 
@@ -11,19 +12,21 @@ from tiny_models import tiny_llava_config
 from minillava.data.instruct import QUESTION_TYPES as INSTRUCT_QUESTION_TYPES
 from minillava.eval import (
     EvalResult,
-    clip_zero_shot,
     evaluate,
-    format_table,
     generate_answers,
     normalise_answer,
-    plot_accuracy_bars,
-    plot_gallery,
-    report,
     score,
     vqa_items,
     vqa_prompt,
 )
 from minillava.llava import Llava
+from minillava.report import (
+    clip_zero_shot,
+    format_table,
+    plot_accuracy_bars,
+    plot_gallery,
+    report,
+)
 from minillava.tokenizer import get_tokenizer
 from minillava.vit import ViTConfig
 
@@ -286,46 +289,27 @@ def test_clip_zero_shot_on_a_tiny_random_clip(tokenizer):
         assert out["chance"] == pytest.approx(1 / k) and len(out["classes"]) == k
 
 
-def test_eval_cli_without_checkpoint_says_run_make_train(tmp_path, capsys):
-    from minillava.eval import main
-
-    assert main(["--checkpoint", str(tmp_path / "missing.pt")]) == 1
-    err = capsys.readouterr().err
-    assert "make train" in err and "missing.pt" in err
-
-
-def test_world_config_accepts_a_checkpoint_world_dict():
-    from dataclasses import asdict
-
-    from minillava.data.shapes import WorldConfig
-    from minillava.eval import world_config
-
-    stored = asdict(WorldConfig(max_objects=2, text_prob=0.0))
-    stored["heldout_combos"] = [list(pair) for pair in stored["heldout_combos"]]  # as loaded
-    stored["unknown_field"] = 1  # a newer run's field: ignored, not a crash
-    config = world_config(stored, image_size=32)
-    assert config.image_size == 32 and config.max_objects == 2
-    assert config.heldout_combos == WorldConfig().heldout_combos
-
-
-def test_generate_answers_asks_for_the_working_when_told_to_explain(
+def test_generate_answers_asks_the_short_answer_prompt_and_reads_it_as_the_chat_does(
     tiny_model, tokenizer, items, monkeypatch
 ):
-    """explain=True puts "Explain your answer." where the short-answer instruction goes."""
-    import minillava.data.collate as collate
-    from minillava.data.instruct import ANSWER_SUFFIX, EXPLAIN_SUFFIX
+    """The prompt is the instruct stage's `vqa_prompt`; the answer is `chat.decode_answer`'s."""
+    import minillava.eval as eval_module
+    from minillava.chat import decode_answer
 
-    asked = []
-    real = collate.collate_conversations
+    asked, decoded = [], []
+    real_collate = eval_module.collate_conversations
 
-    def spy(samples, *args, **kwargs):
+    def spy_collate(samples, *args, **kwargs):
         asked.extend(sample["conversations"][0]["value"] for sample in samples)
-        return real(samples, *args, **kwargs)
+        return real_collate(samples, *args, **kwargs)
 
-    monkeypatch.setattr(collate, "collate_conversations", spy)
+    def spy_decode(tokenizer, ids):
+        decoded.append(decode_answer(tokenizer, ids))
+        return decoded[-1]
+
+    monkeypatch.setattr(eval_module, "collate_conversations", spy_collate)
+    monkeypatch.setattr(eval_module, "decode_answer", spy_decode)
     pixels = items[0]["pixel_values"][None]
     question = items[0]["question"]
-    generate_answers(tiny_model, tokenizer, [question], pixels, max_new_tokens=2)
-    generate_answers(tiny_model, tokenizer, [question], pixels, max_new_tokens=2, explain=True)
-    assert asked == [vqa_prompt(question), vqa_prompt(question, explain=True)]
-    assert asked[0].endswith(ANSWER_SUFFIX) and asked[1].endswith("<image>" + EXPLAIN_SUFFIX)
+    answers = generate_answers(tiny_model, tokenizer, [question], pixels, max_new_tokens=2)
+    assert asked == [vqa_prompt(question)] and answers == decoded

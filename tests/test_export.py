@@ -76,9 +76,3 @@ def test_a_projector_transformers_lacks_is_refused_clearly(tmp_path, capsys):
     tiny_checkpoint(checkpoint, projector="linear")
     assert main([str(tmp_path / "hf"), "--checkpoint", str(checkpoint)]) == 1
     assert "projector" in capsys.readouterr().err
-
-
-def test_missing_checkpoint_says_run_make_train(tmp_path, capsys):
-    assert main(["--format", "hf", str(tmp_path / "out"), "--checkpoint", "nope/llava.pt"]) == 1
-    err = capsys.readouterr().err
-    assert "make train" in err and "nope/llava.pt" in err
