@@ -24,6 +24,7 @@ Data flows through the package in this order (one file per concept):
     stages.py, train.py     what each stage trains on; one training loop for every stage
     plots.py                loss curves from the training log
     chat.py                 talk to a trained model about an image
+    judge.py                free answers judged by meaning, descriptions against the scene
     eval.py, report.py      VQA accuracy by question type against blind baselines; its report
     export.py, interop.py   transformers' LLaVA format, parity-tested
     grading.py, graders/    `minillava grade`: each chapter's checks

@@ -4,11 +4,15 @@
     minillava chat IMAGE                                  interactive, multi-turn
     minillava chat --sample-image scene.png               draw a ShapesWorld scene to ask about
 
-A chat is a LLaVA conversation rendered with the tokenizer's chat template. The image goes with
-the first question only (``<image>\\n{question}``), as in LLaVA's training data; later turns are
-plain text and the model sees the whole history each time:
+A chat is a conversation rendered with the tokenizer's chat template. Every question is
+followed by the image (``{question}\\n<image>``; `data.instruct.question_with_image` says why),
+as in our training data; the model sees the whole history each time, its own earlier answers
+included:
 
-    {system}<|user|><image>\\nWhat is this?<|assistant|>A red circle.<|endoftext|><|user|>...
+    {system}<|user|>What is this?\\n<image><|assistant|> a red circle<|endoftext|><|user|>...
+
+`reply` writes the next turn of a batch of conversations; `ChatSession` is a conversation of
+one, and `minillava eval` asks its questions through `reply` too, with the same prompts.
 
 Decoding is greedy by default (the most likely token each step: repeatable, best for short
 factual answers). `--temperature 0.8 --top-p 0.9` samples instead: more varied, sometimes wrong.
@@ -23,6 +27,7 @@ forgets the conversation, `/quit` (or end of input) leaves. It reads stdin line 
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,9 +35,13 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from minillava.checkpoint import DEFAULT_CHECKPOINT, load_llava
+from minillava.checkpoint import DEFAULT_CHECKPOINT, load_llava, world_config_from_dict
+from minillava.data.collate import left_pad
 from minillava.data.image_processor import ImageProcessor
-from minillava.data.shapes import ShapesWorld, WorldConfig
+from minillava.data.instruct import IMAGE, count_images, question_with_image
+from minillava.data.shapes import ShapesWorld
+from minillava.device import autocast
+from minillava.presets import ModelSizes
 
 
 def load_image(path: str | Path, image_size: int) -> torch.Tensor:
@@ -48,12 +57,14 @@ def load_image(path: str | Path, image_size: int) -> torch.Tensor:
         raise ValueError(f"{str(path)!r} is not an image PIL can read") from error
 
 
-def decode_answer(tokenizer, ids: Sequence[int]) -> str:
+def decode_answer(tokenizer, ids: Sequence[int], strip: bool = True) -> str:
     """New token ids -> the answer's text, cut at the first stop (or padding) token.
 
     `generate` keeps the stop token and fills a finished row with padding until every row of
     the batch has stopped; the answer is what comes before. A row that never stopped (it ran
-    out of `max_new_tokens`) is kept whole.
+    out of `max_new_tokens`) is kept whole. `strip=False` keeps the text as the model wrote it,
+    leading space included, which is how it goes back into the conversation's history: the
+    training data writes every answer so (" red", `data.mixture.space_answers`).
     """
     ends = set(tokenizer.stop_ids) | {tokenizer.pad_id}
     kept = []
@@ -61,7 +72,92 @@ def decode_answer(tokenizer, ids: Sequence[int]) -> str:
         if token in ends:
             break
         kept.append(token)
-    return tokenizer.decode(kept).strip()
+    text = tokenizer.decode(kept)
+    return text.strip() if strip else text
+
+
+def next_question(history: list[dict], question: str, with_image: bool) -> list[dict]:
+    """The conversation the model answers: `history` (alternating turns, possibly empty) and
+    `question` as the next human turn, the image after it (`data.instruct.question_with_image`)."""
+    turn = question_with_image(question, IMAGE if with_image else "")
+    return [*history, {"from": "human", "value": turn}]
+
+
+def fit_to_context(
+    model, tokenizer, turns: list[dict], with_image: bool, max_new_tokens: int
+) -> list[dict]:
+    """Drop the oldest question-answer pairs until prompt + answer fit the context window.
+
+    Every question carries its own copy of the image, so what remains still shows it. Raises
+    ValueError if the last question alone does not fit.
+    """
+    config = model.config
+    budget = config.text.max_seq_len - max_new_tokens
+
+    def positions(turns: list[dict]) -> int:  # each <image> is one id that becomes P positions
+        return len(tokenizer.render_prompt(turns)) + count_images(turns) * (
+            config.num_image_tokens - 1
+        )
+
+    while positions(turns) > budget and len(turns) > 1:
+        turns = turns[2:]  # each question carries its own copy of the image
+    if positions(turns) > budget:
+        raise ValueError(
+            f"the question is too long: the model reads at most {config.text.max_seq_len} "
+            f"tokens, {config.num_image_tokens} of them image and {max_new_tokens} for the answer"
+        )
+    return turns
+
+
+@torch.inference_mode()
+def reply(
+    model,
+    tokenizer,
+    conversations: Sequence[list[dict]],
+    pixel_values: torch.Tensor | None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """The assistant's next turn in each conversation, as the model writes it (not stripped).
+
+    `conversations` end with a human turn (`next_question`); `pixel_values` is (B, 3, H, W),
+    one image per conversation, or None for text-only ones. The prompts are left-padded: every
+    row then ends where its answer begins, and the attention mask keeps the padding out of
+    attention and positions. Greedy by default; `temperature`, `top_k`, `top_p` sample.
+    """
+    if pixel_values is not None and pixel_values.shape[0] != len(conversations):
+        raise ValueError(
+            f"pixel_values has {pixel_values.shape[0]} images for {len(conversations)} "
+            "conversations"
+        )
+    prompts = [tokenizer.render_prompt(turns) for turns in conversations]
+    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_id)  # (B, T) each
+    if pixel_values is not None:  # one copy of its image for each <image> of a conversation
+        copies = [count_images(turns) for turns in conversations]
+        pixel_values = pixel_values.repeat_interleave(torch.tensor(copies), dim=0)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(device):
+            new_ids = model.generate(
+                input_ids.to(device),
+                pixel_values=None if pixel_values is None else pixel_values.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                stop_token_ids=tokenizer.stop_ids,
+                pad_token_id=tokenizer.pad_id,
+                generator=generator,
+            )
+    finally:
+        model.train(was_training)
+    return [decode_answer(tokenizer, row, strip=False) for row in new_ids.tolist()]
 
 
 class ChatSession:
@@ -103,57 +199,22 @@ class ChatSession:
     def reset(self) -> None:
         self.turns = []
 
-    def _prompt_ids(self, turns: list[dict]) -> list[int]:
-        return self.tokenizer.render_prompt(turns)
-
     def _fit(self, turns: list[dict]) -> list[dict]:
-        """Drop the oldest question-answer pairs until prompt + answer fit the context window.
+        return fit_to_context(
+            self.model, self.tokenizer, turns, self.pixel_values is not None, self.max_new_tokens
+        )
 
-        The image token moves to the new first question: the model always sees the image.
-        """
-        config = self.model.config
-        image_tokens = config.vision.num_patches if self.pixel_values is not None else 0
-        budget = config.text.max_seq_len - self.max_new_tokens
-        while len(self._prompt_ids(turns)) - 1 + image_tokens > budget and len(turns) > 1:
-            turns = [dict(turn) for turn in turns[2:]]
-            if self.pixel_values is not None:
-                turns[0]["value"] = f"{self.tokenizer.IMAGE}\n{turns[0]['value']}"
-        if len(self._prompt_ids(turns)) - 1 + image_tokens > budget:
-            raise ValueError(
-                f"the question is too long: the model reads at most {config.text.max_seq_len} "
-                f"tokens, {image_tokens} of them image and {self.max_new_tokens} for the answer"
-            )
-        return turns
-
-    @torch.inference_mode()
     def ask(self, question: str) -> str:
         """Add the question to the conversation, generate the answer, remember it, return it."""
-        question = question.strip()
-        if not self.turns and self.pixel_values is not None:
-            question = f"{self.tokenizer.IMAGE}\n{question}"
-        turns = self._fit(self.turns + [{"from": "human", "value": question}])
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([self._prompt_ids(turns)], device=device)  # (1, T)
-        pixel_values = None
-        if self.pixel_values is not None:
-            pixel_values = self.pixel_values.unsqueeze(0).to(device)  # (1, 3, H, W)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            new_ids = self.model.generate(
-                input_ids,
-                pixel_values=pixel_values,
-                max_new_tokens=self.max_new_tokens,
-                stop_token_ids=self.tokenizer.stop_ids,
-                pad_token_id=self.tokenizer.pad_id,
-                generator=self.generator,
-                **self.sampling,
-            )
-        finally:
-            self.model.train(was_training)
-        answer = decode_answer(self.tokenizer, new_ids[0].tolist())
-        self.turns = turns + [{"from": "gpt", "value": answer}]
-        return answer
+        turns = next_question(self.turns, question.strip(), self.pixel_values is not None)
+        turns = self._fit(turns)
+        pixel_values = None if self.pixel_values is None else self.pixel_values.unsqueeze(0)
+        options = {"max_new_tokens": self.max_new_tokens, "generator": self.generator}
+        answer = reply(
+            self.model, self.tokenizer, [turns], pixel_values, **options, **self.sampling
+        )
+        self.turns = turns + [{"from": "gpt", "value": answer[0]}]
+        return answer[0].strip()
 
 
 def ask(model, tokenizer, pixel_values: torch.Tensor | None, question: str, **options) -> str:
@@ -205,14 +266,59 @@ def interactive(session: ChatSession, image_size: int, stdin=None, stdout=None) 
             say(f"({error}; /reset to start over)")
 
 
-def draw_sample_image(out: str | Path, index: int = 0, split: str = "test", size: int = 64) -> None:
-    """Save ShapesWorld scene `index` of `split` as a PNG and print what it shows."""
-    sample = ShapesWorld(split, size=index + 1, config=WorldConfig(image_size=size))[index]
+def trained_world(checkpoint: str | Path) -> tuple[int, dict | None] | None:
+    """(image size, ShapesWorld config dict) the model in `checkpoint` was trained on; None if
+    there is no file there.
+
+    Read from the stored configs without building the model (mmap leaves the weights on disk).
+    The dict is the run's "world" (noise, objects, ...); None for a checkpoint that has none.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    world = (ckpt.get("config") or {}).get("world")
+    return int(ckpt["model_config"]["vision"]["image_size"]), world
+
+
+def draw_sample_image(
+    out: str | Path,
+    index: int = 0,
+    split: str = "test",
+    size: int | None = None,
+    checkpoint: str | Path | None = DEFAULT_CHECKPOINT,
+) -> int:
+    """Save ShapesWorld scene `index` of `split` as a PNG, print what it shows; return its size.
+
+    Drawn as the model in `checkpoint` saw its training images: at its image size, in its world.
+    The chat would resize any other size, and a resized scene is not what training drew
+    (docs/results.md, "Chatting about larger images"). Without a checkpoint: the cpu preset's
+    size, what `make train` trains. `size` overrides either.
+    """
+    run, why = None, f"no checkpoint at {checkpoint}"
+    if checkpoint is not None:
+        try:
+            run = trained_world(checkpoint)
+        except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError,
+                pickle.UnpicklingError) as error:  # fmt: skip
+            why = f"could not read {checkpoint} ({type(error).__name__})"
+    if size is not None:
+        why = "--image-size"
+        if run is not None and run[0] != size:
+            why += f"; the model in {checkpoint} reads {run[0]} px: the chat will resize it"
+    elif run is not None:
+        size, why = run[0], f"the image size of the model in {checkpoint}"
+    else:
+        size, why = ModelSizes().image_size, f"{why}: the cpu preset's image size"
+    config = world_config_from_dict(run[1] if run else None, size)
+    sample = ShapesWorld(split, size=index + 1, config=config)[index]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sample.image.save(out)
-    print(f"wrote {out} ({split} scene {index}, {size}x{size}): {sample.captions[0]}")
+    print(f"wrote {out} ({split} scene {index}): {sample.captions[0]}")
+    print(f"drawn at {size}x{size} pixels: {why}")
     print(f'try: minillava chat {out} "What shapes do you see?"')
+    return size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,14 +339,26 @@ def main(argv: list[str] | None = None) -> int:
         "--sample-image",
         metavar="OUT.png",
         default=None,
-        help="draw a ShapesWorld test scene to OUT.png and exit (no checkpoint needed)",
+        help="draw a ShapesWorld test scene to OUT.png, as the --checkpoint model's training "
+        "images were drawn (its size, its world), and exit (no checkpoint needed)",
     )
     parser.add_argument("--index", type=int, default=0, help="which scene --sample-image draws")
-    parser.add_argument("--image-size", type=int, default=64, help="size --sample-image draws")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="size --sample-image draws (default: the --checkpoint model's image size, without "
+        f"one the cpu preset's {ModelSizes().image_size})",
+    )
     args = parser.parse_args(argv)
 
     if args.sample_image:
-        draw_sample_image(args.sample_image, args.index, size=args.image_size)
+        try:
+            draw_sample_image(
+                args.sample_image, args.index, size=args.image_size, checkpoint=args.checkpoint
+            )
+        except ValueError as error:  # e.g. an --image-size ShapesWorld cannot draw
+            parser.error(str(error))
         return 0
     if args.temperature < 0:
         parser.error(f"--temperature must be >= 0, got {args.temperature}")

@@ -1,15 +1,24 @@
-"""Evaluation: does the model *look* at the image? VQA accuracy by question type, with a baseline.
+"""Evaluation: does the model *look* at the image, and is what it says true?
 
-A VQA (visual question answering) benchmark asks short questions about images and compares the
-model's answer with the truth, word for word, after a light normalisation (case, spaces, a final
-full stop). We ask in LLaVA-1.5's short-answer style, with the question before the image
-(`data.instruct.vqa_prompt` says why), the same prompt the instruct stage trained on:
+Everything here asks the model as `minillava chat` does, through the chat's own `reply`: the
+image, then a plain question as a person types it ("What colour is the circle?", no
+instruction about the answer's form), greedy decoding with the KV cache until the end of the
+turn. So every figure is what a learner gets from the chat. Answers are judged by meaning
+(`minillava.judge`): "red", "Red." and "The circle is red." are all right; "red or blue" is not.
 
-    <|user|>What colour is the circle?\\n<image>\\nAnswer with a single word or phrase.<|assistant|>
+Four measurements:
 
-and decode greedily (temperature 0) with the KV cache until the end-of-turn token. The answer is
-read off the new tokens by the chat's `decode_answer`: what is scored is what `minillava chat`
-would say to the same question.
+- **Short answers** by question type (colour, shape, count, existence, position, relation,
+  text, reasoning), each beside a blind baseline (below): `evaluate`.
+- **Later turns**: the same kinds of question asked as the 2nd and 3rd turn of one
+  conversation, the model's own answers in the history: `evaluate_turns`. A model trained
+  only on first questions answers these badly, and a chat is mostly later turns.
+- **False premises**: "What colour is the circle?" about a scene without one. An honest model
+  says there is none; one that never saw such a question names a colour:
+  `evaluate_false_premises`.
+- **Descriptions**: "Describe the image.", scored against the scene annotation, CHAIR-style:
+  objects named right in cell, size, colour and shape, objects named that are not there,
+  repeats, the text: `evaluate_descriptions`.
 
 Accuracy alone can fool you. Ask "Is there a red shape?" and always answering "yes" may be right
 half the time; ask "How many shapes are there?" of scenes with 1-4 shapes and "two" may be right a
@@ -35,10 +44,11 @@ The held-out split shows (shape, colour) pairs never seen in training: a model t
 "purple" and "triangle" separately answers as well there as on the test split; one that learnt
 only the pairs it saw does not.
 
-The file reads in three parts: scoring (`normalise_answer`, `EvalResult`, `score`: any
+The file reads in four parts: scoring (`normalise_answer`, `EvalResult`, `score`: any
 answerer, proven right with oracles), the model as an answerer (`generate_answers`,
-`model_answerer`), and the evaluation itself (`vqa_items`, `evaluate`). Showing the results
-(tables, plots, chat samples, the ``minillava eval`` command) is `minillava.report`'s job.
+`model_answerer`), the short-answer evaluation (`vqa_items`, `evaluate`), and the rest (turns,
+false premises, descriptions). Showing the results (tables, plots, chat samples, the
+``minillava eval`` command) is `minillava.report`'s job.
 """
 
 from __future__ import annotations
@@ -48,11 +58,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minillava.chat import decode_answer
+from minillava.chat import fit_to_context, next_question, reply
 from minillava.checkpoint import world_config_from_dict
-from minillava.data.collate import collate_conversations
-from minillava.data.instruct import VQADataset, vqa_prompt  # the prompt the instruct stage used
-from minillava.device import autocast
+from minillava.data.instruct import VQADataset
+from minillava.judge import aggregate, judge_answer, judge_false_premise, score_description
 
 BLIND_MODES = ("blank", "no_image")
 # Characters stripped from the end of an answer: "Red." and "red" are the same answer.
@@ -75,12 +84,13 @@ def normalise_answer(text: str) -> str:
 
 @dataclass
 class EvalResult:
-    """Exact-match accuracy of one run: overall, per question type, and every answer.
+    """Accuracy of one run (answers judged by meaning): overall, per question type, every answer.
 
     `records` holds one dict per question: index, type, question, answer (truth), prediction
-    (raw), correct, and where the item says so "objects" (shapes in the image), "op" (the
-    question's program) and "shortcut" (`data.instruct.shortcut_answer`); the first few also
-    carry "pixel_values" (3, H, W), for `report.plot_gallery` to show.
+    (raw), correct (by meaning), exact (word for word, after `normalise_answer`), and where the
+    item says so "objects" (shapes in the image), "op" (the question's program) and "shortcut"
+    (`data.instruct.shortcut_answer`); the first few also carry "pixel_values" (3, H, W), for
+    `report.plot_gallery` to show.
     """
 
     split: str
@@ -181,7 +191,7 @@ def score(
     batch_size: int = 32,
     keep_images: int = 16,
 ) -> EvalResult:
-    """Ask `answer_fn` every item's question, batch by batch, and score exact matches by type."""
+    """Ask `answer_fn` every item's question, batch by batch, and judge the answers by type."""
     records: list[dict] = []
     batch: list[dict] = []
 
@@ -198,7 +208,8 @@ def score(
                 "question": item["question"],
                 "answer": item["answer"],
                 "prediction": prediction,
-                "correct": normalise_answer(prediction) == normalise_answer(item["answer"]),
+                "correct": is_right(item, prediction),  # by meaning: "It is red." is right
+                "exact": normalise_answer(prediction) == normalise_answer(item["answer"]),
             }
             if item.get("scene") is not None:
                 record["objects"] = len(item["scene"].objects)
@@ -233,7 +244,6 @@ def score(
 # The model as an answerer
 
 
-@torch.inference_mode()
 def generate_answers(
     model,
     tokenizer,
@@ -245,41 +255,18 @@ def generate_answers(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> list[str]:
-    """Greedy (or sampled) answers to a batch of single-turn questions, one image each or none.
+    """Greedy (or sampled) answers to a batch of first questions, one image each or none.
 
-    Prompts are left-padded: every row then ends at the same position, where the answer begins,
-    and the attention mask keeps the padding out of attention and positions.
-    `pixel_values` is (B, 3, H, W) matching `questions`, or None for text-only prompts.
-    Each answer is read off its new tokens by the chat's own `decode_answer`.
+    Each question opens a conversation exactly as `minillava chat` opens one (`chat.
+    next_question`: the image, then the question as typed), and the answers come from the
+    chat's own `reply`. `pixel_values` is (B, 3, H, W) matching `questions`, or None.
     """
     with_image = pixel_values is not None
-    if with_image and pixel_values.shape[0] != len(questions):
-        raise ValueError(
-            f"pixel_values has {pixel_values.shape[0]} images for {len(questions)} questions"
-        )
-    samples = [
-        {
-            "pixel_values": pixel_values[i] if with_image else None,
-            "conversations": [{"from": "human", "value": vqa_prompt(q, with_image)}],
-        }
-        for i, q in enumerate(questions)
-    ]
-    batch = collate_conversations(samples, tokenizer, padding_side="left")
-    device = next(model.parameters()).device
-    with autocast(device):
-        new_ids = model.generate(
-            batch["input_ids"].to(device),
-            pixel_values=batch["pixel_values"].to(device) if with_image else None,
-            attention_mask=batch["attention_mask"].to(device),
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            stop_token_ids=tokenizer.stop_ids,
-            pad_token_id=tokenizer.pad_id,
-            generator=generator,
-        )
-    return [decode_answer(tokenizer, row) for row in new_ids.tolist()]
+    conversations = [next_question([], q, with_image) for q in questions]
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    answers = reply(model, tokenizer, conversations, pixel_values, max_new_tokens,
+                    generator=generator, **sampling)  # fmt: skip
+    return [answer.strip() for answer in answers]
 
 
 def model_answerer(
@@ -341,7 +328,7 @@ def evaluate(
     world: Mapping | None = None,
     items: Sequence[dict] | None = None,
 ) -> EvalResult:
-    """Exact-match VQA accuracy of `model` on `n` questions of `split`, overall and per type.
+    """VQA accuracy of `model` on `n` first questions of `split`, overall and per type.
 
     image_size defaults to the model's ViT input size. `device` moves the model there first
     (default: wherever it already is). `blind=True` is the baseline without the image.
@@ -363,3 +350,140 @@ def evaluate(
         model.train(was_training)
     result.blind, result.blind_mode = blind, blind_mode if blind else None
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Beyond one question: later turns, false premises, descriptions
+
+
+def is_right(turn: Mapping, prediction: str) -> bool:
+    """A free answer judged by meaning (`judge`): an honest "there is none" for a question about
+    an absent object, the right value and no other for the rest."""
+    if turn["type"] == "false_premise":
+        return judge_false_premise(prediction, turn["query"]["absent"])
+    return judge_answer(turn, prediction)
+
+
+@dataclass
+class TurnResult:
+    """Accuracy of each turn of a conversation: the same questions asked 1st, 2nd, 3rd.
+
+    `records` holds one dict per conversation: its questions, the truths, the model's answers
+    and whether each was right. A model that learnt to answer only a conversation's first
+    question shows it here: turn 1 high, the others low.
+    """
+
+    split: str
+    per_turn: list[float]
+    per_turn_type: list[dict[str, float]]
+    records: list[dict] = field(default_factory=list, repr=False)
+
+    @property
+    def n(self) -> int:
+        return len(self.records)
+
+    def to_dict(self) -> dict:
+        return {"split": self.split, "n": self.n, "per_turn": self.per_turn,
+                "per_turn_type": self.per_turn_type, "records": self.records}  # fmt: skip
+
+
+def evaluate_turns(
+    model, tokenizer, items: Sequence[dict], split: str = "test", batch_size: int = 32,
+    max_new_tokens: int = 24,
+) -> TurnResult:  # fmt: skip
+    """Ask each item's questions ("turns", `VQADataset(turns=k)`) one after the other in one
+    conversation, as a person would in `minillava chat`: the model's own answers stay in the
+    history. Every answer judged by meaning (`is_right`)."""
+    records = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        pixel_values = torch.stack([item["pixel_values"] for item in batch])  # (B, 3, H, W)
+        histories: list[list[dict]] = [[] for _ in batch]
+        rows = [{"questions": [], "answers": [], "predictions": [], "types": [], "correct": []}
+                for _ in batch]  # fmt: skip
+        for k in range(len(batch[0]["turns"])):
+            # As ChatSession.ask builds them, the oldest turns dropped if they no longer fit.
+            asked = [next_question(h, item["turns"][k]["question"], with_image=True)
+                     for h, item in zip(histories, batch, strict=True)]  # fmt: skip
+            conversations = [
+                fit_to_context(model, tokenizer, turns, True, max_new_tokens) for turns in asked
+            ]
+            answers = reply(model, tokenizer, conversations, pixel_values, max_new_tokens)
+            for i, (item, answer) in enumerate(zip(batch, answers, strict=True)):
+                turn = item["turns"][k]
+                histories[i] = conversations[i] + [{"from": "gpt", "value": answer}]
+                row = rows[i]
+                row["questions"].append(turn["question"])
+                row["answers"].append(turn["answer"])
+                row["predictions"].append(answer.strip())
+                row["types"].append(turn["type"])
+                row["correct"].append(is_right(turn, answer.strip()))
+        records += rows
+    if not records:
+        raise ValueError(f"no conversations to evaluate on split {split!r}")
+    turns = len(records[0]["correct"])
+    per_turn = [sum(r["correct"][k] for r in records) / len(records) for k in range(turns)]
+    per_turn_type = []
+    for k in range(turns):
+        groups: dict[str, list[bool]] = {}
+        for r in records:
+            groups.setdefault(r["types"][k], []).append(r["correct"][k])
+        per_turn_type.append({t: sum(v) / len(v) for t, v in sorted(groups.items())})
+    return TurnResult(split, per_turn, per_turn_type, records)
+
+
+def false_premise_items(
+    split: str = "test", n: int = 200, image_size: int = 64, seed: int = 0,
+    world: Mapping | None = None,
+) -> list[dict]:  # fmt: skip
+    """`n` questions about objects the image does not show ("What colour is the circle?" in a
+    scene without one), on a split's first scenes."""
+    config = world_config_from_dict(world, image_size)
+    dataset = VQADataset(split=split, size=n, config=config, seed=seed, types=("false_premise",))
+    return [dataset[i] for i in range(min(n, len(dataset)))]
+
+
+def evaluate_false_premises(
+    model, tokenizer, items: Sequence[dict], batch_size: int = 32, max_new_tokens: int = 24
+) -> dict:
+    """Share of questions about an absent object that the model answers as such ("There is no
+    circle in the image.") instead of naming a colour, shape or cell for it."""
+    records = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        pixel_values = torch.stack([item["pixel_values"] for item in batch])
+        answers = generate_answers(model, tokenizer, [i["question"] for i in batch], pixel_values,
+                                   max_new_tokens)  # fmt: skip
+        for item, answer in zip(batch, answers, strict=True):
+            honest = is_right(item["turns"][0], answer)
+            absent = item["turns"][0]["query"]["absent"]
+            records.append(
+                {"question": item["question"], "prediction": answer, "absent": absent,
+                 "honest": honest}
+            )  # fmt: skip
+    rate = sum(r["honest"] for r in records) / max(len(records), 1)
+    return {"n": len(records), "honest": rate, "records": records}
+
+
+DESCRIBE = "Describe the image."  # as a person would ask it
+
+
+def evaluate_descriptions(
+    model, tokenizer, samples: Sequence, question: str = DESCRIBE, batch_size: int = 32,
+    max_new_tokens: int = 128,
+) -> dict:  # fmt: skip
+    """Ask for a description of each sample (ShapesWorld `Sample`s: scene and pixels) and score
+    it against the scene annotation (`judge.score_description`): objects named right in cell,
+    size, colour and shape (precision, recall, F1), hallucinated and repeated mentions, the
+    text. Returns the totals (`judge.aggregate`) and every description with its score."""
+    records, scores = [], []
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        pixel_values = torch.stack([s.pixel_values for s in batch])
+        answers = generate_answers(model, tokenizer, [question] * len(batch), pixel_values,
+                                   max_new_tokens)  # fmt: skip
+        for sample, text in zip(batch, answers, strict=True):
+            result = score_description(sample.scene, text)
+            scores.append(result)
+            records.append({"index": sample.index, "description": text, "score": result})
+    return {"question": question, "totals": aggregate(scores), "records": records}

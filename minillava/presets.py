@@ -66,15 +66,18 @@ class DataSizes:
     max_len: int = 256  # longest conversation kept, in tokens before the image is spliced in
     max_objects: int = 4
     text_prob: float = 0.25  # share of images with a rendered letter or digit
-    # Share of `instruct` batches that are short-answer VQA in the eval convention
-    # ("...\nAnswer with a single word or phrase."), as LLaVA-1.5 mixed VQAv2/GQA into its data.
+    # Share of `instruct` (and `lm`) batches that are short-answer questions, as LLaVA-1.5 mixed
+    # VQAv2/GQA into its data; the others are the data engine's conversations, descriptions and
+    # reasoning.
     vqa_fraction: float = 0.85
-    # Share of instruct's batch_size rows (of each process's share, under DDP) that its
-    # conversation batches (the other 1 - vqa_fraction) hold. A conversation, description or
-    # reasoning answer is about three one-question rows long: 1/3 gives both kinds of batch
-    # about the same tokens, and the step the same cost (the token budget of a batch, not its
-    # row count, is what costs).
-    conversation_rows: float = 1.0
+    # Questions per short-answer row, one a turn, the image before the first (data.mixture.
+    # vqa_turns): every answer is trained on, and the later ones teach what a chat's later turns
+    # need, an answer found after the image was read.
+    questions_per_image: int = 3
+    # Share of short-answer questions about an object that is not there ("What colour is the
+    # circle?" without a circle), answered "There is no circle in the image.": without them the
+    # model names a colour for any circle it is asked about.
+    false_premise_share: float = 0.1
     # `clip` stage: half of each batch are shape-swapped twins of the other half (hard
     # negatives, stages.CaptionBatches), so that CLIP must see shape, not only colour.
     clip_hard_negatives: bool = True
@@ -247,10 +250,9 @@ def cpu_preset() -> Preset:
         model=ModelSizes(vision_feature_layer=0),
         data=DataSizes(
             **measured_question_mix(),
-            # A batch of conversations holds a third of the rows (each is ~3 one-question rows
-            # long): about the tokens, and the cost, of a short-answer batch. The time full
-            # batches of them took pays for the longer mixture.
-            conversation_rows=1 / 3,
+            # Three in ten batches are the data engine's conversations, descriptions and
+            # reasoning: "Describe the image." is a chat's first question as often as any.
+            vqa_fraction=0.7,
             # Drawn once, read a dozen times: 0.7 GB of memory for about a minute of drawing.
             cache_images=True,
         ),
@@ -259,10 +261,9 @@ def cpu_preset() -> Preset:
         align=StageConfig(
             steps=100, batch_size=32, lr=2e-3, warmup_steps=10, weight_decay=0.0, ckpt_every=50
         ),
-        # As many steps as fit with a margin: 3,200 scored 86.0-91.0% on five seeds against
-        # 87.1-90.6% at 2,800 (mean +0.7, within the seeds' spread) and cost up to a minute
-        # more, over 15 minutes on slower machines.
-        instruct=StageConfig(steps=2800, batch_size=96, lr=1e-3, warmup_steps=20, ckpt_every=100),
+        # As many steps as fit in `make train`'s 15 minutes on 2 cores: a row of three questions,
+        # each followed by the image's 9 tokens, is about 80 positions (docs/results.md).
+        instruct=StageConfig(steps=2800, batch_size=32, lr=1e-3, warmup_steps=20, ckpt_every=100),
         num_threads=2,
         cpu_processes=2,
         # 250 questions a type: the overall accuracy to +-0.7 points (500 left +-1.3: one run's

@@ -48,8 +48,20 @@ from minillava.checkpoint import (
 from minillava.clip import CLIP, CLIPConfig
 from minillava.data.collate import collate_text
 from minillava.data.image_processor import ImageProcessor
+from minillava.data.instruct import VQADataset
 from minillava.data.shapes import ShapesWorld, WorldConfig
-from minillava.eval import BLIND_MODES, EvalResult, evaluate, vqa_items
+from minillava.eval import (
+    BLIND_MODES,
+    DESCRIBE,
+    EvalResult,
+    TurnResult,
+    evaluate,
+    evaluate_descriptions,
+    evaluate_false_premises,
+    evaluate_turns,
+    false_premise_items,
+    vqa_items,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Tables
@@ -64,7 +76,7 @@ def format_table(
     the gain over it, headed by its mode ("no_image": the decoder without the image token).
     """
     blinds = ([blind] if blind is not None else []) + list(others)
-    title = f"VQA accuracy, split {result.split!r} ({result.n} questions, exact match)"
+    title = f"VQA accuracy, split {result.split!r} ({result.n} first questions, by meaning)"
     if blinds:
         modes = " / ".join(b.blind_mode or "blank" for b in blinds)
         title += f"; blind = same model without the image ({modes})"
@@ -104,6 +116,49 @@ def format_table(
     return "\n".join(lines)
 
 
+def format_turns(result: TurnResult) -> str:
+    """Accuracy of the 1st, 2nd, 3rd ... question of a conversation, overall and by type."""
+    turns = len(result.per_turn)
+    header = f"{'type':<14}" + "".join(f" {'turn ' + str(k + 1):>8}" for k in range(turns))
+    lines = [
+        f"Later turns, split {result.split!r}: {result.n} conversations of {turns} questions, "
+        "the model's own answers in the history",
+        header,
+        "-" * len(header),
+    ]
+    kinds = sorted({kind for per_type in result.per_turn_type for kind in per_type})
+    for kind in kinds:
+        cells = [per_type.get(kind) for per_type in result.per_turn_type]
+        lines.append(f"{kind:<14}" + "".join(
+            f" {'-':>8}" if c is None else f" {c:>8.1%}" for c in cells))  # fmt: skip
+    lines.append("-" * len(header))
+    lines.append(f"{'all':<14}" + "".join(f" {acc:>8.1%}" for acc in result.per_turn))
+    return "\n".join(lines)
+
+
+def format_descriptions(totals: Mapping, false_premises: Mapping | None = None) -> str:
+    """Faithfulness of the descriptions (`judge.aggregate`'s totals), and false premises."""
+    lines = [
+        f'Descriptions ("{DESCRIBE}", {totals["n"]} images): objects named right in cell, '
+        f"size, colour and shape: precision {totals['precision']:.3f}, recall "
+        f"{totals['recall']:.3f}, F1 {totals['f1']:.3f}; hallucinated "
+        f"{totals['hallucination_rate']:.1%} of objects named ({totals['chair_s']:.1%} of "
+        f"descriptions name one); repeated mentions {totals['repeated_per_description']:.2f} a "
+        f"description; the count right {_pct(totals.get('count_accuracy'))}, the text right "
+        f"{_pct(totals.get('text_accuracy'))}"
+    ]
+    if false_premises is not None:
+        lines.append(
+            f"False premises (a question about an object that is not there): "
+            f"{false_premises['honest']:.1%} of {false_premises['n']} answered that it is not"
+        )
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Plots
 
@@ -136,7 +191,7 @@ def plot_accuracy_bars(
             linewidth=0.5,
         )
     ax.set_xticks(range(len(kinds)), kinds, rotation=20)
-    ax.set_ylabel("exact-match accuracy (%)")
+    ax.set_ylabel("accuracy (%), answers judged by meaning")
     ax.set_ylim(0, 100)
     ax.set_title(title)
     ax.legend(fontsize="small")
@@ -174,6 +229,51 @@ def plot_gallery(
             color=colour,
         )
     fig.suptitle(title or f"{result.split}: {result.accuracy:.0%} of {result.n} correct")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def mark_wrong_words(text: str, spans: Sequence[tuple[int, int]]) -> str:
+    """The description with each wrong span in [BRACKETS AND CAPITALS], for a plain-text plot."""
+    out, last = [], 0
+    for start, end in sorted(spans):
+        out += [text[last:start], f"[{text[start:end].upper()}]"]
+        last = end
+    return "".join(out + [text[last:]])
+
+
+def plot_description_gallery(
+    samples: Sequence, records: Sequence[dict], path: str | Path, n: int = 6, columns: int = 3
+) -> Path:
+    """Images with the model's description, wrong words [MARKED]; the title says the score.
+
+    `samples` are the ShapesWorld samples described, `records` `evaluate_descriptions`'s.
+    """
+    shown = list(zip(samples, records, strict=False))[:n]
+    if not shown:
+        raise ValueError("plot_description_gallery: nothing to show")
+    rows = math.ceil(len(shown) / columns)
+    # Each image sits above its text: two rows of axes per row of samples.
+    fig = Figure(figsize=(4.4 * columns, 6.4 * rows))
+    axes = fig.subplots(2 * rows, columns, squeeze=False, height_ratios=[3, 2] * rows)
+    for ax in axes.flat:
+        ax.axis("off")
+    image_axes = [axes[2 * (k // columns), k % columns] for k in range(len(shown))]
+    text_axes = [axes[2 * (k // columns) + 1, k % columns] for k in range(len(shown))]
+    for ax, text_ax, (sample, record) in zip(image_axes, text_axes, shown, strict=True):
+        score = record["score"]
+        ax.imshow(sample.image)
+        text = mark_wrong_words(record["description"], score.wrong_words)
+        right = score.f1 == 1.0 and not score.hallucinated and not score.repeated
+        ax.set_title(f"F1 {score.f1:.2f}, {score.hallucinated} hallucinated, "
+                     f"{score.repeated} repeated", fontsize=9,
+                     color="green" if right else "red")  # fmt: skip
+        text_ax.text(0.0, 1.0, _wrap(text, 56), transform=text_ax.transAxes, fontsize=7.5,
+                     va="top")  # fmt: skip
+    fig.suptitle(f'"{DESCRIBE}": wrong words in [CAPITALS]')
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -319,8 +419,15 @@ def report(
     world: Mapping | None = None,
     seed: int = 0,
     print_fn: Callable[[str], None] = print,
+    turns: int = 3,
+    n_conversations: int | None = None,
+    n_descriptions: int | None = None,
 ) -> dict:
     """Evaluate on each split with and without the image; print tables + chat samples; save plots.
+
+    Per split: `n` first questions (with the blind baselines), `n_conversations` conversations
+    of `turns` questions and as many false premises (default n // 4), `n_descriptions`
+    descriptions (default n // 10), all asked through the chat's `reply`.
 
     `blind_modes`: the blind baselines, each a column pair of the table; the first is *the*
     baseline (eval.json's "blind", the bars), the others are kept as "blind_<mode>". Both by
@@ -356,6 +463,11 @@ def report(
         for other in others:
             summary["splits"][split][f"blind_{other.blind_mode}"] = other.to_dict()
         plot_gallery(result, out_dir / f"gallery_{split}.png")
+        summary["splits"][split].update(
+            talk_about(model, tokenizer, split, out_dir, print_fn, batch_size, image_size, world,
+                       seed, turns, n_conversations or max(1, n // 4),
+                       n_descriptions or max(1, n // 10))
+        )  # fmt: skip
     plot_accuracy_bars(bars, out_dir / "accuracy.png")
 
     if clip_model is not None:
@@ -378,8 +490,36 @@ def report(
             print_fn(f"    minillava: {sample['answer']}")
     with open(out_dir / "eval.json", "w") as f:
         json.dump(summary, f, indent=1)
-    print_fn(f"\nplots and answers in {out_dir}/ (accuracy.png, gallery_*.png, eval.json)")
+    print_fn(f"\nplots and answers in {out_dir}/ (accuracy.png, gallery_*.png, "
+             "descriptions_*.png, eval.json)")  # fmt: skip
     return summary
+
+
+def talk_about(model, tokenizer, split, out_dir, print_fn, batch_size, image_size, world, seed,
+               turns, n_conversations, n_descriptions) -> dict:  # fmt: skip
+    """What a chat needs beyond first questions, on one split: later turns, false premises,
+    descriptions. Printed, the description gallery saved; returns their eval.json entries."""
+    config = world_config_from_dict(world, image_size)
+    conversations = VQADataset(split, n_conversations, config, seed, turns=turns)
+    items = [conversations[i] for i in range(len(conversations))]
+    by_turn = evaluate_turns(model, tokenizer, items, split, batch_size)
+    premises = false_premise_items(split, n_conversations, image_size, seed, world)
+    false_premises = evaluate_false_premises(model, tokenizer, premises, batch_size)
+    world_ = ShapesWorld(split, n_descriptions, config, seed=seed)
+    samples = [world_[i] for i in range(len(world_))]
+    descriptions = evaluate_descriptions(model, tokenizer, samples, batch_size=batch_size)
+    print_fn("")
+    print_fn(format_turns(by_turn))
+    print_fn(format_descriptions(descriptions["totals"], false_premises))
+    plot_description_gallery(samples, descriptions["records"],
+                             out_dir / f"descriptions_{split}.png")  # fmt: skip
+    described = [{"index": r["index"], "description": r["description"],
+                  **r["score"].to_dict()} for r in descriptions["records"]]  # fmt: skip
+    return {
+        "turns": by_turn.to_dict(),
+        "false_premises": false_premises,
+        "descriptions": {"totals": descriptions["totals"], "records": described},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

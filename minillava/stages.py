@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from minillava.checkpoint import load_checkpoint
 from minillava.clip import CLIP, CLIPConfig, TextEncoderConfig
 from minillava.data.collate import collate_conversations, collate_text
+from minillava.data.instruct import IMAGE, count_images
 from minillava.data.mixture import curriculum_phases, scene_turns
 from minillava.data.shapes import (
     ShapesWorld,
@@ -239,13 +240,18 @@ def check_instruct_mix(preset: Preset) -> list[tuple[int, dict]]:
     fails before lm, clip and align spend their minutes.
 
     Raises ValueError if the phases are malformed or leave no step of instruct for the whole
-    mix, or if data.conversation_rows or data.read_text_weight is out of range.
+    mix, or if data.read_text_weight, data.questions_per_image or data.false_premise_share is
+    out of range.
     """
     data = preset.data
+    if data.questions_per_image < 1:
+        raise ValueError(f"data.questions_per_image must be >= 1; got {data.questions_per_image}")
+    if not 0.0 <= data.false_premise_share <= 1.0:
+        raise ValueError(
+            f"data.false_premise_share must be in [0, 1]; got {data.false_premise_share}"
+        )
     if data.read_text_weight is not None and data.read_text_weight < 0:
         raise ValueError(f"data.read_text_weight must be >= 0 or None; got {data.read_text_weight}")
-    if not 0.0 < data.conversation_rows <= 1.0:
-        raise ValueError(f"data.conversation_rows must be in (0, 1]; got {data.conversation_rows}")
     phases = curriculum_phases(data.curriculum, data.vqa_type_weights)
     if phases and phases[-1][0] >= preset.instruct.steps:
         raise ValueError(
@@ -268,15 +274,14 @@ class SceneTextBatches(StageBatches):
     """`lm` stage: the instruct conversations, with the image replaced by the scene in words.
 
         <system><|user|>What colour is the circle?\nThe image shows two shapes ... In the top
-        left there is a large red circle. ...\nAnswer with a single word or phrase.
-        <|assistant|> red<|endoftext|>
+        left there is a large red circle. ...<|assistant|> red<|endoftext|><|user|>...
 
     Before it ever sees a pixel, the decoder learns the world's language, the chat template, to
-    answer tersely when asked to, and (the hard part for a tiny model) to look an answer up in
-    the description, which stands where the image will (after the question: `vqa_prompt`).
-    Within the cpu preset's 150 steps it learns the first three, not the look-up
-    (docs/results.md). The projector's job in the later stages is then to make the
-    image tokens readable like that description. Every token is a target, as in pretraining.
+    answer tersely, and (the hard part for a tiny model) to look an answer up in the
+    description, which stands where the image will (after the question: `data.instruct.
+    question_with_image`; later questions of the row read the same description back). The
+    projector's job in the later stages is then to make the image tokens readable like that
+    description. Every token is a target, as in pretraining.
     """
 
     def __init__(self, world, tokenizer, config: StageConfig, seed: int, max_len: int, **mix):
@@ -288,7 +293,11 @@ class SceneTextBatches(StageBatches):
     def text_ids(self, index: int, rng: random.Random, mix: dict) -> list[int]:
         scene = self.world.scene(index)  # the annotation only: no pixels are drawn
         turns = scene_turns(scene, make_captions(scene, rng), rng, self.world.config, **mix)
-        turns[0]["value"] = turns[0]["value"].replace("<image>", make_description(scene, rng))
+        description = make_description(scene)  # in the first question's image's place, once
+        for k, turn in enumerate(turns[0::2]):
+            turn["value"] = turn["value"].replace(
+                f"\n{IMAGE}", f"\n{description}" if k == 0 else ""
+            )
         ids, _ = self.tokenizer.render(turns)
         return ids[: self.max_len]
 
@@ -310,8 +319,7 @@ class ConversationBatches(StageBatches):
 
     `align` uses the "caption" kind only; `instruct` the mix of VQA and the data engine's kinds,
     whose short-answer batches ask only the current phase's question types while the phases of
-    data.curriculum (`phases`, from `check_instruct_mix`) run. `conversation_rows`: the share of
-    the rows that a batch of conversations keeps (they are longer than short-answer rows).
+    data.curriculum (`phases`, from `check_instruct_mix`) run.
     """
 
     def __init__(
@@ -323,15 +331,13 @@ class ConversationBatches(StageBatches):
         seed: int,
         max_len: int,
         phases: list[tuple[int, dict]] | None = None,
-        conversation_rows: float = 1.0,
         **mix,
     ):
         self.world, self.tokenizer, self.max_len = world, tokenizer, max_len
         dist = {key: mix.pop(key) for key in ("rank", "world_size") if key in mix}
         self.mix = mix
-        # Checked by the caller (check_instruct_mix), with conversation_rows.
+        # Checked by the caller (check_instruct_mix).
         self.phases = phases or []
-        self.conversation_rows = conversation_rows
         super().__init__(stage, len(world), config, seed, **dist)
 
     def make_batch(self, indices: list[int], rng: random.Random, step: int = 0) -> dict:
@@ -341,13 +347,12 @@ class ConversationBatches(StageBatches):
                 mix["type_weights"] = weights
                 break
         mix = _choose_vqa(rng, mix)
-        if not mix["vqa"]:  # a conversation is ~3x a one-question row: fewer rows, same tokens
-            indices = indices[: max(1, round(len(indices) * self.conversation_rows))]
         samples = []
         for i in indices:
             sample = self.world[i]
             turns = scene_turns(sample.scene, sample.captions, rng, self.world.config, **mix)
-            samples.append({"pixel_values": sample.pixel_values, "conversations": turns})
+            copies = sample.pixel_values.expand(count_images(turns), -1, -1, -1)  # one a question
+            samples.append({"pixel_values": copies, "conversations": turns})
         return collate_conversations(samples, self.tokenizer, max_len=self.max_len)
 
 
@@ -406,7 +411,8 @@ def build_lm(preset: Preset, tokenizer, out_dir: Path, dist: dict) -> StagePlan:
     scenes = ShapesWorld("train", preset.data.lm_scenes, world_config(preset), seed=preset.seed)
     batches = SceneTextBatches(
         scenes, tokenizer, preset.lm, preset.seed, preset.data.lm_seq_len,
-        vqa_fraction=preset.data.vqa_fraction,
+        vqa_fraction=preset.data.vqa_fraction, questions=preset.data.questions_per_image,
+        false_premise_share=preset.data.false_premise_share,
         kinds=("conversation", "detail", "reasoning", "caption"), **dist,
     )  # fmt: skip
     return StagePlan(Decoder(cfg), batches, asdict(cfg))
@@ -479,9 +485,10 @@ def build_instruct(preset: Preset, tokenizer, out_dir: Path, dist: dict) -> Stag
     data = preset.data
     batches = ConversationBatches(
         "instruct", training_images(preset), tokenizer, preset.instruct, preset.seed, data.max_len,
-        vqa_fraction=data.vqa_fraction, type_weights=data.vqa_type_weights,
+        vqa_fraction=data.vqa_fraction, questions=data.questions_per_image,
+        false_premise_share=data.false_premise_share, type_weights=data.vqa_type_weights,
         text_weight=data.read_text_weight, phases=check_instruct_mix(preset),
-        conversation_rows=data.conversation_rows, **dist,
+        **dist,
     )  # fmt: skip
     return StagePlan(model, batches, asdict(cfg))
 

@@ -76,7 +76,7 @@ def stats(name: str, split: str, n_scenes: int) -> None:
         rng = sample_rng(world.seed, world.split, index, stream="text")
         captions = make_captions(scene, rng)
         lengths["caption"] += [len(tok.encode(c)) for c in captions]
-        lengths["description"].append(len(tok.encode(make_description(scene, rng))))
+        lengths["description"].append(len(tok.encode(make_description(scene))))
         for kind in ALL_KINDS:
             ids, mask = tok.render(make_conversation(scene, captions, rng, kind))
             lengths[f"conversation ({kind})"].append(len(ids))

@@ -13,11 +13,14 @@ from minillava.data.instruct import QUESTION_TYPES as INSTRUCT_QUESTION_TYPES
 from minillava.eval import (
     EvalResult,
     evaluate,
+    evaluate_descriptions,
+    evaluate_false_premises,
+    evaluate_turns,
+    false_premise_items,
     generate_answers,
     normalise_answer,
     score,
     vqa_items,
-    vqa_prompt,
 )
 from minillava.llava import Llava
 from minillava.report import (
@@ -59,13 +62,6 @@ def test_normalise_answer():
     # Only trailing punctuation goes: "3.5" or an inner comma stays.
     assert normalise_answer("3.5") == "3.5"
     assert normalise_answer("red, blue.") == "red, blue"
-
-
-def test_vqa_prompt_follows_the_eval_convention():
-    assert (
-        vqa_prompt("What colour?") == "What colour?\n<image>\nAnswer with a single word or phrase."
-    )
-    assert vqa_prompt("What colour?", with_image=False).startswith("What colour?\n")
 
 
 def test_an_oracle_scores_100_percent_and_a_wrong_answerer_0(items):
@@ -289,27 +285,87 @@ def test_clip_zero_shot_on_a_tiny_random_clip(tokenizer):
         assert out["chance"] == pytest.approx(1 / k) and len(out["classes"]) == k
 
 
-def test_generate_answers_asks_the_short_answer_prompt_and_reads_it_as_the_chat_does(
+def test_the_evaluation_asks_exactly_what_the_chat_asks_and_gets_its_answers(
     tiny_model, tokenizer, items, monkeypatch
 ):
-    """The prompt is the instruct stage's `vqa_prompt`; the answer is `chat.decode_answer`'s."""
-    import minillava.eval as eval_module
-    from minillava.chat import decode_answer
+    """Batched through `chat.reply`, each prompt is `ChatSession`'s, and so is each answer."""
+    import minillava.chat as chat_module
+    from minillava.chat import ChatSession, next_question
 
-    asked, decoded = [], []
-    real_collate = eval_module.collate_conversations
+    asked = []
+    real_reply = chat_module.reply
 
-    def spy_collate(samples, *args, **kwargs):
-        asked.extend(sample["conversations"][0]["value"] for sample in samples)
-        return real_collate(samples, *args, **kwargs)
+    def spy_reply(model, tok, conversations, *args, **kwargs):
+        asked.extend(conversations)
+        return real_reply(model, tok, conversations, *args, **kwargs)
 
-    def spy_decode(tokenizer, ids):
-        decoded.append(decode_answer(tokenizer, ids))
-        return decoded[-1]
+    monkeypatch.setattr("minillava.eval.reply", spy_reply)
+    batch = items[:6]
+    pixels = torch.stack([item["pixel_values"] for item in batch])
+    questions = [item["question"] for item in batch]
+    answers = generate_answers(tiny_model, tokenizer, questions, pixels, max_new_tokens=4)
+    assert asked == [next_question([], q, with_image=True) for q in questions]
+    assert asked[0][0]["value"] == questions[0] + "\n<image>"  # the question, then the image
+    for item, answer in zip(batch, answers, strict=True):
+        session = ChatSession(tiny_model, tokenizer, item["pixel_values"], max_new_tokens=4)
+        assert session.ask(item["question"]) == answer
 
-    monkeypatch.setattr(eval_module, "collate_conversations", spy_collate)
-    monkeypatch.setattr(eval_module, "decode_answer", spy_decode)
-    pixels = items[0]["pixel_values"][None]
-    question = items[0]["question"]
-    answers = generate_answers(tiny_model, tokenizer, [question], pixels, max_new_tokens=2)
-    assert asked == [vqa_prompt(question)] and answers == decoded
+
+def test_later_turns_are_asked_as_a_chat_session_would_ask_them(tiny_model, tokenizer):
+    from minillava.chat import ChatSession
+    from minillava.data.instruct import VQADataset
+    from minillava.data.shapes import WorldConfig
+
+    data = VQADataset("test", 5, WorldConfig(image_size=16), turns=3)
+    conversations = [data[i] for i in range(5)]
+    result = evaluate_turns(tiny_model, tokenizer, conversations, batch_size=3, max_new_tokens=4)
+    assert result.n == 5 and len(result.per_turn) == 3
+    for item, record in zip(conversations, result.records, strict=True):
+        session = ChatSession(tiny_model, tokenizer, item["pixel_values"], max_new_tokens=4)
+        said = [session.ask(turn["question"]) for turn in item["turns"]]
+        assert record["predictions"] == said  # the same history, the same answers
+        assert record["questions"] == [turn["question"] for turn in item["turns"]]
+
+
+def test_turns_false_premises_and_descriptions_are_judged_by_meaning(
+    monkeypatch, tokenizer, tiny_model
+):
+    """With the model replaced by an oracle that answers in sentences, everything is right;
+    with one that names a colour for anything, no false premise is answered honestly."""
+    from minillava.data.instruct import VQADataset
+    from minillava.data.shapes import ShapesWorld, WorldConfig, make_description
+
+    config = WorldConfig(image_size=16)
+    conversations = [VQADataset("test", 8, config, turns=3)[i] for i in range(8)]
+    world = ShapesWorld("test", 4, config)
+    samples = [world[i] for i in range(4)]
+    described = {}
+
+    def oracle_reply(model, tok, convs, pixel_values, *args, **kwargs):
+        out = []
+        for conv, pixels in zip(convs, pixel_values, strict=True):
+            question = conv[-1]["value"].removesuffix("\n<image>")
+            asked = [i for i in conversations if torch.equal(i["pixel_values"], pixels)]
+            turns = [t for item in asked for t in item["turns"] if t["question"] == question]
+            if turns:  # right, in a sentence
+                out.append(f" I think the answer is {turns[0]['answer']}.")
+            elif question == "Describe the image.":
+                match = [s for s in samples if torch.equal(s.pixel_values, pixels)][0]
+                out.append(" " + make_description(match.scene))
+                described[match.index] = True
+            else:
+                out.append(" There is no such thing in the image.")
+        return out
+
+    monkeypatch.setattr("minillava.eval.reply", oracle_reply)
+    turns = evaluate_turns(tiny_model, tokenizer, conversations, batch_size=3)
+    assert turns.per_turn == [1.0, 1.0, 1.0]
+    premises = false_premise_items("test", 6, image_size=16)
+    assert evaluate_false_premises(tiny_model, tokenizer, premises)["honest"] == 1.0
+    descriptions = evaluate_descriptions(tiny_model, tokenizer, samples, batch_size=3)
+    assert descriptions["totals"]["f1"] == 1.0 and len(described) == 4
+
+    monkeypatch.setattr(
+        "minillava.eval.reply", lambda model, tok, convs, *a, **k: [" red"] * len(convs)
+    )
+    assert evaluate_false_premises(tiny_model, tokenizer, premises)["honest"] == 0.0

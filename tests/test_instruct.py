@@ -14,11 +14,12 @@ from minillava.data.instruct import (
     QUESTION_TYPES,
     InstructDataset,
     VQADataset,
+    false_premise_question,
     make_conversations,
     make_question,
+    question_with_image,
     shortcut_answer,
     vqa_pairs,
-    vqa_prompt,
     world_text,
 )
 from minillava.data.shapes import HELDOUT_COMBOS, Scene, SceneObject, ShapesWorld, WorldConfig
@@ -222,9 +223,45 @@ def test_vqa_mix_is_balanced_and_deterministic():
     assert set(item) >= {"pixel_values", "question", "answer", "type", "scene", "conversations"}
     again = VQADataset("test", 80, SMALL)[5]
     assert (item["question"], item["answer"]) == (again["question"], again["answer"])
-    assert item["conversations"][0]["value"] == vqa_prompt(item["question"])  # what eval asks
+    assert item["conversations"][0]["value"] == question_with_image(item["question"])  # chat's
+    assert item["conversations"][0]["value"] == item["question"] + "\n<image>"
     assert item["conversations"][1]["value"] == item["answer"]
     check(item["scene"], data.qa(5)[1])
+
+
+def test_later_turns_see_every_type_and_follow_the_first_in_the_conversation():
+    data = VQADataset("test", 80, SMALL, turns=3)
+    for turn in range(3):
+        types = collections.Counter(data[i]["turns"][turn]["type"] for i in range(80))
+        assert types == {t: 10 for t in QUESTION_TYPES}, turn
+    item = data[7]
+    assert item["question"] == item["turns"][0]["question"]  # turn 1 is the single question
+    assert item["question"] == VQADataset("test", 80, SMALL)[7]["question"]
+    humans = item["conversations"][0::2]
+    assert [h["value"] for h in humans] == [t["question"] + "\n<image>" for t in item["turns"]]
+    scene, questions = data.questions(7)
+    for qa in questions:
+        check(scene, qa)
+
+
+def test_a_false_premise_asks_about_an_absent_object_and_says_it_is_not_there():
+    world, rng = ShapesWorld("train", 600, SMALL), random.Random(0)
+    forms = collections.Counter()
+    for i in range(600):
+        scene = world.scene(i)
+        qa = false_premise_question(scene, rng, SMALL)
+        absent = qa.query["filter"]
+        assert not [o for o in scene.objects if all(getattr(o, k) == v for k, v in absent.items())]
+        assert qa.type == "false_premise"
+        assert qa.answer == f"There is no {qa.query['absent']} in the image."
+        for word in absent.values():
+            assert word in qa.question and word in qa.answer
+        if "shape" in absent and "colour" in absent:
+            assert (absent["shape"], absent["colour"]) not in HELDOUT_COMBOS
+        forms[qa.query["form"]] += 1
+    assert set(forms) == {"colour_of", "shape_of", "cell_of"} and min(forms.values()) > 150
+    asked = VQADataset("test", 20, SMALL, types=("false_premise",))[3]
+    assert asked["type"] == "false_premise" and asked["answer"].startswith("There is no ")
 
 
 def assert_llava_record(record: dict) -> None:

@@ -411,22 +411,54 @@ def test_vision_feature_layer_is_a_preset_field_the_llava_config_follows():
                      get_tokenizer())  # fmt: skip
 
 
-def test_vqa_training_conversations_open_with_exactly_the_eval_prompt():
+def test_vqa_training_conversations_are_asked_as_the_chat_asks():
     import random
 
-    from minillava.data.instruct import ANSWER_SUFFIX, vqa_prompt
-    from minillava.data.mixture import scene_turns
+    from minillava.chat import next_question
+    from minillava.data.mixture import scene_turns, vqa_turns
     from minillava.data.shapes import ShapesWorld, WorldConfig
 
     world = ShapesWorld("train", 4, WorldConfig(image_size=16))
     sample = world[0]
     turns = scene_turns(sample.scene, sample.captions, random.Random(0), world.config, vqa=True)
-    assert [t["from"] for t in turns] == ["human", "gpt"]
-    question = turns[0]["value"].removesuffix("\n<image>" + ANSWER_SUFFIX)
-    assert turns[0]["value"] == vqa_prompt(question)  # what `minillava eval` asks
-    assert question.endswith("?") or question.endswith(".")  # the question comes before the image
+    assert [t["from"] for t in turns] == ["human", "gpt"] * 3  # data.questions_per_image
+    _, asked = vqa_turns(sample.scene, random.Random(0), world.config)
+    history = []
+    for k, qa in enumerate(asked):  # each human turn is what ChatSession would send
+        expected = next_question(history, qa.question, with_image=True)
+        assert turns[: 2 * k + 1] == expected
+        assert turns[2 * k + 1]["value"] == " " + qa.answer  # the word as read mid-sentence
+        history = turns[: 2 * k + 2]
+    assert all(t["value"].endswith("?\n<image>") or t["value"].endswith(".\n<image>")
+               for t in turns[0::2])  # fmt: skip  (every question, then the image)
     assert all(len(t["value"].split()) <= 2 for t in turns[1::2])  # short answers
-    assert sum("<image>" in t["value"] for t in turns) == 1
+
+
+def test_false_premise_share_asks_about_absent_objects_in_training():
+    import random
+
+    from minillava.data.mixture import vqa_turns
+    from minillava.data.shapes import ShapesWorld, WorldConfig
+
+    world = ShapesWorld("train", 200, WorldConfig(image_size=16))
+    for share, low, high in ((0.0, 0, 0), (0.3, 0.2, 0.4), (1.0, 1, 1)):
+        rng, kinds = random.Random(0), []
+        for i in range(len(world)):
+            _, asked = vqa_turns(world.scene(i), rng, world.config, false_premise_share=share)
+            kinds += [qa.type == "false_premise" for qa in asked]
+        assert low <= sum(kinds) / len(kinds) <= high, share
+    preset = apply_overrides(get_preset("tiny"), ["data.false_premise_share=1.5"])
+    with pytest.raises(ValueError, match="data.false_premise_share must be in"):
+        check_mix(preset)
+    preset = apply_overrides(get_preset("tiny"), ["data.questions_per_image=0"])
+    with pytest.raises(ValueError, match="data.questions_per_image must be >= 1"):
+        check_mix(preset)
+
+
+def check_mix(preset):
+    from minillava.stages import check_instruct_mix
+
+    return check_instruct_mix(preset)
 
 
 def test_vqa_type_weights_change_the_question_mix_and_reject_unknown_types():
@@ -525,32 +557,6 @@ def test_an_optional_field_can_be_set_back_to_none_and_others_cannot():
         apply_overrides(preset, ["model.hidden_size=None"])
 
 
-def test_conversation_batches_hold_their_share_of_the_rows_and_vqa_batches_all(tmp_path):
-    from minillava.stages import build_stage
-    from minillava.tokenizer import get_tokenizer
-
-    preset = apply_overrides(
-        get_preset("tiny"),
-        ["instruct.batch_size=12", "data.vqa_fraction=0.5", "data.conversation_rows=0.25"],
-    )
-    batches = build_stage("instruct", preset, get_tokenizer(), tmp_path).batches
-    rows = [batches[m]["input_ids"].shape[0] for m in range(30)]
-    assert set(rows) == {12, 3}  # VQA batches keep 12 rows, conversation batches a quarter
-    full = apply_overrides(preset, ["data.conversation_rows=1.0"])
-    full_batches = build_stage("instruct", full, get_tokenizer(), tmp_path).batches
-    for m in range(30):  # the same batches otherwise: the first rows of the full one
-        short, whole = batches[m], full_batches[m]
-        n = short["input_ids"].shape[0]
-        assert torch.equal(short["pixel_values"], whole["pixel_values"][:n])
-    # align trains on captions alone: its batches are never cut
-    align = build_stage("align", preset, get_tokenizer(), tmp_path).batches
-    assert align[0]["input_ids"].shape[0] == preset.align.batch_size
-    for bad in ("0.0", "1.5"):
-        with pytest.raises(ValueError, match="data.conversation_rows must be in"):
-            build_stage("instruct", apply_overrides(preset, [f"data.conversation_rows={bad}"]),
-                        get_tokenizer(), tmp_path)  # fmt: skip
-
-
 def test_cached_images_are_drawn_once_and_give_the_same_batches(tmp_path):
     from minillava.stages import build_stage
     from minillava.tokenizer import get_tokenizer
@@ -572,8 +578,8 @@ def test_a_curriculum_longer_than_instruct_stops_the_run_before_any_stage(tmp_pa
     assert _train(tmp_path, "--preset", "cpu", "--steps", "3") == 2
     assert "data.curriculum takes 1000 instruct steps" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.pt"))  # nothing was trained
-    assert _train(tmp_path, "--preset", "tiny", "--set", "data.conversation_rows=0") == 2
-    assert "data.conversation_rows must be in" in capsys.readouterr().err
+    assert _train(tmp_path, "--preset", "tiny", "--set", "data.false_premise_share=2") == 2
+    assert "data.false_premise_share must be in" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.pt"))  # refused before the lm stage too
     # cpu_processes=1: in this process, not through torchrun.
     assert _train(tmp_path, "--preset", "cpu", "--steps", "3", "--stage", "clip", "--set",
@@ -607,7 +613,7 @@ def test_read_text_weight_asks_text_questions_on_images_that_show_a_character(tm
         rng, asked, scenes = random.Random(0), Counter(), Counter()
         for i in range(len(world)):
             scene = world.scene(i)
-            _, qa = vqa_turns(scene, rng, world.config, type_weights, text_weight)
+            _, [qa] = vqa_turns(scene, rng, world.config, 1, type_weights, text_weight)
             shows = scene.text is not None
             scenes[shows] += 1
             asked[shows] += qa.type == "text"

@@ -50,6 +50,17 @@ def _pad(rows: list[list[int]], value: int, length: int, padding_side: str) -> T
     return out
 
 
+def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Prompts of different lengths -> (input_ids, attention_mask), each (B, T), left-padded:
+    every row ends at the last position, where generation continues it."""
+    if not rows:
+        raise ValueError("left_pad got no rows")
+    length = max(len(row) for row in rows)
+    input_ids = _pad(list(rows), pad_id, length, "left")
+    attention_mask = _pad([[1] * len(row) for row in rows], 0, length, "left")
+    return input_ids, attention_mask
+
+
 def _check_padding_side(padding_side: str) -> None:
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")

@@ -257,6 +257,48 @@ def position_question(scene: Scene, rng: random.Random, config: WorldConfig) -> 
               {"op": "cell_of", "target": ref})  # fmt: skip
 
 
+def false_premise_question(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
+    """A question about an object the image does not show, answered honestly.
+
+        What colour is the circle?            (no circle)      -> There is no circle in the image.
+        What shape is the green object?       (nothing green)  -> There is no green shape in ...
+        Where is the red square?              (no red square)  -> There is no red square in ...
+
+    A model that only ever saw questions about objects that are there learns that every
+    question has a colour, a shape or a cell for an answer, and names one: it hallucinates.
+    POPE (Li et al., 2023) measures the same failure with yes/no questions; here the question
+    presupposes the object, as a user's often does. The absent pair is a near miss when it can
+    be (same shape or same colour as something there), and never a held-out pair.
+    """
+    heldout = set(config.heldout_combos)
+    present = {(o.shape, o.colour) for o in scene.objects}
+    absent = {
+        "colour_of": [{"shape": s} for s in config.shapes if s not in {p[0] for p in present}],
+        "shape_of": [{"colour": c} for c in config.colours if c not in {p[1] for p in present}],
+        "cell_of": [{"colour": c, "shape": s} for s in config.shapes for c in config.colours
+                    if (s, c) not in present and (s, c) not in heldout],
+    }  # fmt: skip
+    form = rng.choice([f for f in ("colour_of", "shape_of", "cell_of") if absent[f]])
+    choices = absent[form]
+    if form == "cell_of":  # a near miss when there is one: same shape or same colour
+        near = [x for x in choices if any(x["shape"] == s or x["colour"] == c for s, c in present)]
+        choices = near or choices
+    constraints = rng.choice(choices)
+    words = [constraints[k] for k in ("colour", "shape") if k in constraints]
+    thing = " ".join(words if "shape" in constraints else words + ["shape"])
+    templates = {
+        "colour_of": ["What colour is the {x}?", "What is the colour of the {x}?",
+                      "Which colour is the {x}?"],
+        "shape_of": ["What shape is the {c} object?", "Which shape is the {c} one?",
+                     "What is the shape of the {c} object?"],
+        "cell_of": ["Where is the {x}?", "Where is the {x} in the image?",
+                    "In which part of the image is the {x}?"],
+    }  # fmt: skip
+    question = rng.choice(templates[form]).format(x=thing, c=constraints.get("colour"))
+    query = {"op": "absent", "form": form, "filter": constraints, "absent": thing}
+    return QA(question, f"There is no {thing} in the image.", "false_premise", query)
+
+
 RELATIONS = {  # name -> (words, the axis it compares, test on (a, b))
     "left": ("to the left of", "col", lambda a, b: a.col < b.col),
     "right": ("to the right of", "col", lambda a, b: a.col > b.col),
@@ -403,6 +445,7 @@ QUESTION_MAKERS: dict[str, Callable[[Scene, random.Random, WorldConfig], QA]] = 
     "relation": relation_question,
     "text": text_question,
     "reasoning": reasoning_question,
+    "false_premise": false_premise_question,  # not a QUESTION_TYPE: it has no answer to find
 }
 
 
@@ -411,7 +454,9 @@ def make_question(
 ) -> QA:
     """One question of `question_type` about `scene` (answer from the annotation)."""
     if question_type not in QUESTION_MAKERS:
-        raise ValueError(f"question_type must be one of {QUESTION_TYPES}, got {question_type!r}")
+        raise ValueError(
+            f"question_type must be one of {tuple(QUESTION_MAKERS)}, got {question_type!r}"
+        )
     return QUESTION_MAKERS[question_type](scene, rng, config or WorldConfig())
 
 
@@ -466,42 +511,59 @@ CAPTION_PROMPTS = (
     "What is in the image? Answer in one sentence.",
 )
 EXPLAIN_SUFFIX = " Explain your answer."
-# The short-answer convention of LLaVA-1.5 (VQAv2, GQA): appended to a question, it asks for a bare
-# answer ("red", not "The circle is red."). The instruct stage trains on it and `minillava eval`
-# asks with it, so it is defined here, once, and imported by both (stages.py, eval.py).
+# LLaVA-1.5's short-answer instruction (VQAv2, GQA): appended to a question, it asks for a bare
+# answer. Our convention asks plain questions, as a person types them, and the data teaches the
+# answer's form instead; the string stays in FIXED_PROMPTS only so that
+# `python -m minillava.vocabulary train` still reproduces the shipped vocabulary.
 ANSWER_SUFFIX = "\nAnswer with a single word or phrase."
 # Every fixed string the data engine writes into a human turn besides the questions, written as
 # it appears there (the suffixes with their leading space or newline: BPE tokens include them).
-# The BPE is trained on these (minillava/bpe.py) so that each of their words is one token: the
-# suffix is in every VQA sequence, and costs 24 tokens to a vocabulary that never saw it, 9 after.
+# The BPE is trained on these (python -m minillava.vocabulary train) so that each of their words
+# is one token.
 FIXED_PROMPTS: tuple[str, ...] = (*DETAIL_PROMPTS, *CAPTION_PROMPTS, EXPLAIN_SUFFIX, ANSWER_SUFFIX)
+IMAGE = "<image>"  # the placeholder the model replaces by the image's tokens
 
 
-def vqa_prompt(question: str, with_image: bool = True) -> str:
-    """The human turn of a short-answer question: what `instruct` trains on and `eval` asks.
+def question_with_image(question: str, image: str = IMAGE) -> str:
+    """A human turn about the image: the question, then the image.
 
-        What colour is the circle?\n<image>\nAnswer with a single word or phrase.
+        What colour is the circle?\n<image>
 
-    The question comes *before* the image. LLaVA-1.5 asks its VQA benchmarks with the image
-    first, and its training data has both orders (LLaVA-Instruct's first turns start or end
-    with "<image>"). For a tiny decoder the order matters, because attention is causal: a
-    token reads only what came before it. Image first, the image tokens are computed before
-    the question exists, so the answer position must carry the question's referent ("the
-    circle") and look it up among the image tokens itself: two steps to learn at once.
-    Question first, every image token can read the question in the first layer and mark
-    itself as the object asked about; the answer position then reads the marked token.
-    Measured in the cpu preset (docs/results.md): position questions go from chance to more
-    than half right in the same number of steps.
+    Our convention everywhere: the training data, the evaluation, `minillava chat` and
+    `ChatSession` all write every question of a conversation this way, so that what is measured
+    is what a learner gets. With `image=""` (a text-only prompt, or the image taken away) the
+    question stands alone.
 
-    The instruction stays after the image, although before the question it would be the same
-    opening in every row, which the training loop computes once per batch (SharedPrefix), for
-    a quarter cheaper steps. Its nine tokens are nine positions that read the image tokens
-    before the answer does, and the model seems to use them: moved first, the look-up
-    questions formed later and less reliably (79.4% overall instead of 89.8% at the cpu
-    preset's steps).
+    LLaVA puts the image once, before the first question ("<image>\\nWhat ..."), and every later
+    question after it. For a decoder this small the order decides what it can learn, because
+    attention is causal: image tokens placed after a question can read it, and each can mark
+    itself as the object asked about; image tokens placed before it cannot, and the answer
+    position must then carry the question's referent ("the circle") to the image and look it
+    up itself, two steps to learn at once. Measured in the cpu preset (docs/results.md, "Where
+    the question goes"): with LLaVA's order, position questions stayed near 45% and unseen
+    colour-shape pairs near 60%; with the image after every question, every turn of a
+    conversation is answered like the first. The price is the image's tokens once per
+    question (9 positions in the cpu preset) and a ViT pass per copy.
     """
-    image = "\n<image>" if with_image else ""
-    return f"{question}{image}{ANSWER_SUFFIX}"
+    return f"{question}\n{image}" if image else question
+
+
+def count_images(turns: list[dict], image: str = IMAGE) -> int:
+    """How many copies of the image a conversation holds (one per question about it).
+
+    Only the human turns count: the tokenizer reads "<image>" as the image's place there, and as
+    plain text in an answer (a model may well write the word)."""
+    return sum(turn["value"].count(image) for turn in turns[0::2])
+
+
+def image_with_every_question(turns: list[dict], image: str = IMAGE) -> list[dict]:
+    """A conversation in LLaVA's format (the image once, before the first question) rewritten in
+    ours (`question_with_image`: the image after every question). New dicts: `turns` stays."""
+    out = [dict(turn) for turn in turns]
+    for turn in out[0::2]:
+        question = turn["value"].replace(f"{image}\n", "").replace(image, "").strip()
+        turn["value"] = question_with_image(question, image)
+    return out
 
 
 def _turn(speaker: str, value: str, type_: str | None = None) -> dict:
@@ -548,7 +610,7 @@ def make_conversation(
         turns = [_turn("human", rng.choice(CAPTION_PROMPTS)), _turn("gpt", caption, "caption")]
     else:
         raise ValueError(f"kind must be one of {ALL_KINDS}, got {kind!r}")
-    turns[0]["value"] = f"{image}\n{turns[0]['value']}"
+    turns[0]["value"] = f"{image}\n{turns[0]['value']}"  # LLaVA's format: the image first, once
     return turns
 
 
@@ -624,13 +686,17 @@ class InstructDataset(torch.utils.data.Dataset):
 
 
 class VQADataset(torch.utils.data.Dataset):
-    """Sample i: ShapesWorld[i] with one short-answer question; types in turn (balanced mix).
+    """Sample i: ShapesWorld[i] with `turns` short-answer questions; types in turn (balanced mix).
 
-    Item: {"pixel_values", "question", "answer", "type", "op", "shortcut", "scene",
-    "conversations"} ("shortcut": `shortcut_answer`, None for most forms) where
-    "conversations" is the question as the human turn the instruct stage trains on and `eval`
-    asks (`vqa_prompt`: question, image, then the short-answer instruction) and the answer as
-    the gpt turn.
+    The first question of sample i has type types[i % len(types)], the next ones the types that
+    follow it: over the samples, every turn sees every type equally often.
+
+    Item: {"pixel_values", "scene", "question", "answer", "type", "op", "shortcut", "query",
+    "turns", "conversations"}. "question" ... "query" are the first question's (shortcut:
+    `shortcut_answer`, None for most forms); "turns" lists every question as such a dict; and
+    "conversations" is the whole exchange as the chat would hold it (`question_with_image`: each
+    question, then the image; the canonical answers as the gpt turns).
+    `types` may name "false_premise" too: questions about an object that is not there.
     """
 
     def __init__(
@@ -641,39 +707,59 @@ class VQADataset(torch.utils.data.Dataset):
         seed: int = 0,
         types: tuple[str, ...] = QUESTION_TYPES,
         world: ShapesWorld | None = None,
+        turns: int = 1,
     ) -> None:
-        unknown = [t for t in types if t not in QUESTION_TYPES]
+        unknown = [t for t in types if t not in QUESTION_MAKERS]
         if unknown or not types:
-            raise ValueError(f"types must be chosen from {QUESTION_TYPES}, got {types}")
+            raise ValueError(f"types must be chosen from {tuple(QUESTION_MAKERS)}, got {types}")
+        if turns < 1:
+            raise ValueError(f"turns must be >= 1, got {turns}")
         self.world = world or ShapesWorld(split, size, config, seed)
-        self.types = tuple(types)
+        self.types, self.turns = tuple(types), turns
 
     def __len__(self) -> int:
         return len(self.world)
 
-    def qa(self, index: int) -> tuple[Scene, QA]:
-        """The question of sample `index` without drawing the image."""
+    def questions(self, index: int) -> tuple[Scene, list[QA]]:
+        """The questions of sample `index` without drawing the image."""
         world = self.world
         index = index % len(world)
         scene = world.scene(index)
         rng = sample_rng(world.seed, world.split, index, stream="vqa")
-        return scene, make_question(scene, self.types[index % len(self.types)], rng, world.config)
+        types = [self.types[(index + k) % len(self.types)] for k in range(self.turns)]
+        return scene, [make_question(scene, t, rng, world.config) for t in types]
+
+    def qa(self, index: int) -> tuple[Scene, QA]:
+        """The first question of sample `index` without drawing the image."""
+        scene, questions = self.questions(index)
+        return scene, questions[0]
 
     def __getitem__(self, index: int) -> dict:
         sample = self.world[index]
-        _, qa = self.qa(sample.index)
+        _, questions = self.questions(sample.index)
+        turns = [
+            {
+                "question": qa.question,
+                "answer": qa.answer,
+                "type": qa.type,
+                "op": qa.query["op"],  # the program it runs: relation, any_relation, ...
+                "shortcut": shortcut_answer(qa, sample.scene),  # what not counting answers
+                "query": qa.query,
+            }
+            for qa in questions
+        ]
+        conversation = []
+        for qa in questions:
+            conversation += [
+                _turn("human", question_with_image(qa.question)),
+                _turn("gpt", qa.answer, qa.type),
+            ]
         return {
             "pixel_values": sample.pixel_values,
-            "question": qa.question,
-            "answer": qa.answer,
-            "type": qa.type,
-            "op": qa.query["op"],  # the program the question runs: relation, any_relation, ...
-            "shortcut": shortcut_answer(qa, sample.scene),  # what not counting answers, or None
             "scene": sample.scene,
-            "conversations": [
-                _turn("human", vqa_prompt(qa.question)),
-                _turn("gpt", qa.answer, qa.type),
-            ],
+            **turns[0],
+            "turns": turns,
+            "conversations": conversation,
         }
 
 

@@ -1,12 +1,12 @@
 """The training mixture: which conversation about a scene a training row holds.
 
 The data engine (`data.instruct`) can write many things about one scene: a multi-turn
-conversation, a detailed description, a reasoning chain, a caption, or one short-answer question
-in the evaluation's convention. The `lm`, `align` and `instruct` stages each draw one of them per
-row; this file decides which, and how often each question type is asked:
+conversation, a detailed description, a reasoning chain, a caption, or a few short-answer
+questions in a row. The `lm`, `align` and `instruct` stages each draw one of them per row; this
+file decides which, and how often each question type is asked:
 
     scene_turns(scene, captions, rng, config)                 a conversation of a random kind
-    scene_turns(..., vqa=True, type_weights={"colour": 3.0})  one short-answer question
+    scene_turns(..., vqa=True, type_weights={"colour": 3.0})  short-answer questions, one a turn
     curriculum_phases(((("colour",), 400),), weights)         phases that ask some types only
 
 Every draw comes from the `rng` it is given, so a batch is a function of its seed alone.
@@ -16,7 +16,15 @@ from __future__ import annotations
 
 import random
 
-from minillava.data.instruct import QA, QUESTION_TYPES, make_conversation, make_question, vqa_prompt
+from minillava.data.instruct import (
+    QA,
+    QUESTION_TYPES,
+    false_premise_question,
+    image_with_every_question,
+    make_conversation,
+    make_question,
+    question_with_image,
+)
 from minillava.data.shapes import Scene, WorldConfig
 
 
@@ -29,49 +37,59 @@ def scene_turns(
     kinds: tuple[str, ...] = ("conversation", "detail", "reasoning"),
     type_weights: dict[str, float] | None = None,
     text_weight: float | None = None,
+    questions: int = 3,
+    false_premise_share: float = 0.0,
 ) -> list[dict]:
-    """One training conversation about `scene`, "<image>" in its first human turn.
+    """One training conversation about `scene`, the image after every question.
 
-    `vqa=True`: one short-answer question (`vqa_turns`, with `type_weights` and `text_weight`).
-    Otherwise: a conversation of one of the data engine's `kinds` (conversation, detail,
-    reasoning, caption).
+    `vqa=True`: `questions` short-answer questions (`vqa_turns`, with `type_weights`,
+    `text_weight` and `false_premise_share`). Otherwise: a conversation of one of the data
+    engine's `kinds` (conversation, detail, reasoning, caption).
     """
     if vqa:
-        return vqa_turns(scene, rng, config, type_weights, text_weight)[0]
-    return space_answers(make_conversation(scene, captions, rng, rng.choice(kinds), config=config))
+        weights = (type_weights, text_weight, false_premise_share)
+        return vqa_turns(scene, rng, config, questions, *weights)[0]
+    conversation = make_conversation(scene, captions, rng, rng.choice(kinds), config=config)
+    return space_answers(image_with_every_question(conversation))
 
 
 def vqa_turns(
     scene: Scene,
     rng: random.Random,
     config: WorldConfig,
+    questions: int = 3,
     type_weights: dict[str, float] | None = None,
     text_weight: float | None = None,
-) -> tuple[list[dict], QA]:
-    """One short-answer question about `scene` in the eval convention, and its `QA` (type, answer
-    and the query the question runs, e.g. {"op": "relation", ...}).
+    false_premise_share: float = 0.0,
+) -> tuple[list[dict], list[QA]]:
+    """`questions` short-answer questions about `scene`, one a turn, and their `QA`s (type,
+    answer and the query each runs, e.g. {"op": "relation", ...}).
 
-    As LLaVA-1.5 mixed VQAv2 and GQA into its data (without them the model answers in sentences
-    and exact-match accuracy means nothing). The human turn is exactly an eval prompt
-    ("{question}\\n<image>\\nAnswer with a single word or phrase.", `vqa_prompt`: the question
-    before the image, so that the image tokens can read it). One question per image: a second
-    one would come after the image, where the image tokens cannot read it.
+    As LLaVA-1.5 mixed VQAv2 and GQA into its data: without short answers the model answers in
+    sentences, and without several turns it learns to answer the first question only. Every
+    question is followed by the image (`data.instruct.question_with_image`), exactly as
+    `minillava chat` asks it; every answer is trained on.
     `type_weights` (e.g. {"colour": 3.0}) makes some question types more frequent; a type it
     does not name has weight 1 (all 1: the uniform mix). `text_weight`, if not None, is the
     text type's weight instead on a scene that shows a character (`DataSizes.read_text_weight`),
-    unless `type_weights` gives text 0 (a curriculum phase without it).
+    unless `type_weights` gives text 0 (a curriculum phase without it). Each question is, with
+    probability `false_premise_share`, one about an object that is not there, answered "There
+    is no circle in the image." (`data.instruct.false_premise_question`).
     """
     weights = question_type_weights(type_weights)
     text = QUESTION_TYPES.index("text")
     if text_weight is not None and scene.text is not None and weights[text] > 0:
         weights[text] = text_weight
-    question_type = rng.choices(QUESTION_TYPES, weights)[0]
-    qa = make_question(scene, question_type, rng, config)
-    turns = [
-        {"from": "human", "value": vqa_prompt(qa.question)},
-        {"from": "gpt", "value": qa.answer},
-    ]
-    return space_answers(turns), qa
+    turns, asked = [], []
+    for _ in range(questions):
+        if false_premise_share and rng.random() < false_premise_share:
+            qa = false_premise_question(scene, rng, config)
+        else:
+            qa = make_question(scene, rng.choices(QUESTION_TYPES, weights)[0], rng, config)
+        turns += [{"from": "human", "value": question_with_image(qa.question)},
+                  {"from": "gpt", "value": qa.answer}]  # fmt: skip
+        asked.append(qa)
+    return space_answers(turns), asked
 
 
 def space_answers(turns: list[dict]) -> list[dict]:
