@@ -298,13 +298,14 @@ def gpu_preset() -> Preset:
             num_heads=6,
             num_kv_heads=2,
             intermediate_size=1024,
-            max_seq_len=512,
+            # Every question brings the image's 144 tokens: five questions and 256 text tokens.
+            max_seq_len=1024,
         ),
         data=DataSizes(
             train_images=100_000,
             lm_scenes=100_000,
             lm_seq_len=512,
-            max_len=320,
+            max_len=256,
             **measured_question_mix(),
         ),
         lm=StageConfig(steps=3000, batch_size=128, lr=1e-3, warmup_steps=200, log_every=10),

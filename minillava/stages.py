@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from minillava.checkpoint import load_checkpoint
 from minillava.clip import CLIP, CLIPConfig, TextEncoderConfig
 from minillava.data.collate import collate_conversations, collate_text
-from minillava.data.instruct import IMAGE, count_images
+from minillava.data.instruct import IMAGE, MAX_TURNS, count_images
 from minillava.data.mixture import curriculum_phases, scene_turns
 from minillava.data.shapes import (
     ShapesWorld,
@@ -442,12 +442,13 @@ def build_clip(preset: Preset, tokenizer, out_dir: Path, dist: dict) -> StagePla
 def new_llava(preset: Preset, tokenizer) -> tuple[Llava, LlavaConfig]:
     """A LLaVA of the preset's sizes, after checking that its longest sequence fits."""
     cfg = llava_config(preset, tokenizer)
-    longest = preset.data.max_len - 1 + cfg.num_image_tokens  # <image> becomes P positions
+    images = max(preset.data.questions_per_image, MAX_TURNS)  # a copy of the image a question
+    longest = preset.data.max_len + images * (cfg.num_image_tokens - 1)  # <image>: P positions
     if longest > cfg.text.max_seq_len:
         raise ValueError(
-            f"data.max_len={preset.data.max_len} text tokens with {cfg.num_image_tokens} image "
-            f"tokens make {longest} positions, more than model.max_seq_len="
-            f"{cfg.text.max_seq_len}: raise max_seq_len or lower max_len"
+            f"data.max_len={preset.data.max_len} text tokens with {images} images of "
+            f"{cfg.num_image_tokens} tokens make {longest} positions, more than "
+            f"model.max_seq_len={cfg.text.max_seq_len}: raise max_seq_len or lower max_len"
         )
     return Llava(cfg), cfg
 

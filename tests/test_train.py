@@ -378,7 +378,8 @@ def test_every_preset_makes_consistent_configs(name):
     preset = get_preset(name)
     tokenizer = get_tokenizer()
     llava = llava_config(preset, tokenizer)
-    assert preset.data.max_len - 1 + llava.num_image_tokens <= llava.text.max_seq_len
+    images = 5  # the data engine's longest conversation: five questions, each with the image
+    assert preset.data.max_len + images * (llava.num_image_tokens - 1) <= llava.text.max_seq_len
     assert llava.image_token_id == tokenizer.image_id and llava.text.vocab_size == len(tokenizer)
     assert clip_config(preset, len(tokenizer)).vision == llava.vision  # CLIP's ViT is LLaVA's
     assert world_config(preset).image_size == llava.vision.image_size
@@ -429,8 +430,9 @@ def test_vqa_training_conversations_are_asked_as_the_chat_asks():
         assert turns[: 2 * k + 1] == expected
         assert turns[2 * k + 1]["value"] == " " + qa.answer  # the word as read mid-sentence
         history = turns[: 2 * k + 2]
-    assert all(t["value"].endswith("?\n<image>") or t["value"].endswith(".\n<image>")
-               for t in turns[0::2])  # fmt: skip  (every question, then the image)
+    assert all(
+        t["value"].endswith("?\n<image>") or t["value"].endswith(".\n<image>") for t in turns[0::2]
+    )  # fmt: skip  (every question, then the image)
     assert all(len(t["value"].split()) <= 2 for t in turns[1::2])  # short answers
 
 
