@@ -505,8 +505,8 @@ def talk_about(model, tokenizer, split, out_dir, print_fn, batch_size, image_siz
     by_turn = evaluate_turns(model, tokenizer, items, split, batch_size)
     premises = false_premise_items(split, n_conversations, image_size, seed, world)
     false_premises = evaluate_false_premises(model, tokenizer, premises, batch_size)
-    world_ = ShapesWorld(split, n_descriptions, config, seed=seed)
-    samples = [world_[i] for i in range(len(world_))]
+    scenes = ShapesWorld(split, n_descriptions, config, seed=seed)
+    samples = [scenes[i] for i in range(len(scenes))]
     descriptions = evaluate_descriptions(model, tokenizer, samples, batch_size=batch_size)
     print_fn("")
     print_fn(format_turns(by_turn))
