@@ -292,8 +292,8 @@ def draw_sample_image(
 
     Drawn as the model in `checkpoint` saw its training images: at its image size, in its world.
     The chat would resize any other size, and a resized scene is not what training drew
-    (docs/results.md, "Chatting about larger images"). Without a checkpoint: the cpu preset's
-    size, what `make train` trains. `size` overrides either.
+    (docs/results.md, "Chatting about images of other sizes"). Without a checkpoint: the cpu
+    preset's size, what `make train` trains. `size` overrides either.
     """
     run, why = None, f"no checkpoint at {checkpoint}"
     if checkpoint is not None:

@@ -1,8 +1,8 @@
 """Evaluation: does the model *look* at the image, and is what it says true?
 
-Everything here asks the model as `minillava chat` does, through the chat's own `reply`: the
-image, then a plain question as a person types it ("What colour is the circle?", no
-instruction about the answer's form), greedy decoding with the KV cache until the end of the
+Everything here asks the model as `minillava chat` does, through the chat's own `reply`: a
+plain question as a person types it ("What colour is the circle?", no instruction about the
+answer's form), then the image, greedy decoding with the KV cache until the end of the
 turn. So every figure is what a learner gets from the chat. Answers are judged by meaning
 (`minillava.judge`): "red", "Red." and "The circle is red." are all right; "red or blue" is not.
 
@@ -447,22 +447,11 @@ def evaluate_false_premises(
     model, tokenizer, items: Sequence[dict], batch_size: int = 32, max_new_tokens: int = 24
 ) -> dict:
     """Share of questions about an absent object that the model answers as such ("There is no
-    circle in the image.") instead of naming a colour, shape or cell for it."""
-    records = []
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        pixel_values = torch.stack([item["pixel_values"] for item in batch])
-        answers = generate_answers(model, tokenizer, [i["question"] for i in batch], pixel_values,
-                                   max_new_tokens)  # fmt: skip
-        for item, answer in zip(batch, answers, strict=True):
-            honest = is_right(item["turns"][0], answer)
-            absent = item["turns"][0]["query"]["absent"]
-            records.append(
-                {"question": item["question"], "prediction": answer, "absent": absent,
-                 "honest": honest}
-            )  # fmt: skip
-    rate = sum(r["honest"] for r in records) / max(len(records), 1)
-    return {"n": len(records), "honest": rate, "records": records}
+    circle in the image.") instead of naming a colour, shape or cell for it: `score` with the
+    model as answerer, each answer judged by `is_right` (an honest "there is none")."""
+    answerer = model_answerer(model, tokenizer, max_new_tokens=max_new_tokens)
+    result = score(items, answerer, split="false premises", batch_size=batch_size, keep_images=0)
+    return {"n": result.n, "honest": result.accuracy, "records": result.records}
 
 
 DESCRIBE = "Describe the image."  # as a person would ask it

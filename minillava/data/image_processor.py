@@ -65,8 +65,9 @@ class ImageProcessor:
     # The filter that shrinks a larger picture: Lanczos (PIL's resize widens every filter but
     # NEAREST to the shrink factor, so all the others antialias). Measured on the trained cpu
     # model, test scenes drawn at 64-200 px and shrunk to its 48 (docs/results.md, "Chatting
-    # about larger images"): Lanczos was the best filter at every size (85.2% at 64 px, where
-    # bicubic got 84.8%, box 84.2%, nearest 81.8%), reducing_gap gained nothing. No filter
+    # about images of other sizes"): Lanczos was the best filter at 64 px (85.2%, where bicubic
+    # got 84.8%, box 84.2%, nearest 81.8%) and within noise of the best at 96-200 px;
+    # reducing_gap gained nothing. No filter
     # comes close to the same scenes drawn at 48 px (90.3%): the model knows ShapesWorld's
     # shapes at the exact pixel sizes it draws them, so the chat should get 48 px drawings.
     resample: int = Image.Resampling.LANCZOS
