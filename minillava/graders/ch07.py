@@ -190,6 +190,18 @@ def check_nearest_text_tokens(nearest_text_tokens):
             "tensor.topk(k, dim=-1) returns exactly that pair.",
         )
     got_values, got_ids = out
+    swapped = (
+        isinstance(got_values, torch.Tensor)
+        and isinstance(got_ids, torch.Tensor)
+        and not got_values.is_floating_point()
+        and got_ids.is_floating_point()
+    )
+    if swapped:
+        raise GradingFailure(
+            "The pair is the wrong way round: the first item holds integers (token ids) and the "
+            "second floats (similarities). Return (similarities, token_ids).",
+            "topk returns (values, indices): that is already the order asked for.",
+        )
     dots = projected @ table.T
     assert_shape(got_ids, (4, 3), "token_ids", why="k = 3 tokens for each of the 4 vectors")
     assert_equal(

@@ -103,7 +103,14 @@ def check_splice_image(splice_image):
             "Build it with torch.cat of slices (no .detach(), no torch.tensor(...) copies).",
         )
     got.sum().backward()
-    if features.grad is None or not torch.allclose(features.grad, torch.ones_like(features)):
+    if features.grad is None:
+        raise GradingFailure(
+            "No gradient reaches the image features: the output requires grad only through the "
+            "text embeddings, so the image part was cut from the graph (a .detach(), .data, "
+            ".numpy() or torch.tensor(...) copy). In training, the projector would never learn.",
+            "Take the image rows as slices of `image_features` itself and join with torch.cat.",
+        )
+    if not torch.allclose(features.grad, torch.ones_like(features)):
         raise GradingFailure(
             "Each image vector should appear exactly once in the output (its gradient of "
             f"out.sum() should be all ones), got {fmt(features.grad)}."

@@ -131,6 +131,11 @@ def ids_only(projected, token_embeddings, k=5):
     return solution.nearest_text_tokens(projected, token_embeddings, k)[1]
 
 
+def swapped_pair(projected, token_embeddings, k=5):
+    similarities, token_ids = solution.nearest_text_tokens(projected, token_embeddings, k)
+    return token_ids, similarities
+
+
 def lowest_first(projected, token_embeddings, k=5):
     cos = F.normalize(projected, dim=-1) @ F.normalize(token_embeddings, dim=-1).T
     return cos.topk(k, dim=-1, largest=False)
@@ -144,6 +149,7 @@ def lowest_first(projected, token_embeddings, k=5):
         (topk_over_vectors, ["shape (3, 10), expected (4, 3)"]),
         (ids_only, ["pair (similarities, token_ids)"]),
         (lowest_first, ["highest first"]),
+        (swapped_pair, ["wrong way round", "(similarities, token_ids)"]),
     ],
 )
 def test_nearest_text_tokens_rejects(rejects, wrong, mentions):

@@ -41,6 +41,11 @@ def detached(input_ids, token_embeds, image_features, image_token_id):
     )
 
 
+def image_detached(input_ids, token_embeds, image_features, image_token_id):
+    # Still requires grad through the text embeddings: only the gradient check can tell.
+    return solution.splice_image(input_ids, token_embeds, image_features.detach(), image_token_id)
+
+
 def test_splice_image_rejects(rejects):
     rejects(
         "ch08.splice_image",
@@ -50,6 +55,7 @@ def test_splice_image_rejects(rejects):
     rejects("ch08.splice_image", off_by_one, mentions=["off by one", "token_embeds[pos + 1:]"])
     rejects("ch08.splice_image", image_at_end, mentions=["not at the end"])
     rejects("ch08.splice_image", detached, mentions=["does not require grad"])
+    rejects("ch08.splice_image", image_detached, mentions=["no gradient reaches the image"])
 
 
 # --- build_labels ---------------------------------------------------------------------------
