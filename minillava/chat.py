@@ -22,39 +22,50 @@ reads its answers with the same function, so what it scores is what the chat wou
 Interactive commands: `/image PATH` switches image (and starts a new conversation), `/reset`
 forgets the conversation, `/quit` (or end of input) leaves. It reads stdin line by line, so
 `printf 'what colour?\\n/quit\\n' | minillava chat IMAGE` works as well as a terminal.
+
+A mistake on the command line (an image that cannot be read, --top-p 5, an empty question, an
+answer budget larger than the model's context) is one line on stderr and a non-zero exit code;
+in the interactive loop a bad image or a question too long is one line, and the chat goes on.
 """
 
 from __future__ import annotations
 
-import argparse
 import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from minillava.checkpoint import DEFAULT_CHECKPOINT, load_llava, world_config_from_dict
+from minillava.checkpoint import (
+    DEFAULT_CHECKPOINT,
+    load_llava,
+    require_checkpoint,
+    world_config_from_dict,
+)
+from minillava.cli import (
+    ArgumentParser,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    probability,
+)
 from minillava.data.collate import left_pad
-from minillava.data.image_processor import ImageProcessor
+from minillava.data.image_processor import ImageProcessor, ImageReadError, read_image
 from minillava.data.instruct import IMAGE, count_images, question_with_image
 from minillava.data.shapes import ShapesWorld
-from minillava.device import autocast
+from minillava.device import autocast, pick_device
 from minillava.presets import ModelSizes
 
 
 def load_image(path: str | Path, image_size: int) -> torch.Tensor:
-    """An image file -> normalised (3, S, S) tensor, with a clear error if it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {str(path)!r} not found")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return ImageProcessor(image_size=image_size)(image)
-    except UnidentifiedImageError as error:
-        raise ValueError(f"{str(path)!r} is not an image PIL can read") from error
+    """An image file -> normalised (3, S, S) tensor.
+
+    Raises ImageReadError (a ValueError) naming the file and why it cannot be used: missing,
+    not an image, truncated, or too large to decode safely (`image_processor.read_image`).
+    """
+    image, _ = read_image(path)
+    return ImageProcessor(image_size=image_size)(image)
 
 
 def decode_answer(tokenizer, ids: Sequence[int], strip: bool = True) -> str:
@@ -83,6 +94,13 @@ def next_question(history: list[dict], question: str, with_image: bool) -> list[
     return [*history, {"from": "human", "value": turn}]
 
 
+def prompt_positions(model, tokenizer, turns: list[dict]) -> int:
+    """How many positions of the model's context the prompt for `turns` takes: its tokens, each
+    `<image>` counted as the image's P tokens (the sum `fit_to_context` compares)."""
+    per_image = model.config.num_image_tokens - 1  # the <image> id itself is already counted
+    return len(tokenizer.render_prompt(turns)) + count_images(turns) * per_image
+
+
 def fit_to_context(
     model, tokenizer, turns: list[dict], with_image: bool, max_new_tokens: int
 ) -> list[dict]:
@@ -93,15 +111,9 @@ def fit_to_context(
     """
     config = model.config
     budget = config.text.max_seq_len - max_new_tokens
-
-    def positions(turns: list[dict]) -> int:  # each <image> is one id that becomes P positions
-        return len(tokenizer.render_prompt(turns)) + count_images(turns) * (
-            config.num_image_tokens - 1
-        )
-
-    while positions(turns) > budget and len(turns) > 1:
+    while prompt_positions(model, tokenizer, turns) > budget and len(turns) > 1:
         turns = turns[2:]  # each question carries its own copy of the image
-    if positions(turns) > budget:
+    if prompt_positions(model, tokenizer, turns) > budget:
         raise ValueError(
             f"the question is too long: the model reads at most {config.text.max_seq_len} "
             f"tokens, {config.num_image_tokens} of them image and {max_new_tokens} for the answer"
@@ -250,9 +262,12 @@ def interactive(session: ChatSession, image_size: int, stdin=None, stdout=None) 
             continue
         if line.startswith("/image"):
             path = line[len("/image") :].strip()
+            if not path:
+                say("(which image? /image PATH)")
+                continue
             try:
                 session.set_image(load_image(path, image_size))
-            except (FileNotFoundError, ValueError) as error:
+            except ImageReadError as error:  # the session goes on with the image it had
                 say(f"(cannot use that image: {error})")
                 continue
             say(f"(now looking at {path}; new conversation)")
@@ -321,18 +336,59 @@ def draw_sample_image(
     return size
 
 
+def answer_budget_problem(
+    model, tokenizer, question: str | None, with_image: bool, max_new_tokens: int
+) -> str | None:
+    """Why --max-new-tokens cannot be honoured (None if it can), said before any answer.
+
+    Prompt and answer share the context window, so the answer gets at most what the first
+    prompt leaves: `max_seq_len` minus the system line, the question and its image. A larger
+    value is refused rather than clamped: it would also leave no room for earlier turns, which
+    `fit_to_context` would then drop, so a chat with it would forget each answer at once. The
+    message gives the largest value that fits; the default (64) leaves room for a conversation.
+    Without a question (interactive), the shortest possible question is counted.
+    """
+    turns = next_question([], (question or "").strip(), with_image)  # as `ask` will see it
+    context = model.config.text.max_seq_len
+    prompt = prompt_positions(model, tokenizer, turns)
+    room = context - prompt
+    if room < 1 or max_new_tokens <= room:  # (a question that alone fills it: `ask` says so)
+        return None
+    what = "this question" if question else "the shortest question"
+    image = " and the image" if with_image else ""
+    return (
+        f"--max-new-tokens {max_new_tokens} does not fit the model's context: it reads "
+        f"{context} positions, {what}{image} take {prompt}, so the answer can have at most "
+        f"{room} tokens (pass --max-new-tokens {room} or less)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="minillava chat",
         description="Ask a trained minillava about an image. Without a question: interactive.",
     )
     parser.add_argument("image", nargs="?", help="image file (PNG, JPEG, ...)")
     parser.add_argument("question", nargs="?", help="one question; omit it to chat interactively")
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)"
+    )
+    parser.add_argument(
+        "--top-k", type=positive_int, default=None, help="sample from the k likeliest tokens"
+    )
+    parser.add_argument(
+        "--top-p",
+        type=probability,
+        default=None,
+        help="sample from the likeliest tokens that hold this share of probability, in (0, 1]",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=64,
+        help="longest answer, in tokens (prompt and answer share the model's context)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
@@ -342,10 +398,12 @@ def main(argv: list[str] | None = None) -> int:
         help="draw a ShapesWorld test scene to OUT.png, as the --checkpoint model's training "
         "images were drawn (its size, its world), and exit (no checkpoint needed)",
     )
-    parser.add_argument("--index", type=int, default=0, help="which scene --sample-image draws")
+    parser.add_argument(
+        "--index", type=non_negative_int, default=0, help="which scene --sample-image draws"
+    )
     parser.add_argument(
         "--image-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="size --sample-image draws (default: the --checkpoint model's image size, without "
         f"one the cpu preset's {ModelSizes().image_size})",
@@ -360,18 +418,41 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:  # e.g. an --image-size ShapesWorld cannot draw
             parser.error(str(error))
         return 0
-    if args.temperature < 0:
-        parser.error(f"--temperature must be >= 0, got {args.temperature}")
-    # No checkpoint, or one for another vocabulary: load_llava raises, `minillava` says so.
-    model, tokenizer, _ = load_llava(args.checkpoint, device=args.device)
-    image_size = model.config.vision.image_size
-    pixel_values = None
+
+    def fail(message: str, code: int = 2) -> int:  # one line, no traceback
+        # 2: the command line asks for what cannot be done (argparse's code); 1: a bad file
+        print(f"minillava chat: {message}", file=sys.stderr)
+        return code
+
+    # What can be checked without the model is checked first, the image included: a mistake
+    # should cost a second, not a model load. A missing checkpoint is said first of all: without
+    # one nothing else matters (require_checkpoint raises, `minillava` says how to train one).
+    if args.question is not None and not args.question.strip():
+        # (an empty question is a mistake, e.g. an unset shell variable: not a wish to chat)
+        return fail(
+            'the question is empty; ask one (minillava chat IMAGE "What is it?"), or leave '
+            "it out to chat interactively"
+        )
+    require_checkpoint(args.checkpoint)
+    image = None
     if args.image:
         try:
-            pixel_values = load_image(args.image, image_size)
-        except (FileNotFoundError, ValueError) as error:
-            print(f"minillava chat: {error}", file=sys.stderr)
-            return 1
+            image, _ = read_image(args.image)
+        except ImageReadError as error:
+            return fail(str(error), code=1)
+    try:
+        device = pick_device(args.device)
+    except RuntimeError as error:  # no such device here, or a name torch does not know
+        return fail(f"--device {args.device}: {error}; try --device auto")
+    # No checkpoint, or one for another vocabulary: load_llava raises, `minillava` says so.
+    model, tokenizer, _ = load_llava(args.checkpoint, device=device)
+    image_size = model.config.vision.image_size
+    pixel_values = None if image is None else ImageProcessor(image_size=image_size)(image)
+    problem = answer_budget_problem(
+        model, tokenizer, args.question, pixel_values is not None, args.max_new_tokens
+    )
+    if problem:
+        return fail(problem)
     session = ChatSession(
         model,
         tokenizer,
@@ -382,8 +463,11 @@ def main(argv: list[str] | None = None) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
-    if args.question:
-        print(session.ask(args.question))
+    if args.question is not None:
+        try:
+            print(session.ask(args.question))
+        except ValueError as error:  # the question alone does not fit the context
+            return fail(str(error))
     else:
         interactive(session, image_size)
     return 0

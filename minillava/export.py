@@ -21,7 +21,6 @@ transformers is a dev extra: `interop` imports it only when exporting.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from minillava.checkpoint import DEFAULT_CHECKPOINT, load_llava
+from minillava.cli import ArgumentParser, output_dir_problem
 from minillava.interop import expand_image_tokens_for_hf, to_hf
 from minillava.tokenizer import ASSETS
 
@@ -147,7 +147,7 @@ def _copy_tokenizer(tokenizer, out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="minillava export",
         description="Write a trained checkpoint as a directory that "
         "transformers.LlavaForConditionalGeneration.from_pretrained loads.",
@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     args = parser.parse_args(argv)
 
+    problem = output_dir_problem(args.out_dir)  # before the model loads, not after
+    if problem:
+        print(f"minillava export: {problem}; choose another output folder", file=sys.stderr)
+        return 2
     # No checkpoint, or one for another vocabulary: load_llava raises, `minillava` says so.
     model, tokenizer, _ = load_llava(args.checkpoint, device="cpu")
     try:

@@ -45,11 +45,13 @@ from minillava.checkpoint import (
     require_checkpoint,
     world_config_from_dict,
 )
+from minillava.cli import ArgumentParser, non_negative_int, output_dir_problem, positive_int
 from minillava.clip import CLIP, CLIPConfig
 from minillava.data.collate import collate_text
 from minillava.data.image_processor import ImageProcessor
 from minillava.data.instruct import VQADataset
-from minillava.data.shapes import ShapesWorld, WorldConfig
+from minillava.data.shapes import SPLITS, ShapesWorld, WorldConfig
+from minillava.device import pick_device
 from minillava.eval import (
     BLIND_MODES,
     DESCRIBE,
@@ -522,18 +524,33 @@ def talk_about(model, tokenizer, split, out_dir, print_fn, batch_size, image_siz
     }
 
 
+def split_list(text: str) -> list[str]:
+    """An argparse type: comma-separated ShapesWorld splits ("test,heldout"), each one known."""
+    splits = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits:
+        what = f"unknown split {', '.join(map(repr, unknown))}" if unknown else "no split given"
+        raise argparse.ArgumentTypeError(
+            f"{what}; choose from {', '.join(SPLITS)}, comma-separated"
+        )
+    return splits
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="minillava eval",
         description="VQA accuracy by question type, against a blind baseline (same model, no "
         "image), plus a bar chart and a gallery.",
     )
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a `minillava train` run")
     parser.add_argument(
-        "--split", default="test,heldout", help="comma-separated: test, heldout, val, train"
+        "--split",
+        type=split_list,
+        default="test,heldout",
+        help="comma-separated: test, heldout, val, train",
     )
-    parser.add_argument("--n", type=int, default=500, help="questions per split")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--n", type=positive_int, default=500, help="questions per split")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument(
         "--blind-mode",
         choices=(*BLIND_MODES, "both"),
@@ -549,26 +566,35 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="CLIP checkpoint for zero-shot accuracy (default: clip.pt next to the checkpoint)",
     )
-    parser.add_argument("--chat-samples", type=int, default=3)
+    parser.add_argument("--chat-samples", type=non_negative_int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     checkpoint = require_checkpoint(args.checkpoint)  # none: `minillava` says run `make train`
-    if args.n < 1:
-        parser.error(f"--n must be at least 1, got {args.n}")
-    splits = [s.strip() for s in args.split.split(",") if s.strip()]
-    model, tokenizer, info = load_llava(checkpoint, device=args.device)
+    out_dir = Path(args.out_dir) if args.out_dir else checkpoint.parent / "eval"
+    # Checked before the model loads: a bad folder should not wait for minutes of evaluation.
+    problem = output_dir_problem(out_dir)
+    if problem:
+        print(f"minillava eval: --out-dir: {problem}; choose another folder", file=sys.stderr)
+        return 2
+    try:
+        device = pick_device(args.device)
+    except RuntimeError as error:  # no such device here, or a name torch does not know
+        print(
+            f"minillava eval: --device {args.device}: {error}; try --device auto", file=sys.stderr
+        )
+        return 2
+    model, tokenizer, info = load_llava(checkpoint, device=device)
     world = (info.get("config") or {}).get("world")  # the ShapesWorld the model trained on
     clip_path = Path(args.clip_checkpoint or checkpoint.with_name("clip.pt"))
     clip_model = load_clip_for_eval(clip_path, next(model.parameters()).device)
-    out_dir = Path(args.out_dir) if args.out_dir else checkpoint.parent / "eval"
     report(
         model,
         tokenizer,
         out_dir,
         n=args.n,
-        splits=splits,
+        splits=args.split,
         n_chat=args.chat_samples,
         batch_size=args.batch_size,
         blind_modes=BLIND_MODES if args.blind_mode == "both" else (args.blind_mode,),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,112 @@ def test_check_command_reports_without_traceback(folder, capsys):
     assert "JSON file not found" in capsys.readouterr().err
     write(folder, [good("a")], "clean.json")
     assert data_main(["check", str(folder / "clean.json"), str(folder / "images")]) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Hardening: image paths stay inside the image folder; bombs, truncated files and deep nesting
+# are per-record (or per-file) messages, never a traceback.
+
+
+@pytest.fixture
+def escapes(folder: Path) -> dict[str, bool]:
+    """Image names that lead outside folder/images -> whether a real image is there."""
+    (folder / "outside.png").write_bytes(png_bytes())  # a real image, beside the image folder
+    (folder / "elsewhere").mkdir()
+    (folder / "images" / "link.png").symlink_to(folder / "outside.png")
+    (folder / "images" / "linkdir").symlink_to(folder / "elsewhere")
+    return {
+        "../outside.png": True,
+        "../missing.png": False,
+        str(folder / "outside.png"): True,  # absolute
+        "/no/such/dir/x.png": False,
+        "link.png": True,  # a symlink inside that points out
+        "linkdir/../outside.png": True,  # ".." after a symlink: looks inside, is not
+        "linkdir/../missing.png": False,
+    }
+
+
+def test_image_paths_that_leave_the_folder_are_refused_alike(folder, escapes):
+    records = [good("a")] + [{**good(name), "image": name} for name in escapes]
+    data = load(folder, records, skip_bad=True)
+    assert [r["id"] for r in data.records] == ["a"]
+    # One message for all, the name aside: it does not tell whether a file is there.
+    reasons = {re.sub(r"^image path .* leads", "NAME leads", b.reason) for b in data.skipped}
+    assert len(data.skipped) == len(escapes) and len(reasons) == 1, reasons
+    assert "leads outside the image folder" in reasons.pop()
+    with pytest.raises(DataError, match=r"record 1 .*leads outside the image folder"):
+        load(folder, records)
+    # The check is on the path, so it holds when images are not opened at load time.
+    lazy = load(folder, records, check_images=False, skip_bad=True)
+    assert len(lazy) == 1 and len(lazy.skipped) == len(escapes)
+
+
+def test_allow_outside_reads_them(folder, escapes):
+    records = [{**good(name), "image": name} for name in escapes]
+    data = load(folder, records, skip_bad=True, allow_outside=True)
+    assert sorted(r["image"] for r in data.records) == sorted(n for n, ok in escapes.items() if ok)
+    assert all("image file not found" in bad.reason for bad in data.skipped)
+    assert data[0]["pixel_values"].shape == (3, 64, 64)
+
+
+def test_paths_and_symlinks_that_stay_inside_are_fine(folder):
+    (folder / "images" / "sub").mkdir()
+    (folder / "images" / "same.png").symlink_to(folder / "images" / "good.png")
+    names = ["same.png", "sub/../good.png", "./good.png"]
+    data = load(folder, [{**good(n), "image": n} for n in names])
+    assert len(data) == 3 and not data.skipped
+
+
+def test_data_check_refuses_outside_images_unless_allowed(folder, escapes, capsys):
+    path = write(folder, [good("a"), {**good("up"), "image": "../outside.png"}])
+    images = str(folder / "images")
+    assert data_main(["check", str(path), images]) == 1
+    out, err = capsys.readouterr()
+    assert "record 1 (id 'up'): image path '../outside.png' leads outside" in out
+    assert "--allow-outside-images" in out and "Traceback" not in out + err
+    assert data_main(["check", str(path), images, "--allow-outside-images"]) == 0
+    assert "2 good records, 0 skipped" in capsys.readouterr().out
+
+
+def test_a_bomb_is_a_bad_record_that_skip_bad_skips(folder, capsys):
+    from test_image_processor import png_claiming
+
+    png_claiming(folder / "images" / "bomb.png", 30_000, 30_000, rows=1)  # PIL's own error
+    png_claiming(folder / "images" / "wide.png", 10_000, 1)  # under PIL's limits, over ours
+    records = [good("a"), {**good("bomb"), "image": "bomb.png"}]
+    records.append({**good("wide"), "image": "wide.png"})
+    with pytest.raises(DataError, match=r"record 1 \(id 'bomb'\): image too large .*bomb.png"):
+        load(folder, records)
+    data = load(folder, records, skip_bad=True)
+    assert len(data) == 1 and [b.id for b in data.skipped] == ["bomb", "wide"]
+    assert all("decompression bomb" in b.reason for b in data.skipped)
+    # `minillava data check --skip-bad` reports them and carries on, as for any bad record
+    path, images = str(folder / "data.json"), str(folder / "images")
+    assert data_main(["check", path, images, "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "1 good records, 2 skipped" in out and "record 2 (id 'wide'): image too large" in out
+
+
+def test_json_nested_too_deeply_is_one_error_naming_the_file(folder, capsys):
+    deep = "[" * 1000 + "]" * 1000  # enough to exhaust Python's recursion limit of 1000
+    (folder / "deep.json").write_text(deep, encoding="utf-8")
+    with pytest.raises(DataError, match=r"deep.json: JSON nested too deeply to read;"):
+        LlavaJsonDataset(folder / "deep.json", folder / "images")
+    (folder / "deep.jsonl").write_text(json.dumps(good()) + "\n" + deep, encoding="utf-8")
+    with pytest.raises(DataError, match=r"deep.jsonl: JSON nested too deeply to read \(line 2\)"):
+        LlavaJsonDataset(folder / "deep.jsonl", folder / "images")
+    assert data_main(["check", str(folder / "deep.json"), str(folder / "images")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "nested too deeply" in err
+    # nested as deep as the parser allows, inside a record: a short message, not its repr
+    value = "[" * 900 + "]" * 900
+    text = f'[{{"id": "d", "image": {value}, "conversations": {json.dumps(good_turns())}}}]'
+    (folder / "deep_record.json").write_text(text, encoding="utf-8")
+    data = LlavaJsonDataset(folder / "deep_record.json", folder / "images", skip_bad=True)
+    assert data.skipped[0].reason == "'image' must be a file name, got a list"
+
+
+def test_a_bad_jsonl_line_is_named(folder):
+    (folder / "bad.jsonl").write_text(json.dumps(good()) + "\n{oops\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl: not valid JSON \(line 2:"):
+        LlavaJsonDataset(folder / "bad.jsonl", folder / "images")

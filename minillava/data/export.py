@@ -6,8 +6,9 @@
            DIR/data.json                    LLaVA records (with "kind" and per-turn "type")
            DIR/scenes.json                  annotation, captions and description per image
 
-    minillava data check JSON IMAGE_DIR [--skip-bad]
+    minillava data check JSON IMAGE_DIR [--skip-bad] [--allow-outside-images]
         -> loads the data set as training would and reports every problem by record
+           (image paths that lead outside IMAGE_DIR are one, unless --allow-outside-images)
 
 The exported set is the same data the trainer generates on the fly, written so that it can be
 looked at, shared, or reused by any LLaVA training code; `LlavaJsonDataset` reads it back.
@@ -82,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("json", type=Path, help="the JSON list of records")
     check.add_argument("image_dir", type=Path, help="folder the 'image' paths start from")
     check.add_argument("--skip-bad", action="store_true", help="skip and count bad records")
+    check.add_argument(
+        "--allow-outside-images",
+        action="store_true",
+        help="read 'image' paths that lead outside IMAGE_DIR (../, absolute paths, symlinks "
+        "that point out); refused by default: a data set should not open any file you can read",
+    )
     return parser
 
 
@@ -105,12 +112,20 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             print(f"minillava data export: {error}", file=sys.stderr)
             return 2
-        json_path = export(args.dir, args.split, args.n, args.seed, config, kinds)
+        try:
+            json_path = export(args.dir, args.split, args.n, args.seed, config, kinds)
+        except OSError as error:  # DIR is a file, lies under one, is not ours to write, disk full
+            why = "a file, not a folder" if args.dir.is_file() else (error.strerror or error)
+            print(f"minillava data export: cannot write to {args.dir} ({why}); choose another "
+                  "folder", file=sys.stderr)  # fmt: skip
+            return 2
         print(f"wrote {args.n} images to {args.dir / 'images'} and records to {json_path}")
         return 0
     # Always collect every problem (not just the first); without --skip-bad any is a failure.
     try:
-        dataset = LlavaJsonDataset(args.json, args.image_dir, skip_bad=True)
+        dataset = LlavaJsonDataset(
+            args.json, args.image_dir, skip_bad=True, allow_outside=args.allow_outside_images
+        )
     except DataError as error:  # the file itself: missing, not JSON, not a list
         print(f"minillava data check: {error}", file=sys.stderr)
         return 1

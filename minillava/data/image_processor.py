@@ -12,12 +12,19 @@ tensor, whatever its original size, aspect ratio or colour mode. Two ways to mak
 Then the pixel values are normalised per channel: x = (pixel / 255 - mean) / std. With the
 default mean = std = 0.5 the values lie in [-1, 1]; a CLIP checkpoint would use its own
 statistics (OPENAI_CLIP_MEAN / OPENAI_CLIP_STD below).
+
+Reading the file comes first (`read_image`), and a file is outside input: it may be missing,
+truncated, not an image at all, or a "decompression bomb" (a PNG of some tens of KB that
+decodes to 30000 x 30000 pixels: gigabytes). `read_image` turns each of these into one
+`ImageReadError` that names the file and says why, before anything large is allocated.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +32,20 @@ from PIL import Image
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# The longest side `read_image` decodes. The model reads 48-224 px, so a big picture buys
+# nothing; what it costs is memory, and the cost is set by the longest side: "pad" pastes the
+# image on a square canvas of that side before shrinking it, so a 1 x 100,000 px strip (a PNG
+# of a few hundred bytes) would ask for a 30 GB canvas. 8192 px bounds both the decoded picture
+# and the canvas to 8192^2 = 67 megapixels (200 MB as RGB), and still takes an 8K video frame
+# (7680 x 4320) or a 50-megapixel phone photo (8160 x 6120). It sits below PIL's own guard
+# (Image.MAX_IMAGE_PIXELS, 89 megapixels: a warning up to twice that, an error above), so every
+# image PIL would warn about is refused here first, with the same message.
+MAX_IMAGE_SIDE = 8192
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be used; the message names the file and says why."""
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -47,6 +68,59 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
         top = max(float(array.max()), 1.0)
         image = Image.fromarray((array / top * 255.0).astype(np.uint8), mode="L")
     return image.convert("RGB")
+
+
+def read_image(path: str | Path, max_side: int = MAX_IMAGE_SIDE) -> tuple[Image.Image, str]:
+    """Open and fully decode an image file -> (RGB image, its original mode).
+
+    Raises ImageReadError if the file is missing, unreadable, not an image, larger than
+    `max_side` pixels on a side (checked on the header, before decoding), truncated or corrupt,
+    or in a pixel mode that has no RGB conversion.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ImageReadError(f"a folder, not an image file: {path}")
+    if not path.is_file():
+        raise ImageReadError(f"image file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns about images over its own limit; every one of them is over ours too,
+            # and is refused below with a message that says what to do.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # reads the header only
+                width, height = image.size
+                if max(width, height) > max_side:
+                    raise ImageReadError(_too_large(path, f"{width}x{height} px", max_side))
+                image.load()  # decode now: a truncated file fails here, not later in a batch
+                mode = image.mode
+                try:
+                    return to_rgb(image), mode
+                except (ValueError, OSError) as error:
+                    raise ImageReadError(
+                        f"cannot convert {mode} pixels to RGB: {path} ({error})"
+                    ) from None
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError:  # over twice PIL's limit: PIL refuses to open it
+        pixels = f"over {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
+        raise ImageReadError(_too_large(path, pixels, max_side)) from None
+    except Image.UnidentifiedImageError:
+        raise ImageReadError(f"not a readable image file: {path}") from None
+    except PermissionError as error:
+        raise ImageReadError(f"cannot read image file: {path} ({error.strerror})") from None
+    except Exception as error:
+        # A damaged file can make PIL's decoders raise almost anything (OSError for a truncated
+        # file, but also SyntaxError, ValueError, EOFError, struct.error, ...): bytes from
+        # outside, not a bug of ours. KeyboardInterrupt is not an Exception and still stops.
+        detail = str(error) or type(error).__name__
+        raise ImageReadError(f"image is truncated or corrupt: {path} ({detail})") from None
+
+
+def _too_large(path: Path, size: str, max_side: int) -> str:
+    return (
+        f"image too large to decode safely: {path} is {size}, the limit is {max_side} px a side "
+        "(a small file that decodes to gigabytes is a 'decompression bomb'); shrink it first"
+    )
 
 
 @dataclass
