@@ -13,6 +13,7 @@ Data flows through the package in this order (one file per concept):
     clip.py                 contrastive pretraining of the Eyes
     projector.py            the Bridge: linear / MLP projector (and the linear algebra behind it)
     resampler.py            the Bridge's alternatives: Perceiver resampler, Q-Former sizes
+    gated_cross_attention.py  Flamingo's way in: gated cross-attention inside a frozen LLM
     decoder.py              the Brain: a LLaMA-style decoder-only language model
     decoder_loss_only.py    the Brain's training path: the loss alone, shared prefix once
     generate.py             sampling with a KV cache
@@ -27,6 +28,9 @@ Data flows through the package in this order (one file per concept):
     judge.py                free answers judged by meaning, descriptions against the scene
     eval.py, report.py      VQA accuracy by question type against blind baselines; its report
     export.py, interop.py   transformers' LLaVA format, parity-tested
+    pretrained.py           a real LLaVA-1.5 checkpoint run by this code (safetensors; `hf` extra)
+    hf_tokenizer.py         that checkpoint's own tokenizer and LLaVA-1.5's prompt format
+    data/clip_preprocess.py CLIP's image preprocessing by hand: resize, centre crop, normalise
     grading.py, graders/    `minillava grade`: each chapter's checks
     cli.py                  the `minillava` command
 """

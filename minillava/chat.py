@@ -58,16 +58,6 @@ from minillava.device import autocast, pick_device
 from minillava.presets import ModelSizes
 
 
-def load_image(path: str | Path, image_size: int) -> torch.Tensor:
-    """An image file -> normalised (3, S, S) tensor.
-
-    Raises ImageReadError (a ValueError) naming the file and why it cannot be used: missing,
-    not an image, truncated, or too large to decode safely (`image_processor.read_image`).
-    """
-    image, _ = read_image(path)
-    return ImageProcessor(image_size=image_size)(image)
-
-
 def decode_answer(tokenizer, ids: Sequence[int], strip: bool = True) -> str:
     """New token ids -> the answer's text, cut at the first stop (or padding) token.
 
@@ -87,10 +77,16 @@ def decode_answer(tokenizer, ids: Sequence[int], strip: bool = True) -> str:
     return text.strip() if strip else text
 
 
-def next_question(history: list[dict], question: str, with_image: bool) -> list[dict]:
+def next_question(
+    history: list[dict], question: str, with_image: bool, every_question: bool = True
+) -> list[dict]:
     """The conversation the model answers: `history` (alternating turns, possibly empty) and
-    `question` as the next human turn, the image after it (`data.instruct.question_with_image`)."""
-    turn = question_with_image(question, IMAGE if with_image else "")
+    `question` as the next human turn, the image after it (`data.instruct.question_with_image`).
+
+    every_question=False: the image only with the first question, as LLaVA-1.5 was trained (a
+    pretrained checkpoint's tokenizer says so: `hf_tokenizer.CheckpointTokenizer`)."""
+    show = with_image and (every_question or count_images(history) == 0)
+    turn = question_with_image(question, IMAGE if show else "")
     return [*history, {"from": "human", "value": turn}]
 
 
@@ -106,13 +102,17 @@ def fit_to_context(
 ) -> list[dict]:
     """Drop the oldest question-answer pairs until prompt + answer fit the context window.
 
-    Every question carries its own copy of the image, so what remains still shows it. Raises
-    ValueError if the last question alone does not fit.
+    Every question carries its own copy of the image, so what remains still shows it (where the
+    image is shown once, it moves to the oldest question kept). Raises ValueError if the last
+    question alone does not fit.
     """
     config = model.config
     budget = config.text.max_seq_len - max_new_tokens
     while prompt_positions(model, tokenizer, turns) > budget and len(turns) > 1:
-        turns = turns[2:]  # each question carries its own copy of the image
+        turns = turns[2:]
+        if with_image and count_images(turns) == 0:  # the image was shown once, and dropped:
+            first = question_with_image(turns[0]["value"])  # it goes with the oldest question
+            turns = [{**turns[0], "value": first}, *turns[1:]]
     if prompt_positions(model, tokenizer, turns) > budget:
         raise ValueError(
             f"the question is too long: the model reads at most {config.text.max_seq_len} "
@@ -218,7 +218,8 @@ class ChatSession:
 
     def ask(self, question: str) -> str:
         """Add the question to the conversation, generate the answer, remember it, return it."""
-        turns = next_question(self.turns, question.strip(), self.pixel_values is not None)
+        every = getattr(self.tokenizer, "image_every_question", True)
+        turns = next_question(self.turns, question.strip(), self.pixel_values is not None, every)
         turns = self._fit(turns)
         pixel_values = None if self.pixel_values is None else self.pixel_values.unsqueeze(0)
         options = {"max_new_tokens": self.max_new_tokens, "generator": self.generator}
@@ -234,8 +235,9 @@ def ask(model, tokenizer, pixel_values: torch.Tensor | None, question: str, **op
     return ChatSession(model, tokenizer, pixel_values, **options).ask(question)
 
 
-def interactive(session: ChatSession, image_size: int, stdin=None, stdout=None) -> None:
-    """Read questions line by line until /quit or end of input; answer each."""
+def interactive(session: ChatSession, prepare, stdin=None, stdout=None) -> None:
+    """Read questions line by line until /quit or end of input; answer each. `prepare(path)`
+    turns an image file into the model's (3, S, S) input (for `/image PATH`)."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     tty = stdin.isatty()
@@ -266,7 +268,7 @@ def interactive(session: ChatSession, image_size: int, stdin=None, stdout=None) 
                 say("(which image? /image PATH)")
                 continue
             try:
-                session.set_image(load_image(path, image_size))
+                session.set_image(prepare(path))
             except ImageReadError as error:  # the session goes on with the image it had
                 say(f"(cannot use that image: {error})")
                 continue
@@ -372,6 +374,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("question", nargs="?", help="one question; omit it to chat interactively")
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     parser.add_argument(
+        "--hf",
+        metavar="DIR_OR_ID",
+        default=None,
+        help="a pretrained LLaVA-1.5 checkpoint (transformers' layout: config.json, "
+        "*.safetensors, tokenizer.json) run by minillava's own code instead of --checkpoint; "
+        "needs pip install 'minillava[hf]'",
+    )
+    parser.add_argument(
+        "--dtype", default=None, help="with --hf: float32 | bfloat16 | float16 (default: "
+        "bfloat16 or float16 on a GPU, float32 on a CPU)"
+    )  # fmt: skip
+    parser.add_argument(
         "--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)"
     )
     parser.add_argument(
@@ -433,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             'the question is empty; ask one (minillava chat IMAGE "What is it?"), or leave '
             "it out to chat interactively"
         )
-    require_checkpoint(args.checkpoint)
+    if args.hf is None:
+        require_checkpoint(args.checkpoint)
     image = None
     if args.image:
         try:
@@ -444,10 +459,15 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
     except RuntimeError as error:  # no such device here, or a name torch does not know
         return fail(f"--device {args.device}: {error}; try --device auto")
-    # No checkpoint, or one for another vocabulary: load_llava raises, `minillava` says so.
-    model, tokenizer, _ = load_llava(args.checkpoint, device=device)
-    image_size = model.config.vision.image_size
-    pixel_values = None if image is None else ImageProcessor(image_size=image_size)(image)
+    if args.hf is not None:  # a real LLaVA: its weights, its tokenizer, its preprocessing
+        from minillava.pretrained import load_pretrained  # needs the optional `hf` extra
+
+        model, tokenizer, preprocess = load_pretrained(args.hf, device=device, dtype=args.dtype)
+    else:
+        # No checkpoint, or one for another vocabulary: load_llava raises, `minillava` says so.
+        model, tokenizer, _ = load_llava(args.checkpoint, device=device)
+        preprocess = ImageProcessor(image_size=model.config.vision.image_size)
+    pixel_values = None if image is None else preprocess(image)
     problem = answer_budget_problem(
         model, tokenizer, args.question, pixel_values is not None, args.max_new_tokens
     )
@@ -469,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:  # the question alone does not fit the context
             return fail(str(error))
     else:
-        interactive(session, image_size)
+        interactive(session, lambda path: preprocess(read_image(path)[0]))
     return 0
 
 

@@ -10,7 +10,12 @@ format the whole ecosystem reads (`minillava export`).
 
 Everything goes through ONE name mapping, `hf_names`; `hf_state_dict` applies it and `to_hf`
 builds the Hugging Face model from `hf_config` and loads the renamed weights. Nothing is
-downloaded: the Hugging Face models are built from configs.
+downloaded: the Hugging Face models are built from configs. The other way, a pretrained LLaVA
+checkpoint read into our own `Llava` (minillava/pretrained.py), uses the same mapping inverted
+(`from_hf_names`), after `llava_file_name_to_hf` has brought the file's names to today's layout.
+
+The names are those of transformers 5.x (`model.vision_tower.embeddings...`, no `vision_model.`
+level), hence the dev extra's lower bound on transformers (pyproject.toml).
 
 One difference in *inputs*, not weights: our `Llava` replaces each `<image>` token by P image
 positions itself, while Hugging Face's LLaVA expects the prompt to already hold the image token
@@ -48,6 +53,23 @@ DECODER_NAMES = [
 # LlamaModel alone (inside LLaVA the head sits outside the language model).
 DECODER_BODY_NAMES = [(r"^(embed_tokens|layers|norm)\.", r"\1.")]
 MLP_PROJECTOR_NAMES = [(r"^(linear_1|linear_2)\.", r"\1.")]  # the GELU between has no weights
+
+
+# Checkpoint files name the same weights in older layouts than `hf_names` (which is transformers
+# 5's in-memory one). Reading a file, each of its names is first brought to that layout, then
+# looked up in the inverse of `hf_names` (`from_hf_names`): still one mapping, read backwards.
+#   transformers 4.x files, and the files transformers 5 still writes by default:
+#     language_model.model.* / language_model.lm_head.* / multi_modal_projector.* / vision_tower.*
+#   CLIP's extra `vision_model.` level (CLIPVisionModel before transformers 5.x dropped it).
+LLAVA_FILE_LAYOUTS = [
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^language_model\.model\.", "model.language_model."),
+    (r"^(model\.)?vision_tower\.vision_model\.", "model.vision_tower."),
+    (r"^vision_tower\.", "model.vision_tower."),
+    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+]
+# Buffers that some versions saved beside the weights; minillava recomputes them from the config.
+HF_BUFFERS = re.compile(r"(\.position_ids|\.rotary_emb\.inv_freq)$")
 
 
 def _rename(name: str, rules: list[tuple[str, str]], what: str) -> str:
@@ -89,6 +111,23 @@ def hf_names(model: nn.Module) -> dict[str, str]:
     raise TypeError(
         f"hf_names: expected a VisionTransformer, Decoder or Llava, got {type(model).__name__}"
     )
+
+
+def from_hf_names(model: nn.Module) -> dict[str, str]:
+    """{Hugging Face name: our name}: `hf_names` inverted, for reading a checkpoint into `model`."""
+    return {hf: ours for ours, hf in hf_names(model).items()}
+
+
+def llava_file_name_to_hf(name: str) -> str | None:
+    """A weight's name in a LLaVA checkpoint file, in any layout transformers has written ->
+    the name `hf_names` uses; None for a saved buffer that is recomputed, not loaded."""
+    if HF_BUFFERS.search(name):
+        return None
+    for pattern, replacement in LLAVA_FILE_LAYOUTS:
+        new_name, hits = re.subn(pattern, replacement, name)
+        if hits:
+            return new_name
+    return name  # already in the current layout
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -99,10 +99,35 @@ def apply_lora(
             f"apply_lora: no nn.Linear named any of {sorted(targets)} in {type(model).__name__}"
         )
     for name, module in to_wrap:
+        _refuse_shared_weight(model, name, module)
+    for name, module in to_wrap:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(module, rank=rank, alpha=alpha, dropout=dropout))
     return [name for name, _ in to_wrap]
+
+
+def _refuse_shared_weight(model: nn.Module, name: str, module: nn.Linear) -> None:
+    """Raise if the layer's weight is also another module's parameter (tied weights).
+
+    The usual case: a decoder with tied embeddings, whose `lm_head.weight` *is*
+    `embed_tokens.weight`. LoRA on `lm_head` trains an update meant for the output scores, but
+    `merge` adds it to that one shared matrix, so it changes the input embeddings as well, and
+    the merged model no longer computes what was trained (on a tiny tied decoder the logits
+    moved by about 5). Untying silently would change the model instead; refusing says why.
+    """
+    sharing = [
+        other
+        for other, parameter in model.named_parameters(remove_duplicate=False)
+        if parameter is module.weight and other != f"{name}.weight"
+    ]
+    if sharing:
+        raise ValueError(
+            f"apply_lora: {name}.weight is shared with {', '.join(sharing)} (tied weights): "
+            f"merging an update into {name} would change {sharing[0]} too. Leave "
+            f"{name.rsplit('.', 1)[-1]!r} out of target_names, or build the model untied "
+            "(DecoderConfig(tie_embeddings=False))"
+        )
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

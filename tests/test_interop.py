@@ -231,3 +231,78 @@ def test_unsupported_models_raise_clear_errors():
     linear = Llava(tiny_llava(projector="linear"))
     with pytest.raises(ValueError, match="mlp2x_gelu"):
         to_hf(linear)
+
+
+def test_checkpoint_file_names_of_every_layout_map_back_to_ours():
+    """A LLaVA checkpoint file may name its weights in transformers 4.x's layout, in the one
+    transformers 5 writes by default, or in today's; each reads back to our own names."""
+    from minillava.interop import from_hf_names, llava_file_name_to_hf
+
+    ours = Llava(tiny_llava())
+    inverse = from_hf_names(ours)
+    assert len(inverse) == len(hf_names(ours))
+    legacy = {  # today's prefix -> the prefix of older files (vision: both older ones)
+        "model.language_model.": ["language_model.model."],
+        "lm_head.": ["language_model.lm_head."],
+        "model.multi_modal_projector.": ["multi_modal_projector."],
+        "model.vision_tower.": [
+            "vision_tower.vision_model.",
+            "vision_tower.",
+            "model.vision_tower.vision_model.",
+        ],
+    }
+    for our_name, hf_name in hf_names(ours).items():
+        prefix = next(p for p in legacy if hf_name.startswith(p))
+        for old_prefix in [prefix, *legacy[prefix]]:
+            stored = old_prefix + hf_name[len(prefix) :]
+            assert inverse[llava_file_name_to_hf(stored)] == our_name, stored
+    for buffer in ("vision_tower.vision_model.embeddings.position_ids",
+                   "language_model.model.layers.0.self_attn.rotary_emb.inv_freq"):  # fmt: skip
+        assert llava_file_name_to_hf(buffer) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The transformers versions these name maps hold for
+# ---------------------------------------------------------------------------------------------
+
+
+def declared_transformers_bound() -> str:
+    """The lower bound on transformers that pyproject.toml's dev extra declares."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    dev = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]["dev"]
+    spec = next(s for s in dev if s.replace(" ", "").startswith("transformers"))
+    return re.search(r">=\s*([\w.]+)", spec).group(1)
+
+
+def test_installed_transformers_meets_the_declared_lower_bound():
+    """The maps use transformers' current names (CLIP without its `vision_model.` level).
+    Older versions (4.x, 5.0-5.x before the bound) name the vision tower differently: to_hf
+    fails there, and an exported directory loads with a random vision tower and a mere
+    warning. Say so loudly instead of testing against a version the maps do not fit."""
+    import transformers
+    from packaging.version import Version
+
+    bound = declared_transformers_bound()
+    assert Version(transformers.__version__) >= Version(bound), (
+        f"transformers {transformers.__version__} is installed, but minillava's name maps need "
+        f">= {bound} (pyproject.toml): pip install -U 'transformers>={bound}'"
+    )
+
+
+def test_an_exported_directory_reloads_every_weight_unchanged(tmp_path):
+    """save_pretrained then from_pretrained gives back our weights, the vision tower's
+    included: none left at its random initialisation."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    ours = randomise(Llava(tiny_llava()))
+    to_hf(ours).save_pretrained(tmp_path)
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).state_dict()
+    expected = hf_state_dict(ours)
+    assert set(reloaded) == set(expected)
+    changed = [name for name in expected if not torch.equal(reloaded[name], expected[name])]
+    assert not changed, f"reloaded with other values (random init?): {changed[:3]}"

@@ -91,3 +91,25 @@ def test_bad_arguments_are_named():
         LoRALinear(nn.Conv1d(1, 1, 1))
     with pytest.raises(ValueError, match="rank must be >= 1"):
         LoRALinear(nn.Linear(2, 2), rank=0)
+
+
+def test_lora_on_a_tied_head_is_refused_and_an_untied_one_merges_exactly():
+    from minillava.decoder import Decoder, DecoderConfig
+
+    config = dict(vocab_size=40, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=24)
+    tied = Decoder(DecoderConfig(**config, tie_embeddings=True))
+    # Merged into the shared matrix, an lm_head update would move the input embeddings too.
+    with pytest.raises(ValueError, match=r"lm_head.weight is shared with embed_tokens.weight"):
+        apply_lora(tied, ("lm_head", "q_proj"))
+    assert not any(isinstance(m, LoRALinear) for m in tied.modules())  # refused before changing
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+
+    untied = Decoder(DecoderConfig(**config, tie_embeddings=False)).eval()
+    apply_lora(untied, ("lm_head",), rank=2)
+    torch.nn.init.normal_(untied.lm_head.lora_B)
+    embeddings = untied.embed_tokens.weight.clone()
+    ids = torch.randint(0, 40, (2, 7))
+    expected = untied(ids).logits
+    merge_lora(untied)
+    torch.testing.assert_close(untied(ids).logits, expected)
+    assert torch.equal(untied.embed_tokens.weight, embeddings)
