@@ -16,15 +16,18 @@ Two rules make it safe:
   this before writing rather than letting the load fail later; `config_from_dict` (and, for the
   ShapesWorld a run trained on, `world_config_from_dict`) turns them back into dataclasses.
 
-Reading a checkpoint can go wrong in two ways that are situations, not bugs: there is none yet
-(`CheckpointNotFoundError`: run `make train`), or it was written for another vocabulary
-(`CheckpointMismatchError`: retrain). The `minillava` command prints either in one line.
+Reading a checkpoint can go wrong in ways that are situations, not bugs: there is none yet
+(`CheckpointNotFoundError`: run `make train`); it was written for another vocabulary, another
+model or another stage (`CheckpointMismatchError`: retrain, or pass the right file); or the file
+is cut short or is no checkpoint at all (`CheckpointUnreadableError`, a kind of mismatch). The
+`minillava` command prints each in one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -119,10 +122,75 @@ def require_checkpoint(path: str | Path) -> Path:
     return path
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not fit the code reading it (e.g. trained with another vocabulary).
+
+    Not a bug to debug but a situation to explain: the `minillava` command prints its message in
+    one line instead of a traceback.
+    """
+
+
+class CheckpointUnreadableError(CheckpointMismatchError):
+    """A file where a checkpoint should be that cannot be read as one: empty, cut short (a copy
+    or a download that stopped half-way), or something else entirely.
+
+    A kind of CheckpointMismatchError, so that the `minillava` command prints it in one line too.
+    """
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by `save_checkpoint`, refusing pickled code."""
+    """Load a checkpoint written by `save_checkpoint`, refusing pickled code.
+
+    A file that is not a whole checkpoint raises CheckpointUnreadableError naming it: torch's
+    own errors for it (an EOFError, a "failed finding central directory" from the zip reader, a
+    KeyError from the unpickler) would only say where torch gave up, not what is wrong.
+    """
     path = require_checkpoint(path)
-    return torch.load(path, map_location=map_location, weights_only=True)
+    what_to_do = "delete it and train again (or pass another checkpoint)"
+    if path.stat().st_size == 0:
+        raise CheckpointUnreadableError(f"checkpoint {path} is empty; {what_to_do}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # whatever torch's reader stumbled on
+        if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
+            raise CheckpointUnreadableError(  # a whole file, but with code in it: refused
+                f"checkpoint {path} holds pickled Python objects, which "
+                "torch.load(weights_only=True) refuses to run; load only checkpoints that "
+                "`minillava train` wrote"
+            ) from None
+        raise CheckpointUnreadableError(
+            f"checkpoint {path} cannot be read: it is cut short (an interrupted copy?) or not a "
+            f"checkpoint at all; {what_to_do}"
+        ) from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and "step" in ckpt):
+        raise CheckpointUnreadableError(
+            f"checkpoint {path} is not one minillava writes (it has no model weights and step); "
+            f"{what_to_do}"
+        )
+    return ckpt
+
+
+def weights_mismatch(model: nn.Module, state: Mapping) -> str | None:
+    """How the weights `state` do not fit `model`, in a few words (None: they fit).
+
+    `load_state_dict` would say it too, in a paragraph per tensor; this is the one line a person
+    needs: the first weight whose shape differs, or the names that are missing or left over.
+    """
+    own = model.state_dict()
+    for key, value in own.items():
+        if key in state and tuple(state[key].shape) != tuple(value.shape):
+            return (
+                f"{key} is {list(state[key].shape)} in the checkpoint but {list(value.shape)} "
+                "in this model"
+            )
+    missing = [key for key in own if key not in state]
+    extra = [key for key in state if key not in own]
+    parts = [
+        f"{len(keys)} weights {kind} (e.g. {keys[0]})"
+        for keys, kind in ((missing, "missing"), (extra, "left over"))
+        if keys
+    ]
+    return ", ".join(parts) or None
 
 
 T = typing.TypeVar("T")
@@ -168,14 +236,6 @@ def world_config_from_dict(world: Mapping | None, image_size: int) -> WorldConfi
     return config_from_dict(WorldConfig, {**values, "image_size": image_size})
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint that does not fit the code reading it (e.g. trained with another vocabulary).
-
-    Not a bug to debug but a situation to explain: the `minillava` command prints its message in
-    one line instead of a traceback.
-    """
-
-
 def check_vocabulary(path: str | Path, vocab_size: int, image_token_id: int, tokenizer) -> None:
     """Raise if a checkpoint's decoder was trained with another vocabulary than `tokenizer`'s.
 
@@ -210,15 +270,35 @@ def load_llava(path: str | Path, device: str | torch.device = "auto"):
     `info` is the checkpoint dict without the weights: `info["config"]` is the training preset as
     a dict (its `world` entry is the ShapesWorld config the model was trained on, so evaluation
     renders images the same way), `info["model_config"]` the `LlavaConfig` as a dict.
-    Raises CheckpointNotFoundError if there is no file at `path`, CheckpointMismatchError (a
-    ValueError) if the checkpoint's vocabulary is not the tokenizer's (`check_vocabulary`).
+    Raises CheckpointNotFoundError if there is no file at `path`; CheckpointMismatchError (a
+    ValueError) if the file is not a whole checkpoint, if it is no LLaVA (another stage's, such
+    as lm.pt or clip.pt), if its weights do not fit its config, or if its vocabulary is not the
+    tokenizer's (`check_vocabulary`).
     """
     ckpt = load_checkpoint(path)
     info = {key: value for key, value in ckpt.items() if key not in ("model", "optimizer")}
     tokenizer = get_tokenizer(info["config"].get("tokenizer", "shapesworld"))
-    config = config_from_dict(LlavaConfig, ckpt["model_config"])
+    pass_this = "pass the llava.pt that `minillava train` writes (the final model)"
+    stage = (ckpt.get("extra") or {}).get("stage")
+    if stage in ("lm", "clip"):  # the parts trained before LLaVA is assembled
+        part = "the decoder alone" if stage == "lm" else "CLIP's ViT and text encoder"
+        raise CheckpointMismatchError(
+            f"checkpoint {path} is the {stage!r} stage's ({part}), not a LLaVA model; {pass_this}"
+        )
+    try:
+        config = config_from_dict(LlavaConfig, ckpt["model_config"])
+    except (KeyError, TypeError, ValueError):  # the config of some other model, or none
+        raise CheckpointMismatchError(
+            f"checkpoint {path} is not a LLaVA model (its config is not a LlavaConfig); {pass_this}"
+        ) from None
     check_vocabulary(path, config.text.vocab_size, config.image_token_id, tokenizer)
     model = Llava(config)
+    mismatch = weights_mismatch(model, ckpt["model"])
+    if mismatch:  # e.g. a LoRA run's instruct.pt, whose adapters are not merged yet
+        raise CheckpointMismatchError(
+            f"checkpoint {path}: the weights do not fit the model its config describes "
+            f"({mismatch}); {pass_this}"
+        )
     model.load_state_dict(ckpt["model"])
     model.to(pick_device(str(device))).eval()
     return model, tokenizer, info

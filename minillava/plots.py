@@ -18,13 +18,22 @@ def read_metrics(path: str | Path, up_to_step: int | None = None) -> list[dict]:
 
     `up_to_step` keeps only the records of steps up to it (records without a step are kept):
     a run resumed from a checkpoint at step s continues the log as it was at s, not with the
-    lines a killed run wrote after its last checkpoint.
+    lines a killed run wrote after its last checkpoint. A last line cut short (a run killed
+    while appending it) is left out; a bad line before the last is an error.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metrics log {str(path)!r} not found")
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # torn by a kill mid-append: the record was never whole
+                break
+            raise ValueError(f"metrics log {str(path)!r}, line {number}: {error}") from None
     if up_to_step is not None:
         records = [r for r in records if r.get("step", 0) <= up_to_step]
     return records

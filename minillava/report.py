@@ -371,8 +371,8 @@ def load_clip_for_eval(path: str | Path, device: torch.device):
     path = Path(path)
     if not path.is_file():
         return None
-    ckpt = load_checkpoint(path)
     try:
+        ckpt = load_checkpoint(path)  # CheckpointUnreadableError (a ValueError): empty, cut short
         model = CLIP(config_from_dict(CLIPConfig, ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from minillava.checkpoint import load_checkpoint
+from minillava.checkpoint import CheckpointMismatchError, load_checkpoint, weights_mismatch
 from minillava.clip import CLIP, CLIPConfig, TextEncoderConfig
 from minillava.data.collate import collate_conversations, collate_text
 from minillava.data.instruct import IMAGE, MAX_TURNS, count_images
@@ -367,6 +367,13 @@ def load_part(module: nn.Module, path: Path, prefix: str = "", what: str = "") -
         return False
     state = load_checkpoint(path)["model"]
     part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    problem = weights_mismatch(module, part)
+    if problem:  # e.g. an lm.pt left by a run of another size in the same run dir
+        raise CheckpointMismatchError(
+            f"{path} does not fit this run's {what or 'model'}: {problem}. It was written by a "
+            "run with other settings: pass another --out-dir, or delete it and train its stage "
+            "again"
+        )
     module.load_state_dict(part)
     print(f"  {what}: loaded from {path}")
     return True

@@ -23,13 +23,16 @@ What the loop does, step by step:
             stop if the loss is NaN/inf                    (the last good checkpoint is kept)
             loss.backward()                                (DDP averages gradients over GPUs)
         clip the global gradient norm, optimizer.step(), zero the gradients
+        stop if a weight became NaN/inf or absurdly large  (so no checkpoint keeps it)
         log a JSONL line, update the progress bar, checkpoint now and then (atomically)
     plot the loss curve to PNG
 
 Multi-GPU: `torchrun --nproc_per_node=N -m minillava.train ...` starts N processes; each takes
 its share of every batch and DistributedDataParallel keeps the replicas identical.
 On a CPU the cpu preset does the same with two processes of one thread each
-(`Preset.cpu_processes`): `minillava train` then runs that torchrun command itself.
+(`Preset.cpu_processes`): `minillava train` then runs that torchrun command itself, and owns it:
+stopping `minillava train` (Ctrl-C, SIGTERM, even SIGKILL) stops torchrun and its workers too
+(minillava/launch.py).
 """
 
 from __future__ import annotations
@@ -40,12 +43,12 @@ import inspect
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -53,13 +56,28 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from minillava.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
+from minillava.checkpoint import (
+    CheckpointMismatchError,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap_model,
+    weights_mismatch,
+)
 from minillava.device import autocast, pick_device
+from minillava.launch import die_with_parent, launch_cpu_processes, threads_per_process
 from minillava.lora import merge_lora
 from minillava.plots import plot_loss_curve, read_metrics
 from minillava.presets import PRESETS, Preset, StageConfig, apply_overrides, get_preset
 from minillava.report import load_clip_for_eval, report
-from minillava.stages import StagePlan, build_stage, check_instruct_mix, world_config
+from minillava.stages import (
+    StagePlan,
+    build_stage,
+    check_instruct_mix,
+    clip_config,
+    decoder_config,
+    llava_config,
+    world_config,
+)
 from minillava.tokenizer import get_tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +182,19 @@ def make_optimizer(groups: list[dict], config: StageConfig, device: torch.device
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss (or the gradient norm) became NaN or infinite: training stopped."""
+    """The loss, the gradient or the weights became NaN, infinite or absurdly large: training
+    stopped, before a checkpoint could keep them."""
+
+
+# The largest weight (in absolute value) a stage may reach before we call it diverged. Healthy
+# runs stay far below it: from initial weights of about 0.02, the largest weight of the cpu
+# preset's final model is 1.5 (a norm gain), of its CLIP 2.8 (the logit scale). Past it a
+# checkpoint is poisoned even while the loss is still finite: lm at lr=1e3 reaches weights of
+# about 1e7 in three steps, and resuming that checkpoint at lr=1e-3 gives a NaN loss at once,
+# while the tiny preset's lm stopped by this bound (largest weight 99.5) resumes at lr=1e-3 with
+# finite losses. So no checkpoint is written with a weight past it.
+# (A model of your own that needs larger weights: pass train_stage(max_weight=...).)
+MAX_WEIGHT = 100.0
 
 
 @dataclass
@@ -230,6 +260,7 @@ def train_stage(
     eval_fn: Callable[[nn.Module], dict] | None = None,
     eval_every: int = 0,
     progress: bool = True,
+    max_weight: float = MAX_WEIGHT,
 ) -> StageResult:
     """Train `model` for `config.steps` optimizer steps on `batches`; checkpoint and log.
 
@@ -247,11 +278,13 @@ def train_stage(
         groups: optimizer parameter groups (default: `param_groups(model, weight_decay)`); a
             group may carry "lr_scale" to train at a multiple of the scheduled rate.
         resume: continue from `{out_dir}/{name}.pt` if it exists (returns at once if that stage
-            was already finished).
+            was already finished; CheckpointMismatchError if it cannot: another stage's
+            checkpoint, or one written for a model of other sizes).
         run_config, model_config: stored in every checkpoint (how to rebuild the model).
         eval_fn: called as eval_fn(model) (in eval mode, no grad) every `eval_every` steps and
             at the end; its dict of numbers is logged with the step (e.g. {"val_loss": ...}).
         progress: show a tqdm progress bar (on the main process).
+        max_weight: stop (NonFiniteLossError) if a trained weight's magnitude exceeds it.
     """
     started = time.perf_counter()
     info = dist_info()
@@ -264,9 +297,10 @@ def train_stage(
                          plot=files.plot)  # fmt: skip
 
     # Resume: restore weights, optimizer moments, step and RNG, then skip the steps already done.
-    records = []
+    records, restored = [], False
     if resume and files.checkpoint is not None and files.checkpoint.is_file():
-        result.resumed_from = restore(files.checkpoint, model, optimizer, device)
+        result.resumed_from = restore(files.checkpoint, model, optimizer, device, name)
+        restored = True
         if files.metrics.is_file():
             records = read_metrics(files.metrics, up_to_step=result.resumed_from)
         if info.is_main:
@@ -280,10 +314,11 @@ def train_stage(
 
     run_config = {**(run_config or {}), "stage": asdict(config)}
     checkpointer = Checkpointer(files.checkpoint, model, optimizer, device, config.steps, name,
-                                run_config, model_config or {}, info.is_main)  # fmt: skip
+                                run_config, model_config or {}, info.is_main,
+                                saved_step=start_step if restored else None)  # fmt: skip
     train_model, ddp_model = wrap_for_training(model, device, info, compile)
     step_fn = OptimizationStep(train_model, ddp_model, optimizer, config, device, dtype, info,
-                               loss_only_kwargs(model), name, files.checkpoint)  # fmt: skip
+                               loss_only_kwargs(model), name, checkpointer, max_weight)  # fmt: skip
     micro_batches = iter(make_loader(batches, config, start_step, num_workers, device))
     log = MetricsLog(files.metrics if info.is_main else None, records)
     bar = tqdm(total=config.steps, initial=start_step, desc=f"{name:>8}",
@@ -355,22 +390,65 @@ def prepare_device(device: torch.device | str) -> torch.device:
     return device
 
 
-def restore(path: Path, model: nn.Module, optimizer, device: torch.device) -> int:
-    """Load weights, optimizer moments and RNG state from checkpoint `path`; return its step."""
+def restore(path: Path, model: nn.Module, optimizer, device: torch.device, name: str) -> int:
+    """Load weights, optimizer moments and RNG state from checkpoint `path`; return its step.
+
+    A checkpoint that cannot continue this stage (another stage's, weights only, or written by a
+    run whose model had other sizes) raises CheckpointMismatchError saying so in one line.
+    """
     ckpt = load_checkpoint(path, map_location=device)
+    check_stage(ckpt, path, name)
+    other_run = f"resume it with the settings it was written with, or {START_AFRESH.format(path)}"
+    mismatch = weights_mismatch(unwrap_model(model), ckpt["model"])
+    if mismatch:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was written by a run with other settings ({mismatch}); {other_run}"
+        )
     unwrap_model(model).load_state_dict(ckpt["model"])
     if ckpt["optimizer"] is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as error:  # other parameter groups: other parts frozen, LoRA or not
+            raise CheckpointMismatchError(
+                f"checkpoint {path} was written by a run that trained other parameters ({error}); "
+                f"{other_run}"
+            ) from None
     torch.set_rng_state(ckpt["extra"]["rng_state"].cpu())  # dropout masks continue as before
     if device.type == "cuda" and "cuda_rng_state" in ckpt["extra"]:
         torch.cuda.set_rng_state(ckpt["extra"]["cuda_rng_state"].cpu(), device)
     return ckpt["step"]
 
 
+# What to do with a checkpoint this run cannot continue.
+START_AFRESH = "train these settings in another --out-dir (or delete {})"
+
+
+def check_stage(ckpt: dict, path: Path, name: str) -> None:
+    """Raise CheckpointMismatchError unless `ckpt` holds the training state of stage `name`."""
+    extra = ckpt.get("extra") or {}
+    stage = extra.get("stage")
+    if stage is not None and stage != name:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} holds the {stage!r} stage, not {name!r}: --resume cannot continue "
+            f"stage {name!r} from it; {START_AFRESH.format(path)}"
+        )
+    if "rng_state" not in extra:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} holds weights only (a final model?), not the training state "
+            f"--resume continues from; {START_AFRESH.format(path)}"
+        )
+
+
 @dataclass
 class Checkpointer:
     """Saves the stage's checkpoint (main process only): weights, optimizer, step and RNG state,
-    everything `restore` needs to continue as if never stopped."""
+    everything `restore` needs to continue as if never stopped.
+
+    Only a state a resume can continue from is saved. The weights were checked after the step
+    (OptimizationStep); Adam's moments are checked here, before writing, on every process (they
+    are the same on all), so that all stop together. `saved_step` is the step of the checkpoint
+    at `path` that this run wrote or resumed from (None: none yet), which a stop message names.
+    """
 
     path: Path | None
     model: nn.Module
@@ -381,10 +459,21 @@ class Checkpointer:
     run_config: dict
     model_config: dict
     is_main: bool
+    saved_step: int | None = None
 
     def save(self, step: int) -> None:
-        if self.path is None or not self.is_main:
+        if self.path is None:
             return
+        moments = [value for state in self.optimizer.state.values() for value in state.values()
+                   if isinstance(value, torch.Tensor) and value.is_floating_point()]  # fmt: skip
+        if moments and not torch.stack([torch.isfinite(m).all() for m in moments]).all():
+            what = "Adam's moment estimates became NaN or infinite"
+            raise NonFiniteLossError(_stop_message(self.name, step, what, self))
+        if self.is_main:
+            self.write(step)
+        self.saved_step = step
+
+    def write(self, step: int) -> None:
         extra = {"stage": self.name, "rng_state": torch.get_rng_state(), "done": step >= self.steps}
         if self.device.type == "cuda":
             extra["cuda_rng_state"] = torch.cuda.get_rng_state(self.device)
@@ -462,7 +551,9 @@ class OptimizationStep:
 
     Returns the step's loss (summed over its micro-batches, each divided by grad_accum) and the
     global gradient norm before clipping. Raises NonFiniteLossError before a NaN or infinite
-    loss or gradient can reach the weights.
+    loss or gradient can reach the weights, and after the update if it made a weight NaN,
+    infinite or larger than `max_weight` (the loss can be finite while the weights are not sane,
+    and the weights are what a checkpoint keeps).
     """
 
     train_model: nn.Module
@@ -474,7 +565,8 @@ class OptimizationStep:
     info: DistInfo
     forward_kwargs: dict  # {"return_logits": False} for Decoder and Llava
     name: str
-    checkpoint: Path | None  # named in the message if the loss goes bad
+    checkpointer: Checkpointer  # which checkpoint is kept, named in the message if a step fails
+    max_weight: float = MAX_WEIGHT
 
     def __post_init__(self):
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -494,32 +586,58 @@ class OptimizationStep:
                 # Checked every micro-step (a GPU sync, cheap next to a step): a NaN must
                 # stop us before backward() spreads it into the weights.
                 if not torch.isfinite(_mean_over_ranks(loss.detach(), self.info)):
-                    raise NonFiniteLossError(_nan_message(self.name, step, loss, self.checkpoint))
+                    self.stop(step, f"the loss became {float(loss.detach())}")
                 loss.backward()
             step_loss += loss.detach()
 
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
         if not torch.isfinite(grad_norm):
-            message = _nan_message(self.name, step, grad_norm, self.checkpoint, "gradient")
-            raise NonFiniteLossError(message)
-        self.optimizer.step()
+            self.stop(step, f"the gradient became {float(grad_norm)}")
+        try:
+            self.optimizer.step()
+        except RuntimeError as error:
+            # Adam's step size lr / (1 - beta1^t) is turned into a float32 for the update: with
+            # an absurd learning rate (1e39) that overflows, and torch raises instead of writing
+            # infinite weights.
+            if "overflow" not in str(error):
+                raise
+            self.stop(step, "the update overflowed float32")
         self.optimizer.zero_grad(set_to_none=True)
+        # The largest weight: one number, so one GPU sync (as the loss check above).
+        largest = torch.stack([p.detach().abs().max() for p in self.trainable]).max().item()
+        if not math.isfinite(largest):
+            self.stop(step, f"a weight became {largest}")
+        if largest > self.max_weight:
+            self.stop(step, f"a weight grew to {largest:.3g} (sane ones stay below "
+                            f"{self.max_weight:g})")  # fmt: skip
         return step_loss, grad_norm
+
+    def stop(self, step: int, what: str) -> NoReturn:
+        raise NonFiniteLossError(_stop_message(self.name, step + 1, what, self.checkpointer))
 
 
 class MetricsLog:
     """The stage's JSONL log, one record a line (main process only; path None: no file).
 
-    Opened anew on every run: a resumed run first writes back the records up to its step."""
+    Started anew on every run with `records`: a resumed run keeps the records up to its step and
+    drops those of the steps it redoes. That rewrite is atomic, as a checkpoint is (a temp file,
+    fsync, rename): a run killed in the middle of it leaves the old log whole, where truncating
+    the log and writing it back would lose every record not yet written again. The new records
+    are then appended, one line each.
+    """
 
     def __init__(self, path: Path | None, records: list[dict]):
         self.file = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "w")
-            for r in records:
-                self.file.write(json.dumps(r) + "\n")
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it the log
+            os.replace(tmp, path)
+            self.file = open(path, "a")
 
     def write(self, record: dict, flush: bool = True) -> None:
         if self.file is not None:
@@ -540,16 +658,19 @@ def _evaluate(eval_fn: Callable, model: nn.Module, train_model: nn.Module) -> di
     return {key: float(value) for key, value in out.items()}
 
 
-def _nan_message(name, step, value, ckpt_path, what: str = "loss") -> str:
-    kept = (
-        f"the last good checkpoint is kept: {ckpt_path}"
-        if ckpt_path is not None and ckpt_path.is_file()
-        else "no checkpoint was written before it"
-    )
+def _stop_message(name: str, step: int, what: str, checkpointer: Checkpointer) -> str:
+    """Why stage `name` stopped at (1-based) `step`, which checkpoint is kept, and what to do."""
+    smaller = f"a smaller --set {name}.lr"
+    if checkpointer.saved_step is None:
+        kept = f"no checkpoint of this run was written before it: start again with {smaller}"
+    else:
+        kept = (
+            f"the last good checkpoint is kept: {checkpointer.path} (step "
+            f"{checkpointer.saved_step}); continue from it with --resume and {smaller}"
+        )
     return (
-        f"stage {name!r}: the {what} became {float(value.detach())} at step {step + 1}; "
-        f"training stopped and {kept}. Usual causes: a learning rate too high (try "
-        f"--set {name}.lr=<smaller>), no gradient clipping, or a batch with no tokens to predict."
+        f"stage {name!r}: {what} at step {step}; training stopped and {kept}. Usual causes: a "
+        "learning rate too high, no gradient clipping, or a batch with no tokens to predict."
     )
 
 
@@ -611,56 +732,123 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     return apply_overrides(preset, args.set)
 
 
-def threads_per_process(num_threads: int, processes: int) -> int:
-    """A CPU's share of `num_threads` (0: one per core) for each of `processes` processes."""
-    return max(1, (num_threads or os.cpu_count() or 1) // processes)
+def check_run(args, preset: Preset, stages, tokenizer) -> tuple[torch.device, Path]:
+    """Refuse what would fail later, in one line that names the setting (ValueError) or the
+    checkpoint (CheckpointMismatchError); return the device and the run directory (made here).
 
-
-def launch_cpu_processes(preset: Preset, argv: list[str]) -> int:
-    """Run this same command as `preset.cpu_processes` data-parallel processes, as torchrun does.
-
-    Each process takes 1/N of every batch with num_threads / N threads (at least one), and DDP
-    averages their gradients over gloo: the same training, more of the CPU kept busy.
+    All of it is checked before any process starts or any file is written: a run that cannot
+    start must not leave workers behind, nor overwrite the run directory's preset.json.
     """
-    n = preset.cpu_processes
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-        "-m", "minillava.train", *argv,
-    ]  # fmt: skip
-    # torchrun itself would set 1 (with a warning); say it, so OpenMP starts no extra threads.
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process(preset.num_threads, n))}
-    process = subprocess.Popen(command, env=env)
-    while True:
-        try:
-            return process.wait()
-        except KeyboardInterrupt:  # torchrun got the same Ctrl-C and stops its workers
-            continue
+    try:
+        device = pick_device(preset.device)
+    except RuntimeError as error:  # not on this machine: pick_device says which it asked for
+        raise ValueError(
+            f"{error}; pass --device cpu (or leave it out: the best one here)"
+        ) from None
+    processes = int(os.environ.get("WORLD_SIZE", "0")) or (
+        preset.cpu_processes if device.type == "cpu" else 1
+    )
+    for name in stages:
+        check_stage_config(name, preset.stage(name), processes)
+    out_dir = Path(args.out_dir or Path("runs") / preset.name)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file, not a directory; pass another --out-dir")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file on the way, no permission
+        raise ValueError(
+            f"--out-dir {out_dir} cannot be made ({error.strerror}); pass another --out-dir"
+        ) from None
+    if args.resume:
+        for name in stages:
+            check_resumable(out_dir / f"{name}.pt", name, preset, tokenizer)
+    return device, out_dir
+
+
+def check_stage_config(name: str, config: StageConfig, processes: int) -> None:
+    """Raise ValueError naming the field if stage `name` cannot train with `config`.
+
+    `steps=0` would "train" nothing and still write a checkpoint (and, for instruct, an untrained
+    llava.pt); `batch_size=0` or a batch that does not split evenly would fail deep inside.
+    """
+    for key in ("steps", "batch_size", "grad_accum", "log_every"):
+        value = getattr(config, key)
+        if value < 1:
+            how = (
+                f"--set {name}.{key}=N" if key != "steps" else f"--steps N or --set {name}.steps=N"
+            )
+            raise ValueError(f"{name}.{key}={value}, but it must be at least 1 ({how})")
+    share = config.grad_accum * processes  # every micro-batch of every process gets rows
+    if config.batch_size % share:
+        raise ValueError(
+            f"{name}.batch_size={config.batch_size} must be divisible by grad_accum x processes "
+            f"= {config.grad_accum} x {processes}; --set {name}.batch_size to a multiple of {share}"
+        )
+
+
+def check_resumable(path: Path, name: str, preset: Preset, tokenizer) -> None:
+    """Raise CheckpointMismatchError if --resume cannot continue stage `name` from `path`: a file
+    cut short, another stage's checkpoint, or one written for a model of other sizes. (No file:
+    nothing to resume, the stage starts from step 0.)"""
+    if not path.is_file():
+        return
+    ckpt = load_checkpoint(path)
+    check_stage(ckpt, path, name)
+    differences = _differences(ckpt["model_config"], stage_model_config(name, preset, tokenizer))
+    if differences:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was written by a run with other settings "
+            f"({'; '.join(differences[:3])}): resume it with those, or {START_AFRESH.format(path)}"
+        )
+
+
+def stage_model_config(name: str, preset: Preset, tokenizer) -> dict:
+    """The model config stage `name` builds from `preset`, as its checkpoint stores it
+    (stages.build_stage's `model_config`), without building the model or its data."""
+    if name == "lm":
+        return asdict(decoder_config(preset, tokenizer.vocab_size))
+    if name == "clip":
+        return asdict(clip_config(preset, tokenizer.vocab_size))
+    return asdict(llava_config(preset, tokenizer))
+
+
+def _differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """'field A in the checkpoint, B in this run' for each (nested) field that differs."""
+    out = []
+    for key in sorted(set(saved) | set(wanted)):
+        old, new = saved.get(key), wanted.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += _differences(old, new, f"{prefix}{key}.")
+        elif json.dumps(old) != json.dumps(new):  # (a tuple and the list it was saved as match)
+            out.append(f"{prefix}{key} {old!r} in the checkpoint, {new!r} in this run")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     stages = Preset.STAGES if args.stage == "all" else (args.stage,)
+    started_by_torchrun = "WORLD_SIZE" in os.environ
+    if started_by_torchrun:
+        die_with_parent()  # a worker never trains on after its torchrun has gone
+    # Under torchrun every process checks the same and stops the same way; rank 0 says why.
+    rank = DistInfo(rank=int(os.environ.get("RANK", "0")))
+    tokenizer = get_tokenizer("shapesworld")
     try:
         preset = resolve_preset(args)
         if "instruct" in stages:
             check_instruct_mix(preset)  # before lm, clip and align spend their minutes
-    except ValueError as error:
-        print(f"minillava train: {error}", file=sys.stderr)
-        return 2
-    started_by_torchrun = "WORLD_SIZE" in os.environ
-    if preset.cpu_processes > 1 and not started_by_torchrun:
-        if pick_device(preset.device).type == "cpu":
-            return launch_cpu_processes(preset, argv)
+        device, out_dir = check_run(args, preset, stages, tokenizer)
+    except ValueError as error:  # a setting, or a checkpoint --resume cannot continue
+        return stopped(error, 2, rank)
+    if preset.cpu_processes > 1 and not started_by_torchrun and device.type == "cpu":
+        return launch_cpu_processes(preset, argv)
     info, device = setup_distributed(preset.device)
     if device.type == "cpu" and info.world_size > 1:  # the CPU is shared among the processes
         torch.set_num_threads(threads_per_process(preset.num_threads, info.world_size))
     elif preset.num_threads > 0:
         torch.set_num_threads(preset.num_threads)
     say = print if info.is_main else (lambda *a, **k: None)
-    out_dir = Path(args.out_dir or Path("runs") / preset.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = get_tokenizer("shapesworld")
     run_config = {
         "preset": preset.to_dict(),
         "world": asdict(world_config(preset)),
@@ -681,8 +869,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             plan = run_stage(name, preset, args, tokenizer, out_dir, device, info, run_config)
         except NonFiniteLossError as error:
-            print(f"minillava train: {error}", file=sys.stderr)
-            return 1
+            return stopped(error, 1, info)
+        except CheckpointMismatchError as error:  # e.g. a --resume from a LoRA run without --lora
+            return stopped(error, 2, info)
     if "instruct" in stages and info.is_main:
         model = save_final_model(plan, out_dir, preset, run_config)
         say(f"training time: {time.perf_counter() - started:.0f} s")
@@ -692,6 +881,20 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def stopped(error: Exception, status: int, info: DistInfo) -> int:
+    """Say in one line why the run stopped; return the exit status.
+
+    Under torchrun all processes stop at the same point, and rank 0 speaks for them. The others
+    end quietly with status 0, so that torchrun waits for rank 0's status instead of stopping
+    it, at the first failure it sees, before it has said why.
+    """
+    if info.is_main:
+        print(f"minillava train: {error}", file=sys.stderr)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return status if info.is_main else 0
 
 
 def run_stage(name, preset, args, tokenizer, out_dir, device, info, run_config) -> StagePlan:
