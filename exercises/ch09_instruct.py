@@ -89,3 +89,36 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     includes the buffers.
     """
     raise NotImplementedError
+
+
+# The three scenes your instruction samples are about: ShapesWorld("train")[i] for these i, with
+# the default world. The notebook draws them and prints their annotations; `minillava data
+# export` names their images train_000000.png, train_000001.png, train_000002.png.
+SAMPLE_SCENES = (0, 1, 2)
+
+
+def instruction_samples() -> list[dict]:
+    """Write three high-quality LLaVA-format instruction samples, one for each scene of
+    SAMPLE_SCENES, in that order. Returns a list of three records like
+
+        {"id": "my_sample_0",
+         "image": "train_000000.png",
+         "conversations": [
+             {"from": "human", "value": "<image>\\nWhat is in the middle left of the picture?"},
+             {"from": "gpt", "value": "..."},
+             {"from": "human", "value": "..."},
+             {"from": "gpt", "value": "..."}]}
+
+    What the grader asks of them, and why (chapter 9, section 1):
+    - the format a LLaVA trainer reads: turns alternate human, gpt; `<image>` exactly once, in
+      the first human turn;
+    - a conversation, not a single question: at least two rounds in each sample;
+    - variety: across the three samples, at least three kinds of question (colour, shape,
+      position, counting, existence, text, description, reasoning);
+    - every fact true to the scene: an object you name must be there, with the cell, size,
+      colour and shape you give it; a count or a character you state must be right. Write the
+      answers as sentences that name what they talk about ("There is a large purple diamond in
+      the middle left."): a bare "Purple." cannot be checked, and the grader counts only what
+      it can check (at least two facts a sample).
+    """
+    raise NotImplementedError

@@ -523,6 +523,8 @@ class DescriptionScore:
     count_right   "The image shows two shapes" right; None without such a sentence
     wrong_words   (start, end) spans of the words known to be false: the wrong fields of each
                   mention, hallucinated names, a wrong character or text cell, a wrong count
+    text_mentions sentences about the written character ("The letter L is written ...")
+    counts        sentences stating how many shapes there are
     """
 
     mentions: int
@@ -537,6 +539,8 @@ class DescriptionScore:
     text_right: bool | None
     count_right: bool | None
     wrong_words: list[tuple[int, int]]
+    text_mentions: int = 0
+    counts: int = 0
     parsed: list[Mention] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
@@ -693,6 +697,8 @@ def score_description(scene, text: str) -> DescriptionScore:
         text_right=text_right,
         count_right=count_right,
         wrong_words=sorted(set(wrong_words)),
+        text_mentions=len(texts),
+        counts=len(counts),
         parsed=mentions,
     )
 

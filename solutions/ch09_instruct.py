@@ -59,3 +59,57 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     params = list(model.parameters())  # parameters() yields a shared (tied) tensor once
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return trainable, sum(p.numel() for p in params)
+
+
+SAMPLE_SCENES = (0, 1, 2)
+
+
+def instruction_samples() -> list[dict]:
+    """Three conversations written by hand from the scenes' annotations, each mixing question
+    kinds the way LLaVA-Instruct mixes them: a look at the whole image, then details."""
+    return [
+        {
+            "id": "sample_0",
+            "image": "train_000000.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe the image."},
+                {
+                    "from": "gpt",
+                    "value": "The image shows two shapes on a dark background. In the middle "
+                    "left there is a large purple diamond. In the center there is a small green "
+                    "circle. The letter L is written in white in the middle right.",
+                },
+                {"from": "human", "value": "What is written in the image?"},
+                {"from": "gpt", "value": "The letter L is written in the middle right."},
+            ],
+        },
+        {
+            "id": "sample_1",
+            "image": "train_000001.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nHow many shapes are there?"},
+                {"from": "gpt", "value": "There are two shapes."},
+                {"from": "human", "value": "Where is the blue cross?"},
+                {"from": "gpt", "value": "There is a large blue cross in the middle right."},
+                {"from": "human", "value": "Is there an orange shape?"},
+                {"from": "gpt", "value": "Yes, there is a small orange square in the bottom left."},
+            ],
+        },
+        {
+            "id": "sample_2",
+            "image": "train_000002.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour is the triangle?"},
+                {"from": "gpt", "value": "It is a small blue triangle, in the middle right."},
+                {"from": "human", "value": "Which diamond is the largest one at the bottom?"},
+                {"from": "gpt", "value": "There is a large red diamond in the bottom middle."},
+                {"from": "human", "value": "Why might someone say the top row is crowded?"},
+                {
+                    "from": "gpt",
+                    "value": "Two of the four shapes are in the top row: in the top middle there "
+                    "is a small blue diamond, and in the top right there is a large purple "
+                    "diamond.",
+                },
+            ],
+        },
+    ]

@@ -328,3 +328,144 @@ def check_count_parameters(count_parameters):
 
 def _linear_layers(model: nn.Module, names: list[str]) -> list[nn.Linear]:
     return [model.get_submodule(name).base for name in names]
+
+
+# --- instruction_samples: data a person writes, checked against the scene ----------------------
+
+SAMPLE_SCENES = (0, 1, 2)  # the scenes exercises/ch09_instruct.py names; they must agree
+MIN_KINDS = 3  # kinds of question over the three samples
+MIN_FACTS = 2  # facts the grader can check, in each sample's answers
+
+# The first rule that matches names a question's kind ("Is there a red circle?" is existence,
+# though it names a colour).
+QUESTION_KINDS = (
+    ("counting", ("how many", "number of")),
+    ("existence", ("is there", "are there", "do you see a", "can you see a")),
+    ("text", ("letter", "digit", "written", "text", "character")),
+    ("colour", ("colour", "color")),
+    ("shape", ("shape",)),
+    ("position", ("where", "which cell", "what is in the", "what is at")),
+    ("description", ("describe", "what do you see", "what is in this", "tell me about")),
+    ("reasoning", ("why", "which", "compare", "larger", "bigger", "smaller", "more", "if ")),
+)
+
+
+def question_kind(question: str) -> str:
+    """The kind of one human turn, from its words (`<image>` and case ignored); "other" if none."""
+    text = question.replace("<image>", " ").lower()
+    for kind, cues in QUESTION_KINDS:
+        if any(cue in text for cue in cues):
+            return kind
+    return "other"
+
+
+def _annotation(scene) -> str:
+    from minillava.data.shapes import cell_phrase, object_phrase
+
+    lines = [f"{object_phrase(o)} {cell_phrase(o.row, o.col)}" for o in scene.objects]
+    if scene.text is not None:
+        lines.append(f"the {scene.text_kind} {scene.text} in the {scene.text_cell}")
+    return "; ".join(lines)
+
+
+def _what_is_wrong(score, text: str) -> str:
+    """The false words of one answer, quoted, and why each is false."""
+    reasons, explained = [], set()
+    for m in score.parsed:
+        stated = " ".join(x for x in (m.size, m.colour, m.shape) if x)
+        fields = [f for f in m.wrong if f in m.spans]
+        if m.repeated:
+            reasons.append(f"the {stated}: named twice for the same place")
+        elif m.hallucinated or fields:
+            wrong = ", ".join(f"{f} {text[slice(*m.spans[f])]!r}" for f in fields)
+            absent = f"no {m.colour} {m.shape} in the scene (hallucinated)"
+            reasons.append(
+                f"'{text[m.spans['colour'][0] : m.spans['shape'][1]]}': "
+                + "; ".join(
+                    x
+                    for x in (f"wrong {wrong}" if wrong else "", absent if m.hallucinated else "")
+                    if x
+                )
+            )
+        explained |= {m.spans[f] for f in fields}
+    if score.count_right is False:
+        reasons.append(f"the number of shapes (there are {score.objects})")
+    others = ", ".join(repr(text[a:b]) for a, b in score.wrong_words if (a, b) not in explained)
+    if score.text_right is False and score.text_mentions:
+        reasons.append(f"the written character or its place: {others}")
+    elif not reasons:  # a colour-shape name outside a mention ("the red circle is above ...")
+        reasons = [f"{others}, not in the scene (hallucinated)"]
+    return "; ".join(reasons)
+
+
+@grader("instruction_samples", points=3)
+def check_instruction_samples(instruction_samples):
+    """Format (LlavaJsonDataset's own check), one <image> first, two rounds each, three kinds of
+    question, and every fact the answers state true to the scene annotation (minillava.judge)."""
+    from minillava.data.llava_json import check_record
+    from minillava.data.shapes import ShapesWorld
+    from minillava.judge import score_description
+
+    step("calling instruction_samples()")
+    samples = instruction_samples()
+    if not isinstance(samples, list) or len(samples) != len(SAMPLE_SCENES):
+        got = len(samples) if isinstance(samples, list) else type(samples).__name__
+        raise GradingFailure(
+            f"instruction_samples() should return a list of {len(SAMPLE_SCENES)} records, one "
+            f"per scene of SAMPLE_SCENES, got {got}."
+        )
+    world = ShapesWorld("train", max(SAMPLE_SCENES) + 1)
+    kinds = set()
+    for k, (record, index) in enumerate(zip(samples, SAMPLE_SCENES, strict=True)):
+        where = f"sample {k} (scene {index})"
+        step(f"checking the format of {where}")
+        problem = check_record(record)
+        if problem is None and "image" not in record:
+            problem = "no 'image' field: a visual instruction sample names its image"
+        if problem is not None:
+            raise GradingFailure(
+                f"{where}: {problem}.",
+                "The format is LLaVA's: see data/llava_json.py and chapter 9, section 1.",
+            )
+        expected_image = f"train_{index:06d}.png"
+        if record["image"] != expected_image:
+            raise GradingFailure(
+                f"{where}: 'image' is {record['image']!r}; this scene's file is "
+                f"{expected_image!r} (the name `minillava data export` gives it)."
+            )
+        turns = record["conversations"]
+        if len(turns) < 4:
+            raise GradingFailure(
+                f"{where} has {len(turns) // 2} round(s) of question and answer; write at least "
+                "two: LLaVA's data are conversations, and a later question must be answerable "
+                "from the image as well as the first."
+            )
+        kinds |= {question_kind(t["value"]) for t in turns[0::2]}
+
+        step(f"checking every answer of {where} against the scene annotation")
+        scene, facts = world.scene(index), 0
+        for j, turn in enumerate(turns[1::2]):
+            score = score_description(scene, turn["value"])
+            facts += score.mentions + score.named + score.text_mentions + score.counts
+            if score.wrong_words:
+                raise GradingFailure(
+                    f"{where}, answer {j + 1} ({turn['value']!r}) says what the image does not "
+                    f"show: {_what_is_wrong(score, turn['value'])}.",
+                    f"The scene holds: {_annotation(scene)}. A sample that states one false "
+                    "fact teaches the model to invent (chapter 9, section 1).",
+                )
+        if facts < MIN_FACTS:
+            raise GradingFailure(
+                f"{where}: the grader found {facts} fact(s) it can check in the answers; write "
+                f"at least {MIN_FACTS}.",
+                "Name what an answer talks about: 'There is a small green circle in the center.' "
+                "can be checked; 'Green.' or 'It is green.' cannot.",
+            )
+    kinds.discard("other")
+    if len(kinds) < MIN_KINDS:
+        raise GradingFailure(
+            f"the three samples ask {len(kinds)} kind(s) of question ({', '.join(sorted(kinds))}); "
+            f"ask at least {MIN_KINDS}.",
+            "Kinds: " + ", ".join(kind for kind, _ in QUESTION_KINDS) + ". Variety is what makes "
+            "an instruction set teach more than one skill.",
+        )

@@ -263,3 +263,82 @@ def test_merged_decoder_gives_identical_outputs():
         after = decoder(ids).logits
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     assert not any("lora" in name for name in decoder.state_dict())
+
+
+# --- instruction_samples --------------------------------------------------------------------
+
+
+def _samples_with(change):
+    """The reference samples, deep-copied, with `change(samples)` applied."""
+    import copy
+
+    samples = copy.deepcopy(solution.instruction_samples())
+    change(samples)
+    return lambda: samples
+
+
+def _set_answer(k, j, text):
+    def change(samples):
+        samples[k]["conversations"][2 * j + 1]["value"] = text
+
+    return change
+
+
+def test_instruction_samples_name_the_false_fact(rejects):
+    wrong_colour = _samples_with(
+        _set_answer(1, 1, "There is a large red cross in the middle right.")
+    )
+    rejects("ch09.instruction_samples", wrong_colour, mentions=["sample 1", "red cross"])
+    wrong_cell = _samples_with(_set_answer(1, 1, "There is a large blue cross in the top left."))
+    rejects("ch09.instruction_samples", wrong_cell, mentions=["wrong cell", "top left"])
+    invented = _samples_with(_set_answer(2, 1, "There is a small green circle in the center."))
+    rejects("ch09.instruction_samples", invented, mentions=["green circle", "hallucinated"])
+    wrong_size = _samples_with(
+        _set_answer(1, 1, "There is a small blue cross in the middle right.")
+    )
+    rejects("ch09.instruction_samples", wrong_size, mentions=["wrong size", "'small'"])
+    miscounted = _samples_with(_set_answer(1, 0, "There are three shapes."))
+    rejects("ch09.instruction_samples", miscounted, mentions=["number of shapes", "there are 2"])
+    misread = _samples_with(_set_answer(0, 1, "The letter K is written in the middle right."))
+    rejects("ch09.instruction_samples", misread, mentions=["'K'", "the letter L"])
+
+
+def test_instruction_samples_reject_bad_format_and_thin_data(rejects):
+    def image_twice(samples):
+        samples[0]["conversations"][2]["value"] += "\n<image>"
+
+    rejects("ch09.instruction_samples", _samples_with(image_twice), mentions=["2 times"])
+
+    def one_round(samples):
+        del samples[1]["conversations"][2:]
+
+    rejects("ch09.instruction_samples", _samples_with(one_round), mentions=["1 round"])
+
+    def wrong_image(samples):
+        samples[2]["image"] = "scene2.png"
+
+    rejects("ch09.instruction_samples", _samples_with(wrong_image), mentions=["train_000002.png"])
+
+    def unverifiable(samples):
+        for turn in samples[1]["conversations"][1::2]:
+            turn["value"] = "Yes."
+
+    rejects("ch09.instruction_samples", _samples_with(unverifiable), mentions=["0 fact"])
+
+    def same_question(samples):
+        for record in samples:
+            for turn in record["conversations"][2::2]:
+                turn["value"] = "How many shapes are there?"
+            record["conversations"][0]["value"] = "<image>\nHow many shapes are there?"
+            for turn in record["conversations"][1::2]:
+                turn["value"] = f"There are {2 if record['id'] != 'sample_2' else 4} shapes."
+
+    rejects("ch09.instruction_samples", _samples_with(same_question), mentions=["1 kind"])
+    rejects("ch09.instruction_samples", lambda: {"id": 0}, mentions=["list of 3"])
+
+
+def test_instruction_samples_scenes_agree_with_the_grader():
+    from exercises import ch09_instruct as exercise
+    from minillava.graders import ch09
+
+    assert exercise.SAMPLE_SCENES == solution.SAMPLE_SCENES == ch09.SAMPLE_SCENES
