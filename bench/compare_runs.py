@@ -6,7 +6,9 @@ figure is compared with the spread of runs without it. This script reads the eva
 `make train` and `minillava eval` write and prints one markdown row per run: overall accuracy
 and its blind baseline, held-out, every type's accuracy, the weakest gain over the blind baseline
 among the types the goal counts (those whose baseline is at most 60%), and the accuracy where a
-known shortcut is wrong (`data.instruct.shortcut_answer`); then the mean and the range.
+known shortcut is wrong (`data.instruct.shortcut_answer`); then the mean and the range. A second
+table gives what the chat is judged on (first questions, held-out, turns 1 to 3, false
+premises, description F1 and hallucinated objects) for each run, with their mean and range.
 
     python bench/compare_runs.py runs/cpu /tmp/seed1 /tmp/seed2
     python bench/compare_runs.py /tmp/seeds/seed*/eval_noimage --out runs.json
@@ -65,6 +67,8 @@ def summarise(
     counted = {t: g for t, g in gains.items() if blind["per_type"][t] <= BASELINE_EXEMPT_ABOVE}
     weakest = min(counted, key=counted.get) if counted else None
     heldout = evaluation["splits"].get("heldout", {}).get("model", {}).get("accuracy")
+    turns = results.get("turns", {}).get("per_turn")
+    descriptions = results.get("descriptions", {}).get("totals", {})
     return {
         "n": model["n"],
         "accuracy": model["accuracy"],
@@ -75,7 +79,41 @@ def summarise(
         "gain": gains,
         "weakest_gain": (weakest, counted[weakest]) if weakest else None,
         "where_shortcut_fails": model.get("where_shortcut_fails", {}),
+        # What the chat is judged on beyond first questions (absent in older eval.json files).
+        "turns": list(turns.values()) if isinstance(turns, dict) else turns,
+        "false_premises": results.get("false_premises", {}).get("honest"),
+        "description_f1": descriptions.get("f1"),
+        "hallucination_rate": descriptions.get("hallucination_rate"),
     }
+
+
+CHAT_FIGURES = {  # name -> how to read it from a `summarise` dict
+    "short answers": lambda r: r["accuracy"],
+    "held-out": lambda r: r["heldout"],
+    "turn 1": lambda r: (r["turns"] or [None] * 3)[0],
+    "turn 2": lambda r: (r["turns"] or [None] * 3)[1],
+    "turn 3": lambda r: (r["turns"] or [None] * 3)[2],
+    "false premises": lambda r: r["false_premises"],
+    "description F1": lambda r: r["description_f1"],
+    "hallucinated objects": lambda r: r["hallucination_rate"],
+}
+
+
+def chat_table(runs: dict[str, dict]) -> str:
+    """The chat's figures, a column per run, then their mean and range (F1 as a fraction, the
+    rest in percent); a figure an older eval.json lacks is left out."""
+    names = list(runs)
+    lines = ["| figure | " + " | ".join(names) + " | mean | range |",
+             "|---" + "|---:" * (len(names) + 2) + "|"]  # fmt: skip
+    for figure, read in CHAT_FIGURES.items():
+        values = [read(run) for run in runs.values()]
+        if any(v is None for v in values):
+            continue
+        show = (lambda v: f"{v:.3f}") if figure == "description F1" else _pct
+        mean = sum(values) / len(values)
+        cells = [*(show(v) for v in values), show(mean), f"{show(min(values))}-{show(max(values))}"]
+        lines.append(f"| {figure} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _pct(value: float | None) -> str:
@@ -128,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluation = json.loads(path.read_text())
         runs[str(run).rstrip("/")] = summarise(evaluation, args.split, str(path), args.blind_mode)
     print(markdown_table(runs))
+    print()
+    print(chat_table(runs))
     if args.out:
         record = {"command": "python bench/compare_runs.py " + " ".join(argv or sys.argv[1:])}
         Path(args.out).write_text(json.dumps({**record, "runs": runs}, indent=1) + "\n")

@@ -476,3 +476,38 @@ def evaluate_descriptions(
             scores.append(result)
             records.append({"index": sample.index, "description": text, "score": result})
     return {"question": question, "totals": aggregate(scores), "records": records}
+
+
+# ----------------------------------------------------------------------------------------------
+# Does the image help? The loss on the words that name what is in it, with and without it
+
+
+def content_word_ids(tokenizer, world) -> set[int]:
+    """The token ids of the words a caption gets from the image: colours, shapes, sizes, places
+    (`world`: the ShapesWorld config the model was trained on)."""
+    places = ("top", "middle", "bottom", "left", "right", "center")
+    words = [*world.colours, *world.shapes, "large", "small", *places]
+    return {i for w in words for i in tokenizer.encode(" " + w) + tokenizer.encode(w)}
+
+
+@torch.no_grad()
+def loss_by_word_kind(model, batch: Mapping, content_ids: set[int]) -> tuple[float, float]:
+    """(mean loss on the answers' content words, mean loss on their other words) of `batch`.
+
+    A caption's loss mixes words the image decides ("red", "circle", "top left") with words it
+    does not ("There is a ... in the ..."): comparing the two with the right image and with
+    another image says whether the model reads the picture or only learnt the caption's form.
+    """
+    model.eval()
+    out = model(**batch)
+    _, _, labels, _ = model.embed_multimodal(
+        batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"]
+    )
+    targets, logits = labels[:, 1:], out.logits[:, :-1]  # position t predicts token t + 1
+    loss = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2).float(), targets, ignore_index=-100, reduction="none"
+    )  # (B, T - 1)
+    scored = targets != -100
+    content = torch.isin(targets, torch.tensor(sorted(content_ids), device=targets.device))
+    content &= scored
+    return loss[content].mean().item(), loss[scored & ~content].mean().item()

@@ -74,3 +74,22 @@ def test_runs_are_found_by_directory_and_tabled_with_mean_and_range(compare, tmp
     assert "| 0.0 (no_image) |" in table  # the mode is named where it is not the default
     assert "2 runs: test accuracy mean 75.0%, range 75.0 to 75.0%" in table
     assert set(json.loads(out.read_text())["runs"]) == {str(first), str(second)}
+
+
+def test_the_chat_table_gives_turns_premises_and_descriptions_with_mean_and_range(compare):
+    older = compare.summarise(fake_evaluation("A"))  # an eval.json without the chat figures
+    assert older["turns"] is None and older["false_premises"] is None
+    runs = {}
+    for name, (turn, honest, f1) in {"a": (0.8, 0.9, 0.4), "b": (0.6, 0.7, 0.5)}.items():
+        evaluation = fake_evaluation("A")
+        evaluation["splits"]["test"].update(
+            turns={"per_turn": {"1": turn, "2": turn, "3": turn}},
+            false_premises={"honest": honest},
+            descriptions={"totals": {"f1": f1, "hallucination_rate": 0.05}},
+        )
+        runs[name] = compare.summarise(evaluation)
+    table = compare.chat_table(runs)
+    assert "| turn 2 | 80.0 | 60.0 | 70.0 | 60.0-80.0 |" in table
+    assert "| false premises | 90.0 | 70.0 | 80.0 | 70.0-90.0 |" in table
+    assert "| description F1 | 0.400 | 0.500 | 0.450 | 0.400-0.500 |" in table
+    assert "turn 1" not in compare.chat_table({"old": older})  # not in the file: left out

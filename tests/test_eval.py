@@ -369,3 +369,36 @@ def test_turns_false_premises_and_descriptions_are_judged_by_meaning(
         "minillava.eval.reply", lambda model, tok, convs, *a, **k: [" red"] * len(convs)
     )
     assert evaluate_false_premises(tiny_model, tokenizer, premises)["honest"] == 0.0
+
+
+def test_loss_by_word_kind_splits_the_answer_tokens_into_content_and_the_rest():
+    from minillava.data.collate import collate_conversations
+    from minillava.data.instruct import make_conversation
+    from minillava.data.shapes import ShapesWorld, WorldConfig, sample_rng
+    from minillava.eval import content_word_ids, loss_by_word_kind
+
+    tok = get_tokenizer()
+    torch.manual_seed(0)
+    model = Llava(tiny_llava_config(tok))
+    world = WorldConfig(image_size=16)
+    val = ShapesWorld("val", 4, world)
+    rows = [
+        {
+            "pixel_values": val[i].pixel_values,
+            "conversations": make_conversation(
+                val[i].scene, val[i].captions, sample_rng(0, "val", i), "caption"
+            ),
+        }
+        for i in range(4)
+    ]
+    batch = collate_conversations(rows, tok)
+    content = content_word_ids(tok, world)
+    assert set(tok.encode(" red")) <= content and not set(tok.encode(" There")) & content
+    on_content, on_rest = loss_by_word_kind(model, batch, content)
+    everything, nothing = loss_by_word_kind(model, batch, set(range(tok.vocab_size)))
+    assert torch.isfinite(torch.tensor([on_content, on_rest, everything])).all()
+    # The overall mean lies between the two parts' means, and with every id counted as content
+    # the content mean is the overall mean of the scored tokens: the model's own loss.
+    assert min(on_content, on_rest) <= everything <= max(on_content, on_rest)
+    assert everything == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+    assert nothing != nothing  # no "other" words left: the mean of nothing is nan
