@@ -11,10 +11,16 @@ inputs, compares the result with the library's reference (values, shapes, gradie
 invariants (a projection applied twice changes nothing; a causal model cannot see the future).
 When something is off it raises `GradingFailure` with a sentence you can act on.
 
-Each check runs in a child process (forked, so it starts in milliseconds) with a timeout: an
-exception in your code is reported with your own line, and a `while True:` costs that exercise's
-points, never the whole run. A stub that still raises `NotImplementedError` scores 0 as
-"not implemented yet".
+Each check runs in a child process (forked, so it starts in milliseconds) with a timeout, and
+your file is imported only there, never in the grading process: an exception in your code is
+reported with your own line, a `while True:` costs that exercise's points (its chapter's, at the
+top level of the file), and an `os._exit` ends the child, never the whole run. Your functions
+are called on copies of their arguments, so one that changes its input in place is told so by
+name; what they print is shown under the check, cut to a few KB. A stub that still raises
+`NotImplementedError` scores 0 as "not implemented yet".
+
+The grader defends against accidents and easy tricks, not a determined attacker: where the
+trust boundary lies is explained above `isolation_mode()`.
 
 How to write a grader for a new chapter: docs/grading.md.
 """
@@ -22,21 +28,27 @@ How to write a grader for a new chapter: docs/grading.md.
 from __future__ import annotations
 
 import argparse
+import builtins
 import contextlib
+import functools
 import importlib
 import inspect
+import json
 import linecache
 import multiprocessing
+import multiprocessing.connection
 import os
 import pkgutil
 import re
+import signal
 import sys
 import textwrap
 import threading
 import time
+import types
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -327,7 +339,7 @@ def diagnose(
 
 
 # ---------------------------------------------------------------------------------------------
-# Running one check, isolated, with a timeout
+# A check's result, and an exception in your code explained
 # ---------------------------------------------------------------------------------------------
 
 
@@ -341,6 +353,7 @@ class Result:
     max_points: int
     message: str = ""  # for you: what was checked, expected vs got, a hint
     seconds: float = 0.0
+    output: str = ""  # what your code printed while the check ran (the first few KB)
 
     @property
     def passed(self) -> bool:
@@ -444,41 +457,430 @@ def _explain_exception(exc: BaseException, learner_files: set[str]) -> tuple[str
     return ERROR, message
 
 
-def _execute(check_: Check, callables: Sequence, seed: int) -> tuple[str, str]:
-    """Run the check right here; every exception becomes a (status, message)."""
+# ---------------------------------------------------------------------------------------------
+# Your arguments are copies: a function that changes its input is caught and named
+# ---------------------------------------------------------------------------------------------
+#
+# A check keeps its inputs to compute the reference after calling you. If your function wrote
+# into them (`x += 1`, `x.mul_(2)`, `ids.append(...)`), the reference would be computed on the
+# changed values and the message would be misleading, or a function that zeroes its inputs could
+# even pass. So every learner callable is wrapped once, before the check receives it: it is
+# called on copies of its tensor (and list, tuple, dict) arguments, and a copy that differs
+# from its original after the call is reported by name. Models handed to your function are not
+# copied (a check may need to see them change: requires_grad, .grad), but their weights are
+# compared before and after.
+
+
+class InputChanged(GradingFailure):
+    """Raised when your function changed one of its arguments in place (the check stops)."""
+
+
+def _copy(value, depth: int = 0):
+    """A copy of an argument, handed to your function in place of the check's original."""
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        try:  # same strides as the original, so .view() fails or works exactly as on it
+            copy = torch.empty_strided(
+                value.size(), value.stride(), dtype=value.dtype, device=value.device
+            )
+            return copy.copy_(value)  # a differentiable copy: gradients still reach `value`
+        except RuntimeError:  # overlapping strides (an expanded tensor), sparse, ...
+            return value.clone()
+    if depth < 4 and type(value) in (list, tuple):
+        return type(value)(_copy(item, depth + 1) for item in value)
+    if depth < 4 and type(value) is dict:
+        return {key: _copy(item, depth + 1) for key, item in value.items()}
+    return value
+
+
+def _same(original, copy) -> bool:
+    """Whether `copy` still equals `original` (it was made by `_copy` before the call)."""
+    if original is copy:
+        return True
+    if isinstance(original, torch.Tensor):
+        if not isinstance(copy, torch.Tensor):
+            return False
+        if original.shape != copy.shape or original.dtype != copy.dtype:
+            return False
+        try:
+            a, b = original.detach(), copy.detach()
+            if a.is_floating_point() or a.is_complex():
+                return bool(((a == b) | (a.isnan() & b.isnan())).all())
+            return torch.equal(a, b)
+        except RuntimeError:  # a layout that cannot be compared: assume it was left alone
+            return True
+    if type(original) in (list, tuple):
+        return (
+            type(copy) is type(original)
+            and len(copy) == len(original)
+            and all(_same(a, b) for a, b in zip(original, copy, strict=True))
+        )
+    if type(original) is dict:
+        return (
+            type(copy) is dict
+            and list(copy) == list(original)
+            and all(_same(original[key], copy[key]) for key in original)
+        )
+    return True
+
+
+def _weights(value) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, tensor, its values now) for a model's parameters or a single Parameter."""
+    if isinstance(value, torch.nn.Module):
+        found = [(f".{name}", p) for name, p in value.named_parameters()]
+    elif isinstance(value, torch.nn.Parameter):
+        found = [("", value)]
+    else:
+        return []
+    return [(name, p, p.detach().clone()) for name, p in found]
+
+
+def _argument_names(fn, args: Sequence, kwargs: dict) -> list[str]:
+    """The name of each argument in your function's signature: x, mask, ... (or "argument 3")."""
+    names = [f"argument {i + 1}" for i in range(len(args))] + list(kwargs)
+    with contextlib.suppress(TypeError, ValueError):
+        params = list(inspect.signature(fn).parameters.values())
+        positional = [
+            p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        names[: min(len(args), len(positional))] = positional[: len(args)]
+    return names
+
+
+def _call_on_copies(fn, name: str, args: tuple, kwargs: dict, changed: list[str]):
+    """Call `fn` on copies of its arguments; name the first argument it changed in place."""
+    copies = [_copy(a) for a in args]
+    kwcopies = {key: _copy(value) for key, value in kwargs.items()}
+    originals = [*args, *kwargs.values()]
+    weights = [_weights(value) for value in originals]
+    result = fn(*copies, **kwcopies)
+    handed = [*copies, *kwcopies.values()]
+    for i, (original, copy) in enumerate(zip(originals, handed, strict=True)):
+        what = None
+        if not _same(original, copy):
+            kind = "tensor" if isinstance(original, torch.Tensor) else type(original).__name__
+            what = f"its argument `{_argument_names(fn, args, kwargs)[i]}` (a {kind}) in place"
+            fix = f"Leave it as it was and return a new {kind} instead"
+            if kind == "tensor":
+                fix += " (`x = x + 1`, not `x += 1` or `x.add_(1)`)"
+        else:
+            for weight_name, tensor, before in weights[i]:
+                if not _same(before, tensor):
+                    arg = _argument_names(fn, args, kwargs)[i]
+                    what = f"the weights of its argument `{arg}` in place ({arg}{weight_name})"
+                    fix = "A function that is handed a model only reads its weights"
+                    break
+        if what is not None:
+            message = (
+                f"{name} changed {what}. The caller still needs the original: the check computes "
+                f"its reference from it. {fix}."
+            )
+            changed.append(message)
+            raise InputChanged(message)
+    return result
+
+
+def _on_copies(obj, changed: list[str]):
+    """`obj` as the check will call it: on copies of its arguments (see `_call_on_copies`).
+
+    A function is wrapped; an nn.Module class is subclassed so that `forward` gets copies (the
+    instance is still an instance of your class, with your __init__, names and parameters).
+    Anything else is handed over as it is.
+    """
+    if isinstance(obj, type):
+        if not issubclass(obj, torch.nn.Module):
+            return obj
+        try:
+
+            class OnCopies(obj):
+                def forward(self, *args, **kwargs):
+                    forward = super().forward
+                    return _call_on_copies(
+                        forward, f"{obj.__name__}.forward", args, kwargs, changed
+                    )
+
+        except TypeError:  # a class that refuses subclasses: grade it unwrapped
+            return obj
+        for attribute in ("__name__", "__qualname__", "__module__", "__doc__"):
+            setattr(OnCopies, attribute, getattr(obj, attribute, None))
+        return OnCopies
+    if not callable(obj):
+        return obj
+    name = getattr(obj, "__name__", "your function")
+
+    @functools.wraps(obj)
+    def on_copies(*args, **kwargs):
+        return _call_on_copies(obj, name, args, kwargs, changed)
+
+    return on_copies
+
+
+# ---------------------------------------------------------------------------------------------
+# The grader is guarded: a learner's file that rebinds it is caught and named
+# ---------------------------------------------------------------------------------------------
+
+
+_MISSING = object()
+
+# The torch names the checks' verdicts rest on: the comparisons of the helpers above and of the
+# graders. Only these, not torch's whole namespace: comparing an object touches it, and in a
+# forked child the first touch copies a page of memory (all of torch's 2,000 names cost ~10 ms
+# a check, these a fraction of one).
+_TORCH_NAMES = ("allclose", "isclose", "equal", "all", "any", "isfinite", "isnan", "testing")
+_TENSOR_NAMES = (
+    *("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__float__"),
+    *("__int__", "__len__", "all", "any", "allclose", "isclose", "equal", "item", "tolist"),
+    *("abs", "max", "min", "sum", "mean", "detach", "double", "float", "cpu", "numpy", "to"),
+)
+
+
+def _machinery() -> list[tuple[str, object, Sequence[str] | None]]:
+    """What a learner's file could rebind to make a wrong answer look right: (name, where, which
+    of its names, None for all).
+
+    This file and the graders (their modules and the classes they define), builtins, the
+    registered checks, and torch's comparisons: `minillava.grading.assert_close = ...`,
+    `torch.isclose = ...`, `check.run = ...`. Not the library modules the checks take their
+    references from (minillava.attention, ...) nor the rest of torch: each would double the
+    cost, and a file that patches a reference to agree with its own wrong answer is past what
+    this guard is for.
+    """
+    found: list[tuple[str, object, Sequence[str] | None]] = []
+    for name, module in list(sys.modules.items()):
+        if module is None or not (
+            name == "minillava.grading" or name.startswith("minillava.graders")
+        ):
+            continue
+        found.append((name, module, None))
+        for key, value in list(vars(module).items()):
+            if isinstance(value, type) and value.__module__ == name:
+                found.append((f"{name}.{key}", value, None))
+    found += [
+        ("builtins", builtins, None),
+        ("torch", torch, _TORCH_NAMES),
+        ("torch.Tensor", torch.Tensor, _TENSOR_NAMES),
+    ]
+    # The registered checks themselves: `check.run = lambda *a: None` would pass anything.
+    found += [(f"check {c.name}", c, ("run",)) for checks in _REGISTRY.values() for c in checks]
+    return found
+
+
+def _snapshot_machinery() -> Callable[..., list[str]]:
+    """Remember the grader's names; the returned function lists what changed since, and undoes it.
+
+    A change is a name bound to another object (or deleted), a minillava function whose code was
+    swapped, or a new name in this file or a graders file (one that would shadow a builtin).
+    `changes(restore=False)` only lists them.
+    """
+    saved = []
+    for label, owner, keys in _machinery():
+        names = vars(owner)
+        if keys is not None:
+            names = {key: names[key] for key in keys if key in names}
+        saved.append((label, owner, dict(names)))
+    codes = [
+        (f"{label}.{key}", value, value.__code__)
+        for label, _, names in saved
+        if label.startswith("minillava")
+        for key, value in names.items()
+        if type(value) is types.FunctionType
+    ]
+
+    def changes(restore: bool = True) -> list[str]:
+        found = []
+        for label, owner, names in saved:
+            current = vars(owner)
+            for key, value in names.items():
+                if current.get(key, _MISSING) is not value and (label, key) != ("builtins", "_"):
+                    found.append(f"{label}.{key}")
+                    if restore:
+                        with contextlib.suppress(AttributeError, TypeError):
+                            setattr(owner, key, value)
+            strict = isinstance(owner, ModuleType) and label.startswith("minillava")
+            for key in [k for k in current if strict and k not in names]:
+                if not key.startswith("__") and not isinstance(current[key], ModuleType):
+                    found.append(f"{label}.{key}")
+                    if restore:
+                        with contextlib.suppress(AttributeError):
+                            delattr(owner, key)
+        for name, function, code in codes:
+            if function.__code__ is not code:
+                found.append(f"{name}.__code__")
+                if restore:
+                    function.__code__ = code
+        return found
+
+    return changes
+
+
+_LAST_SNAPSHOT: list = []  # [the minillava modules it covers, its `changes`]
+
+
+def _grader_snapshot() -> Callable[..., list[str]]:
+    """The snapshot a check's child compares with, taken here, in the grading process.
+
+    Taking it costs a few milliseconds, more in a forked child (whose first write to each object
+    copies a page of memory), and comparing costs less than one. So it is taken before the fork
+    and reused from check to check while this process's grader is unchanged (the same minillava
+    modules, nothing rebound: a test's monkeypatch or a reload in a notebook makes a new one).
+    """
+    modules = [n for n in sys.modules if n == "minillava" or n.startswith("minillava.")]
+    if _LAST_SNAPSHOT and _LAST_SNAPSHOT[0] == modules and not _LAST_SNAPSHOT[1](restore=False):
+        return _LAST_SNAPSHOT[1]
+    changes = _snapshot_machinery()
+    _LAST_SNAPSHOT[:] = [modules, changes]
+    return changes
+
+
+_GRADER_CHANGED = "Your code changed the grader"
+
+
+def _grader_changed_message(changed: list[str], when: str) -> str:
+    names = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    return (
+        f"{_GRADER_CHANGED} {when}: it changed {names}. A check cannot trust what it "
+        "sees after that, so it scores 0. Remove the code that assigns to the grader's, "
+        "minillava's or torch's names."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one check
+# ---------------------------------------------------------------------------------------------
+
+
+class _NotGradable(Exception):
+    """The learner's callables could not be found: the message says why."""
+
+
+# Set in a check's child by _child_main (an attribute, not a global: the grader's names are
+# compared with the parent's after the fork, and this one is meant to change).
+_process = types.SimpleNamespace(is_check_child=False)
+
+
+def _is_your_ctrl_c(exc: BaseException) -> bool:
+    """Ctrl-C in a check run inline stops the grader; anywhere else it is the learner's doing."""
+    return (
+        isinstance(exc, KeyboardInterrupt)
+        and not _process.is_check_child
+        and threading.current_thread() is threading.main_thread()
+    )
+
+
+def _execute(
+    check_: Check, callables: Sequence, seed: int, run: Callable[..., None] | None = None
+) -> tuple[str, str]:
+    """Run the check right here, on copies; every exception becomes a (status, message)."""
     _step.text = ""
+    changed: list[str] = []  # what your functions changed in place, one message each
+    run = check_.run if run is None else run
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            check_.run(*callables)
+            run(*[_on_copies(c, changed) for c in callables])
     except GradingFailure as failure:
-        message = failure.message + (f"\nHint: {failure.hint}" if failure.hint else "")
-        return FAIL, message
+        hint = f"\nHint: {failure.hint}" if failure.hint else ""
+        status, message = FAIL, failure.message + hint
     except BaseException as exc:  # noqa: BLE001 - the learner's code may raise anything
-        if (
-            isinstance(exc, KeyboardInterrupt)
-            and threading.current_thread() is threading.main_thread()
-        ):
+        if _is_your_ctrl_c(exc):
             raise
-        return _explain_exception(exc, _learner_files(callables))
-    return PASS, ""
+        status, message = _explain_exception(exc, _learner_files(callables))
+    else:
+        status, message = PASS, ""
+    if changed:  # reported even if the check caught the InputChanged and went on
+        return FAIL, changed[0]
+    return status, message
 
 
-def _child(conn, check_: Check, callables: Sequence, seed: int) -> None:
-    # A forked child must not reuse the parent's OpenMP thread pool (it would deadlock), and the
-    # checks are tiny anyway: one thread is fastest.
-    torch.set_num_threads(1)
+@contextlib.contextmanager
+def _silenced():
+    """In a check's child, drop what importing your file prints: the report shows it once."""
+    if not _process.is_check_child:
+        yield
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.close(null)
     try:
-        conn.send(_execute(check_, callables, seed))
+        yield
     finally:
-        conn.close()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def _run_job(
+    check_: Check, resolve: Callable[[], Sequence], seed: int, grader_changes: Callable
+) -> list:
+    """Find the learner's callables (importing their file), run the check: [status, message].
+
+    This is where the learner's code runs, in the check's child. What the verdict depends on
+    (the check's function, `_execute`, `grader_changes` from the snapshot taken before the
+    fork) is bound before any of it runs, so a file that replaces them cannot change how this
+    check is run; and a file that rebinds the grader is reported, after the import and again
+    after the check.
+    """
+    run, execute = check_.run, _execute
+    try:
+        with _silenced():
+            callables = list(resolve())
+    except _NotGradable as problem:
+        return [ERROR, str(problem)]
+    except BaseException as exc:  # noqa: BLE001 - a syntax error, a SystemExit at the top level
+        if _is_your_ctrl_c(exc):
+            raise
+        return [ERROR, _import_error_message(exc, "your module")]
+    changed = grader_changes()
+    if changed:
+        return [ERROR, _grader_changed_message(changed, "when your file was imported")]
+    status, message = execute(check_, callables, seed, run)
+    changed = grader_changes()
+    if changed:
+        return [ERROR, _grader_changed_message(changed, "while the check ran")]
+    return [status, message]
+
+
+# ---------------------------------------------------------------------------------------------
+# Isolation: a child process per check, a timeout, the output kept short
+# ---------------------------------------------------------------------------------------------
+#
+# The trust boundary. The learner's code (their file, imported, and their functions, called)
+# runs only in a child process forked for one check, in its own process group: a `while True`
+# costs that check, an `os._exit` ends only the child, a process it forks is killed with it, and
+# whatever it changes in memory (a patched grader, a global) dies with it. `grade_chapter` and
+# `check()` never import the learner's file in this process. The parent decides the verdict
+# from one message, [status, message], decoded as JSON (never unpickled: a message cannot run
+# code in the parent), checked against the known statuses, and counts the points from its own
+# copy of the check.
+#
+# What a child can still forge: it may write any message to its pipe, so code written to fool
+# the grader (writing to the pipe's file descriptor, patching the interpreter's internals or an
+# object the snapshot does not cover, a forked process that leaves its process group) can claim
+# a pass for the check it runs in. We defend against accidents and easy tricks, not a determined
+# attacker: the rebinding of the grader is caught and reported, and nothing one child does
+# reaches the parent's tallies or another check.
+
+OUTPUT_LIMIT = 4096  # bytes of what your code printed that a report shows, per check
+OUTPUT_LINES = 40  # and at most this many lines of it
+_MESSAGE_LIMIT = 8000  # characters of a child's message the parent keeps
+_MESSAGE_BYTES = 1_000_000  # bytes: a longer message from a child is not read at all
 
 
 def isolation_mode() -> str:
     """How checks are isolated: "fork" (default where the OS has it), "thread" or "inline".
 
     Set MINILLAVA_GRADE_ISOLATION to choose; "inline" runs the check in this process so you can
-    step through it with a debugger (no timeout then).
+    step through it with a debugger (no timeout then). "thread" is the fallback where fork does
+    not exist (Windows): a timeout still stops the report from waiting, but your file is imported
+    in the grading process and what your code prints is not captured.
     """
     mode = os.environ.get("MINILLAVA_GRADE_ISOLATION", "")
     if mode:
@@ -488,46 +890,164 @@ def isolation_mode() -> str:
     return "fork" if "fork" in multiprocessing.get_all_start_methods() else "thread"
 
 
-def _run_forked(check_: Check, callables: Sequence, seed: int, timeout: float) -> tuple[str, str]:
+@dataclass
+class _Outcome:
+    """What came back from running a task isolated: its value, or why there is none."""
+
+    value: object = None  # what the task returned (decoded from the child's message)
+    status: str = ""  # TIMEOUT or CRASH when there is no value
+    message: str = ""
+    output: str = ""  # what the task printed, cut to OUTPUT_LIMIT
+    exit_code: int | None = None
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB" if n >= 1e3 else f"{n} bytes"
+
+
+class _Captured:
+    """The first OUTPUT_LIMIT bytes read from the child's output; the rest only counted."""
+
+    def __init__(self):
+        self.kept = bytearray()
+        self.total = 0
+
+    def read(self, fd: int) -> bool:
+        """Read what is there; False at the end (every writer has closed the pipe)."""
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return True
+        self.total += len(chunk)
+        self.kept += chunk[: max(0, OUTPUT_LIMIT - len(self.kept))]
+        return bool(chunk)
+
+    def text(self) -> str:
+        lines = self.kept.decode("utf-8", errors="replace").rstrip().splitlines()
+        shown = [line if len(line) <= WIDTH else line[:WIDTH] + " ..." for line in lines]
+        shown = shown[:OUTPUT_LINES]
+        if self.total > len(self.kept) or shown != lines:
+            shown.append(f"[cut: your code printed {_size(self.total)}; this is the beginning]")
+        return "\n".join(shown)
+
+
+def _child_main(sender, out_read: int, out_write: int, task: Callable[[], object]) -> None:
+    """The child: its own process group, its output into a pipe, then task(); send the value."""
+    _process.is_check_child = True
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)  # the parent kills this group at the end: grandchildren included
+    os.close(out_read)
+    os.dup2(out_write, 1)
+    os.dup2(out_write, 2)
+    os.close(out_write)
+    null = os.open(os.devnull, os.O_RDONLY)  # input() gets an end of file instead of a hang
+    os.dup2(null, 0)
+    os.close(null)
+    sys.stdout, sys.stderr = (
+        open(fd, "w", encoding="utf-8", errors="replace", buffering=1, closefd=False)
+        for fd in (1, 2)
+    )
+    # A forked child must not reuse the parent's OpenMP thread pool (it would deadlock), and the
+    # checks are tiny anyway: one thread is fastest.
+    torch.set_num_threads(1)
+    # The grader's own warnings (a check converting a tensor that requires grad, say) are not
+    # what your code printed.
+    warnings.filterwarnings("ignore", module=r"minillava\.graders")
+    send, dumps = sender.send_bytes, json.dumps  # bound before any learner code runs
+    try:
+        message = dumps(task())
+    except BaseException as exc:  # noqa: BLE001 - the report must say something
+        message = dumps([ERROR, f"The grader failed in the check's process: {exc!r}"[:500]])
+    if len(message) > _MESSAGE_BYTES:
+        message = dumps([ERROR, "The check's message was too long to send back."])
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    send(message.encode())
+    sender.close()
+
+
+def _kill_group(process) -> None:
+    """Kill the child and every process it started (they share its process group)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # before join: the group id is still the child's
+    with contextlib.suppress(Exception):
+        process.kill()
+
+
+def _run_forked(task: Callable[[], object], timeout: float) -> _Outcome:
     ctx = multiprocessing.get_context("fork")
     receiver, sender = ctx.Pipe(duplex=False)
+    out_read, out_write = os.pipe()
     sys.stdout.flush()  # or the child would print the parent's buffered output a second time
     sys.stderr.flush()
-    process = ctx.Process(target=_child, args=(sender, check_, callables, seed), daemon=True)
+    process = ctx.Process(target=_child_main, args=(sender, out_read, out_write, task), daemon=True)
     with warnings.catch_warnings():  # Python 3.12+ warns about forking a threaded process;
         warnings.simplefilter("ignore", DeprecationWarning)  # the child only runs the check
         process.start()
+    with contextlib.suppress(OSError):  # the child does the same: whichever comes first
+        os.setpgid(process.pid, process.pid)
     sender.close()
+    os.close(out_write)
+    os.set_blocking(out_read, False)
+    captured, outcome = _Captured(), _Outcome()
+    deadline = time.monotonic() + timeout
+    watched = [receiver, out_read, process.sentinel]
     try:
-        if receiver.poll(timeout):
-            try:
-                return receiver.recv()
-            except EOFError:
-                pass  # the child died before it could answer
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                outcome.status = TIMEOUT
+                break
+            ready = multiprocessing.connection.wait(watched, left)
+            if out_read in ready and not captured.read(out_read):
+                watched.remove(out_read)  # every writer closed it: nothing more to read
+            if receiver in ready or (process.sentinel in ready and receiver.poll(0)):
+                try:
+                    outcome.value = json.loads(receiver.recv_bytes(_MESSAGE_BYTES))
+                except EOFError:
+                    outcome.status = CRASH  # it closed the pipe without a word: it died
+                except (OSError, ValueError):
+                    pass  # too long, or not JSON: no value, which _verdict says
+                break
+            if process.sentinel in ready:
+                outcome.status = CRASH
+                break
+        if outcome.status == CRASH:
             process.join(1.0)
-            code = process.exitcode
-            return CRASH, (
-                f"Your code ended the grading process (exit code {code}) before the check "
-                "finished: look for sys.exit(), os._exit() or a crash in a native library."
-            )
-        return TIMEOUT, _timeout_message(timeout)
+            outcome.exit_code = process.exitcode
     finally:
-        if process.is_alive():
-            process.kill()
+        _kill_group(process)
         process.join()
         receiver.close()
+        end = time.monotonic() + 1.0  # the rest of the output: the writers are dead now
+        while out_read in watched and time.monotonic() < end:
+            if multiprocessing.connection.wait([out_read], end - time.monotonic()):
+                if not captured.read(out_read):
+                    break
+        os.close(out_read)
+    outcome.output = captured.text()
+    return outcome
 
 
-def _run_threaded(check_: Check, callables: Sequence, seed: int, timeout: float):
-    outcome: list[tuple[str, str]] = []
-    worker = threading.Thread(
-        target=lambda: outcome.append(_execute(check_, callables, seed)), daemon=True
-    )
+def _run_threaded(task: Callable[[], object], timeout: float) -> _Outcome:
+    values: list[object] = []
+    worker = threading.Thread(target=lambda: values.append(task()), daemon=True)
     worker.start()
     worker.join(timeout)
-    if outcome:
-        return outcome[0]
-    return TIMEOUT, _timeout_message(timeout) + " (It may still be running: restart to stop it.)"
+    if values:
+        return _Outcome(values[0])
+    return _Outcome(status=TIMEOUT, message="(It may still be running: restart to stop it.)")
+
+
+def _isolated(task: Callable[[], object], timeout: float) -> _Outcome:
+    """Run task() the way isolation_mode() says, at most `timeout` seconds (not inline)."""
+    mode = isolation_mode()
+    if mode == "fork":
+        return _run_forked(task, timeout)
+    if mode == "thread":
+        return _run_threaded(task, timeout)
+    return _Outcome(task())
 
 
 def _timeout_message(timeout: float) -> str:
@@ -535,6 +1055,45 @@ def _timeout_message(timeout: float) -> str:
         f"Stopped after {timeout:g} s: the check takes a few milliseconds with a correct "
         "solution. Look for a loop that never ends (a `while` whose condition never changes)."
     )
+
+
+def _ended_by(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _verdict(outcome: _Outcome, timeout: float) -> tuple[str, str]:
+    """(status, message) for a check, decided here from what its process sent back."""
+    if outcome.status == TIMEOUT:
+        return TIMEOUT, " ".join(filter(None, [_timeout_message(timeout), outcome.message]))
+    if outcome.status == CRASH:
+        return CRASH, (
+            f"Your code ended the grading process ({_ended_by(outcome.exit_code)}) before the "
+            "check finished: look for sys.exit(), os._exit() or a crash in a native library."
+        )
+    value = outcome.value
+    if (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and value[0] in STATUS_LABEL
+        and isinstance(value[1], str)
+    ):
+        return value[0], value[1][:_MESSAGE_LIMIT]
+    return CRASH, "The check's process sent back something that is not a result."
+
+
+def _run(check_: Check, resolve: Callable[[], Sequence], timeout: float | None, seed: int):
+    """Run one check isolated; `resolve()` finds the learner's callables where they will run."""
+    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    start = time.perf_counter()
+    job = functools.partial(_run_job, check_, resolve, seed, _grader_snapshot())
+    outcome = _isolated(job, timeout)
+    status, message = _verdict(outcome, timeout)
+    points = check_.points if status == PASS else 0  # the parent's own count, never the child's
+    seconds = time.perf_counter() - start
+    return Result(check_.name, status, points, check_.points, message, seconds, outcome.output)
 
 
 def run_check(
@@ -547,21 +1106,11 @@ def run_check(
     check_ = get_check(check_) if isinstance(check_, str) else check_
     if len(callables) != len(check_.uses):
         raise TypeError(f"{check_.name} needs {len(check_.uses)} callables {check_.uses}")
-    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
-    start = time.perf_counter()
-    mode = isolation_mode()
-    if mode == "fork":
-        status, message = _run_forked(check_, callables, seed, timeout)
-    elif mode == "thread":
-        status, message = _run_threaded(check_, callables, seed, timeout)
-    else:
-        status, message = _execute(check_, callables, seed)
-    points = check_.points if status == PASS else 0
-    return Result(check_.name, status, points, check_.points, message, time.perf_counter() - start)
+    return _run(check_, lambda: callables, timeout, seed)
 
 
 # ---------------------------------------------------------------------------------------------
-# Grading a chapter: import the learner's file, run every check
+# Grading a chapter: import the learner's file (in a child), run every check
 # ---------------------------------------------------------------------------------------------
 
 
@@ -572,6 +1121,7 @@ class ChapterReport:
     results: list[Result]
     path: str = ""  # the graded file
     import_error: str = ""  # set when the file could not be imported at all
+    import_output: str = ""  # what the file printed when it was imported
 
     @property
     def points(self) -> int:
@@ -583,7 +1133,10 @@ class ChapterReport:
 
 
 def load_module(chapter: Chapter, target: str = "exercises", reload: bool = False) -> ModuleType:
-    """Import exercises/<module>.py (or solutions/); `reload` picks up edits made since."""
+    """Import exercises/<module>.py (or solutions/); `reload` picks up edits made since.
+
+    This imports into the calling process: the grader itself only calls it in a check's child.
+    """
     if target not in TARGETS:
         raise ValueError(f"target={target!r}, expected one of {TARGETS}")
     name = f"{target}.{chapter.module}"
@@ -602,34 +1155,97 @@ def _import_error_message(exc: BaseException, name: str) -> str:
     return f"{name} could not be imported: {type(exc).__name__}: {exc}{at}"
 
 
+def _import_callables(chapter: Chapter, target: str, names: Sequence[str]) -> list:
+    """In a check's child: the learner's file, read from disk again, and the graded names."""
+    label = f"{target}/{chapter.module}.py"
+    try:
+        module = load_module(chapter, target, reload=True)
+    except BaseException as exc:  # noqa: BLE001 - a SystemExit at the top level, for one
+        raise _NotGradable(_import_error_message(exc, label)) from None
+    missing = [n for n in names if not hasattr(module, n)]
+    if missing:
+        raise _NotGradable(f"{label} has no {', '.join(missing)}: was it renamed or deleted?")
+    return [getattr(module, n) for n in names]
+
+
+def _probe(chapter: Chapter, target: str, grader_changes: Callable) -> list:
+    """In a child: import the file once. ["imported", its path, the graded names it has] or
+    [ERROR, why not]. What the import printed comes back with it (as output)."""
+    label = f"{target}/{chapter.module}.py"
+    try:
+        module = load_module(chapter, target, reload=True)
+    except BaseException as exc:  # noqa: BLE001 - a syntax error, a SystemExit at the top level
+        return [ERROR, _import_error_message(exc, label)]
+    changed = grader_changes()
+    if changed:
+        return [ERROR, _grader_changed_message(changed, f"when {label} was imported")]
+    names = sorted({n for c in chapter.checks for n in c.uses if hasattr(module, n)})
+    return ["imported", getattr(module, "__file__", None) or label, names]
+
+
+def _import_problem(outcome: _Outcome, label: str, timeout: float) -> tuple[str, str] | None:
+    """(status, message) for every check of a chapter whose file could not be imported."""
+    if outcome.status == TIMEOUT:
+        return TIMEOUT, (
+            f"Importing {label} did not finish in {timeout:g} s: look for a loop that never ends "
+            "at the top level of the file (outside any function). Every check of the chapter "
+            "needs the file, so each scores 0."
+        )
+    if outcome.status == CRASH:
+        return CRASH, (
+            f"{label} ended the grading process while it was imported "
+            f"({_ended_by(outcome.exit_code)}): look for sys.exit() or os._exit() at the top "
+            "level of the file (outside any function)."
+        )
+    value = outcome.value
+    if isinstance(value, list) and len(value) == 2 and value[0] == ERROR:
+        return ERROR, str(value[1])[:_MESSAGE_LIMIT]
+    if not (
+        isinstance(value, list)
+        and len(value) == 3
+        and value[0] == "imported"
+        and isinstance(value[1], str)
+        and isinstance(value[2], list)
+    ):
+        return CRASH, f"Importing {label} sent back something that is not a result."
+    return None
+
+
 def grade_chapter(
     chapter: Chapter | str | int,
     target: str = "exercises",
     timeout: float | None = None,
-    reload: bool = True,
 ) -> ChapterReport:
-    """Run every check of a chapter against exercises/ (or solutions/)."""
+    """Run every check of a chapter against exercises/ (or solutions/).
+
+    This process never imports the file: a first child imports it (so a syntax error, a loop or
+    an exit at the top level is reported once, for the whole chapter), then each check's child
+    imports it again, fresh from disk, and runs the check.
+    """
     chapter = chapter if isinstance(chapter, Chapter) else get_chapter(chapter)
-    name = f"{target}/{chapter.module}.py"
-    try:
-        module = load_module(chapter, target, reload=reload)
-    except Exception as exc:  # noqa: BLE001 - a syntax error in the learner's file, for one
-        message = _import_error_message(exc, name)
-        results = [Result(c.name, ERROR, 0, c.points, message) for c in chapter.checks]
-        return ChapterReport(chapter, target, results, name, import_error=message)
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r}, expected one of {TARGETS}")
+    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    label = f"{target}/{chapter.module}.py"
+    probe = _isolated(functools.partial(_probe, chapter, target, _grader_snapshot()), timeout)
+    problem = _import_problem(probe, label, timeout)
+    if problem is not None:
+        status, message = problem
+        results = [Result(c.name, status, 0, c.points, message) for c in chapter.checks]
+        return ChapterReport(chapter, target, results, label, message, probe.output)
+    _, path, present = probe.value
     results = []
     for check_ in chapter.checks:
-        missing = [n for n in check_.uses if not hasattr(module, n)]
+        missing = [n for n in check_.uses if n not in present]
         if missing:
-            message = f"{name} has no {', '.join(missing)}: was it renamed or deleted?"
+            message = f"{label} has no {', '.join(missing)}: was it renamed or deleted?"
             results.append(Result(check_.name, ERROR, 0, check_.points, message))
             continue
-        callables = [getattr(module, n) for n in check_.uses]
-        results.append(run_check(check_, *callables, timeout=timeout))
-    path = getattr(module, "__file__", name) or name
+        resolve = functools.partial(_import_callables, chapter, target, check_.uses)
+        results.append(_run(check_, resolve, timeout, seed=0))
     with contextlib.suppress(ValueError):
         path = os.path.relpath(path)
-    return ChapterReport(chapter, target, results, path)
+    return ChapterReport(chapter, target, results, path, import_output=probe.output)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,22 +1270,37 @@ def _indent(message: str, prefix: str = "        ") -> str:
     return "\n".join(lines)
 
 
+def _printed(output: str, what: str, prefix: str = "        ") -> str:
+    """What the learner's code printed, under a heading, each line marked so it stands apart."""
+    return "\n".join(
+        [f"{prefix}{what} printed:"] + [f"{prefix}| {line}" for line in output.splitlines()]
+    )
+
+
 def format_result(result: Result, name_width: int = 34) -> str:
     label = STATUS_LABEL[result.status]
     score = f"{result.points}/{result.max_points}"
     line = f"  {label:<7} {result.name:<{name_width}} {score:>5}"
     if result.status == TODO:
-        return f"{line}   not implemented yet"
-    if result.passed or not result.message:
-        return line
-    return f"{line}\n{_indent(result.message)}"
+        line += "   not implemented yet"
+    elif not result.passed and result.message:
+        line += "\n" + _indent(result.message)
+    if result.output:
+        line += "\n" + _printed(result.output, "Your code")
+    return line
 
 
 def format_report(report: ChapterReport) -> str:
     chapter = report.chapter
     width = max([34] + [len(r.name) for r in report.results])
     lines = [f"Chapter {int(chapter.id[2:])}: {chapter.title}   (grading {report.path})", ""]
-    lines += [format_result(r, width) for r in report.results]
+    if report.import_output:
+        lines += [_printed(report.import_output, f"Importing {report.path}", "  "), ""]
+    if report.import_error:  # the same message for every check: say it once, below them
+        lines += [format_result(replace(r, message=""), width) for r in report.results]
+        lines += ["", _indent(report.import_error, "  ")]
+    else:
+        lines += [format_result(r, width) for r in report.results]
     total = f"{report.points}/{report.max_points}"
     lines += ["", f"  {'Total':<{width + 8}} {total:>5}"]
     todo = sum(r.status == TODO for r in report.results)
@@ -690,7 +1321,11 @@ def format_summary(reports: Sequence[ChapterReport]) -> str:
         todo = sum(r.status == TODO for r in results)
         detail = f"{passed} of {len(results)} pass"
         if report.import_error:
-            detail = "file does not import: run minillava grade " + report.chapter.id
+            why = {TIMEOUT: "importing the file never ends", CRASH: "importing it ends the grader"}
+            detail = why.get(results[0].status if results else ERROR, "file does not import")
+            if report.import_error.startswith(_GRADER_CHANGED):
+                detail = "the file changes the grader"
+            detail += ": run minillava grade " + report.chapter.id
         elif todo:
             detail += f", {todo} not implemented yet"
         title = f"{report.chapter.id}  {report.chapter.title}"
@@ -718,7 +1353,11 @@ def _checks_for(fn) -> list[Check]:
 
 
 def _fresh(fn):
-    """For a function from exercises/, its current version on disk (edits since import count)."""
+    """For a function from exercises/, its current version on disk (edits since import count).
+
+    Called in the check's child, like every import of the learner's file: a file that now loops
+    or exits at the top level costs that check, not the notebook.
+    """
     module = getattr(fn, "__module__", "") or ""
     if module.split(".")[0] != "exercises" or module not in sys.modules:
         return fn
@@ -739,7 +1378,7 @@ def check(name_or_fn, *callables, timeout: float | None = None) -> None:
     """
     if isinstance(name_or_fn, str):
         selected = [get_check(name_or_fn)]
-        args_for = {selected[0].name: callables}
+        resolve = lambda: callables
         if len(callables) != len(selected[0].uses):
             print(f"{name_or_fn} grades {', '.join(selected[0].uses)}: pass exactly those.")
             return None
@@ -755,8 +1394,8 @@ def check(name_or_fn, *callables, timeout: float | None = None) -> None:
             options = ", ".join(f'check("{c.name}", fn)' for c in selected)
             print(f"{name_or_fn.__name__} is an exercise in several chapters: use one of {options}")
             return None
-        args_for = {c.name: tuple(_fresh(f) for f in fns) for c in selected}
-    results = [run_check(c, *args_for[c.name], timeout=timeout) for c in selected]
+        resolve = lambda: [_fresh(f) for f in fns]
+    results = [_run(c, resolve, timeout, seed=0) for c in selected]
     width = max(len(r.name) for r in results)
     print("\n".join(format_result(r, width) for r in results))
     if all(r.passed for r in results):

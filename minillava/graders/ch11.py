@@ -266,13 +266,14 @@ def check_accumulate_gradients(accumulate_gradients):
             "Call (loss / n).backward() inside the loop, once per micro-batch.",
         )
     got = _number(returned, "accumulate_gradients(...)")
-    if not math.isclose(got, float(full_loss), rel_tol=1e-5):
+    full = full_loss.item() if isinstance(full_loss, torch.Tensor) else float(full_loss)
+    if not math.isclose(got, full, rel_tol=1e-5):
         hint = "Return the mean loss of the whole batch: the sum of the scaled losses."
-        if math.isclose(got, n * float(full_loss), rel_tol=1e-5):
+        if math.isclose(got, n * full, rel_tol=1e-5):
             hint = f"You returned the sum of the {n} micro-batch means: divide by {n}."
         fail(
             f"accumulate_gradients returned {got:.6g}, expected the whole batch's mean loss "
-            f"{float(full_loss):.6g}.",
+            f"{full:.6g}.",
             hint,
         )
 
