@@ -47,14 +47,19 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from minillava.checkpoint import CheckpointMismatchError, CheckpointNotFoundError
+from minillava.checkpoint import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    check_vocabulary,
+)
 from minillava.data.clip_preprocess import CLIPPreprocess
-from minillava.data.image_processor import read_image
+from minillava.data.image_processor import ImageProcessor, read_image
 from minillava.decoder import DecoderConfig, RotaryEmbedding
 from minillava.device import pick_device
 from minillava.hf_tokenizer import CheckpointTokenizer
 from minillava.interop import from_hf_names, llava_file_name_to_hf
 from minillava.llava import Llava, LlavaConfig
+from minillava.tokenizer import get_tokenizer
 from minillava.vit import ViTConfig
 
 SUPPORTED = (
@@ -368,11 +373,23 @@ def checkpoint_directory(path_or_id: str | Path) -> Path:
         ) from None
 
 
-def read_tokenizer_and_processor(
-    directory: Path, settings: dict, config: LlavaConfig
-) -> tuple[CheckpointTokenizer, CLIPPreprocess]:
+# What `minillava export` writes beside the weights: the course tokenizer's name and special ids.
+EXPORTED_TOKENIZER = Path("tokenizer") / "special_tokens.json"
+
+
+def read_tokenizer_and_processor(directory: Path, settings: dict, config: LlavaConfig):
     """tokenizer.json and preprocessor_config.json, checked against the model's config.json
-    (before any weight is read: a mismatch is reported in seconds, not after loading 14 GB)."""
+    (before any weight is read: a mismatch is reported in seconds, not after loading 14 GB).
+
+    A directory written by `minillava export` holds a course model instead: it gets the course
+    tokenizer, chat template and image processing it was trained with, so that a model you
+    trained goes out through `export` and comes back through `chat --hf` unchanged.
+    """
+    if (directory / EXPORTED_TOKENIZER).is_file():
+        name = read_json(directory / EXPORTED_TOKENIZER)["name"]
+        tokenizer = get_tokenizer(name)
+        check_vocabulary(directory, config.text.vocab_size, config.image_token_id, tokenizer)
+        return tokenizer, ImageProcessor(image_size=config.vision.image_size)
     text = text_settings(settings)
     generation = read_json(directory / "generation_config.json")
     eos = generation.get("eos_token_id", text["eos_token_id"])
@@ -403,7 +420,8 @@ def load_pretrained(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
 ) -> tuple[Llava, CheckpointTokenizer, CLIPPreprocess]:
-    """A LLaVA-1.5 checkpoint -> (our Llava in eval mode, its tokenizer, its image preprocessing).
+    """A LLaVA-1.5 checkpoint -> (our Llava in eval mode, its tokenizer, its image preprocessing);
+    for a directory `minillava export` wrote, the course's tokenizer and ImageProcessor.
 
     path_or_id: a directory (config.json, *.safetensors, tokenizer.json), or a Hub model id.
     device: "cpu", "cuda", "mps" or "auto" (the best there is).

@@ -462,3 +462,33 @@ def test_chat_hf_without_a_checkpoint_there_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "nowhere" in err
+
+
+def test_a_model_you_export_comes_back_through_chat_hf(tmp_path, capsys):
+    """minillava export -> chat --hf: the course tokenizer and image processing come back with
+    it, and the answers are the ones the original model gives."""
+    pytest.importorskip("transformers")
+    from tiny_models import tiny_llava_config
+
+    from minillava.chat import ChatSession
+    from minillava.chat import main as chat_main
+    from minillava.data.image_processor import ImageProcessor
+    from minillava.export import export_hf
+    from minillava.llava import Llava
+    from minillava.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    torch.manual_seed(0)
+    original = Llava(tiny_llava_config(tok)).eval()
+    directory = export_hf(original, tmp_path / "exported", tok)
+    model, tokenizer, processor = load_pretrained(directory)
+    assert tokenizer.name == tok.name and isinstance(processor, ImageProcessor)
+    for name, weight in original.state_dict().items():
+        assert torch.equal(model.state_dict()[name], weight), name
+    path = tmp_path / "photo.png"
+    photo(40, 40).save(path)
+    pixels = ImageProcessor(image_size=original.config.vision.image_size)(Image.open(path))
+    expected = ChatSession(original, tok, pixels, max_new_tokens=8).ask("What colour is it?")
+    assert chat_main(["--hf", str(directory), str(path), "What colour is it?",
+                      "--max-new-tokens", "8"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.strip() == expected
