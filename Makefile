@@ -10,6 +10,9 @@ TORCH_VERSION ?= 2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 PRESET ?= cpu
+# Whose functions run in the model: library, exercises (yours, where they pass their checks)
+# or solutions. `make train PARTS=exercises` trains your parts (minillava/parts.py).
+PARTS ?= library
 CH ?= 01
 
 .PHONY: setup train test lint grade grade-all notebooks clean
@@ -24,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 train: setup
-	$(BIN)/minillava train --preset $(PRESET)
+	$(BIN)/minillava train --preset $(PRESET) --parts $(PARTS)
 
 test: setup
 	$(BIN)/ruff check .

@@ -97,9 +97,11 @@ def disable_savings(names: list[str]) -> None:
         decoder.is_right_padded = lambda attention_mask: False
     if "padding-mlp" in names:  # every layer's MLP at every position
         layer_forward = decoder.DecoderLayer.forward
-        decoder.DecoderLayer.forward = lambda self, x, cos, sin, mask, cache=None, keep=None: (
-            layer_forward(self, x, cos, sin, mask, cache)
-        )
+
+        def every_position(self, x, cos, sin, mask, cache=None, keep=None, positions=None):
+            return layer_forward(self, x, cos, sin, mask, cache, positions=positions)
+
+        decoder.DecoderLayer.forward = every_position
     if "last-layer" in names:  # the whole last layer, then pick the scored positions
         built = {}
         build_mask = decoder.build_attention_mask
@@ -108,8 +110,9 @@ def disable_savings(names: list[str]) -> None:
             built["mask"] = build_mask(*args, **kwargs)
             return built["mask"]
 
-        def whole_layer_at(self, x, cos, sin, mask, queries, cache=None):
-            return decoder.gather_positions(self(x, cos, sin, built["mask"], cache), queries)
+        def whole_layer_at(self, x, cos, sin, mask, queries, cache=None, positions=None):
+            whole = self(x, cos, sin, built["mask"], cache, positions=positions)
+            return decoder.gather_positions(whole, queries)
 
         decoder.build_attention_mask = recording_build_mask
         decoder.DecoderLayer.forward_at = whole_layer_at

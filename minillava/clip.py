@@ -25,6 +25,9 @@ whole batch, exactly as a single process would.
 Once trained, the text encoder turns class names into a classifier with no further training: embed
 "a red circle", "a blue square", ... once, then label each image by its most similar text
 (`zero_shot_classify`).
+
+With `minillava train --parts exercises` your chapter 6 contrastive_loss computes the loss
+instead of `clip_loss` (minillava/parts.py).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from minillava import parts
 from minillava.attention import causal_mask, padding_mask
 from minillava.vit import EncoderBlock, VisionTransformer, ViTConfig, init_clip_weights
 
@@ -251,10 +255,17 @@ class CLIP(nn.Module):
         text_embeds = self.encode_text(input_ids, attention_mask)  # (B_txt, E)
         if self.training:  # under DDP: contrast against the whole batch, not this share of it
             image_embeds, text_embeds = gather_batch(image_embeds), gather_batch(text_embeds)
-        logits_per_image = self.scale() * image_embeds @ text_embeds.T  # scaled cosines
-        square = logits_per_image.shape[0] == logits_per_image.shape[1]
+        scale = self.scale()
+        logits_per_image = scale * image_embeds @ text_embeds.T  # scaled cosines
+        loss = None
+        if logits_per_image.shape[0] == logits_per_image.shape[1]:  # B matching pairs
+            yours = parts.get("contrastive_loss")  # a learner's, if chosen (parts.py)
+            if yours is None:
+                loss = clip_loss(logits_per_image)
+            else:  # the temperature as a tensor, so that the learned scale still learns
+                loss = yours(image_embeds, text_embeds, 1.0 / scale)
         return CLIPOutput(
-            loss=clip_loss(logits_per_image) if square else None,
+            loss=loss,
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_image.T,
             image_embeds=image_embeds,

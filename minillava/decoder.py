@@ -29,6 +29,10 @@ The model also takes:
   scored positions for the last layer and the LM head, the real tokens for the other MLPs), and
   a prefix that every row shares (the system line) computed once (`SharedPrefix`). That path
   has a file of its own, decoder_loss_only.py; `Decoder.forward` hands it the work.
+
+With `minillava train --parts exercises` your chapter 4 functions run here instead of the
+library's: rms_norm in every RMSNorm, apply_rotary on the queries and keys, swiglu in the MLPs
+(minillava/parts.py says where, and when not).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from minillava import parts
 from minillava.attention import attention, causal_mask
 from minillava.decoder_loss_only import SharedPrefix, gather_positions, loss_only_forward
 
@@ -168,12 +173,19 @@ class DecoderOutput:
     hidden_states: torch.Tensor | None  # (B, T, C) after the final norm; None if loss only
 
 
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x²) + eps) * weight: LayerNorm without the mean and the bias.
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) * weight over the last dim: x (..., C), weight (C,) -> (..., C).
 
     Computed in float32 even under bf16 autocast, because squaring small numbers in low precision
     loses them.
     """
+    x_float = x.float()
+    normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) * weight: LayerNorm without the mean and the bias."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5):
         super().__init__()
@@ -181,9 +193,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_float = x.float()
-        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        # The library's rms_norm, or a learner's (parts.py).
+        return parts.get("rms_norm", rms_norm)(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -265,6 +276,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.dropout = config.dropout
         self.use_sdpa = config.use_sdpa
+        self.rope_theta = config.rope_theta
         C, D = config.hidden_size, config.head_dim
         self.q_proj = nn.Linear(C, self.num_heads * D, bias=False)
         self.k_proj = nn.Linear(C, self.num_kv_heads * D, bias=False)
@@ -279,6 +291,7 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | SharedPrefix | None = None,
         queries: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, C); mask (B, 1, T, T_total) True where allowed, or None for plain causal
         (no padding, no cache) -> (B, T, C).
@@ -286,19 +299,27 @@ class Attention(nn.Module):
         queries (B, Q), optional: the only positions whose output is wanted, so the only ones
         that ask (every position is still a key and a value). The result is then (B, Q, C), and
         `mask` (B, 1, Q, T_total) must say what each of them may see (`query_attention_mask`).
+        positions (B, T), optional: the positions cos and sin were looked up for. The library
+        rotates with cos and sin; a learner's apply_rotary (parts.py) takes the positions.
         """
+        pos_q = positions
         if queries is None:
             x_q, cos_q, sin_q = x, cos, sin
         elif mask is None:
             raise ValueError("Attention: `queries` needs a mask of shape (B, 1, Q, T_total)")
         else:  # the asking positions' inputs and rotation angles
             x_q, cos_q, sin_q = (gather_positions(t, queries) for t in (x, cos, sin))
+            pos_q = None if positions is None else gather_positions(positions, queries)
         q = split_heads(self.q_proj(x_q), self.head_dim)  # (B, H, T, D)
         k = split_heads(self.k_proj(x), self.head_dim)  # (B, H_kv, T, D)
         v = split_heads(self.v_proj(x), self.head_dim)
 
         # Position enters only here: queries and keys are rotated, values are not.
-        q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos, sin)
+        yours = parts.get("apply_rotary")  # a learner's RoPE, if chosen (parts.py)
+        if yours is None or positions is None:
+            q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos, sin)
+        else:  # it computes the angles from the positions itself
+            q, k = yours(q, pos_q, self.rope_theta), yours(k, positions, self.rope_theta)
 
         if cache is not None:
             # Cache the rotated keys and the *un-repeated* kv heads: that is what GQA saves.
@@ -327,6 +348,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(I, C, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        yours = parts.get("swiglu")  # a learner's, if chosen (parts.py)
+        layers = (self.gate_proj, self.up_proj, self.down_proj)
+        if yours is not None and all(type(layer) is nn.Linear for layer in layers):
+            # (Layers that LoRA wraps compute their own outputs: then the line below runs.)
+            return yours(x, *(layer.weight for layer in layers))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -342,16 +368,26 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x, cos, sin, mask, cache: KVCache | None = None, keep: torch.Tensor | None = None
+        self,
+        x,
+        cos,
+        sin,
+        mask,
+        cache: KVCache | None = None,
+        keep: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C).
+        """x (B, T, C) -> (B, T, C); positions (B, T) as in `Attention.forward`.
 
         keep (B, T) bool, optional: the only positions whose output will be read (the real
         tokens, when training). Attention still runs at every position, but the MLP, which works
         on each token alone, runs only at `keep`. The other positions come out half-done
         (attention added, MLP skipped): fine for padding, which no real token ever attends to.
         """
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+        attended = self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, cache, positions=positions
+        )
+        x = x + self.dropout(attended)
         if keep is None:
             return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
         kept = x[keep]  # (N, C): the N positions to finish
@@ -359,7 +395,14 @@ class DecoderLayer(nn.Module):
         return x.index_put((keep,), kept)  # a copy of x with those N positions replaced
 
     def forward_at(
-        self, x, cos, sin, mask, queries: torch.Tensor, cache: SharedPrefix | None = None
+        self,
+        x,
+        cos,
+        sin,
+        mask,
+        queries: torch.Tensor,
+        cache: SharedPrefix | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The layer's output at some positions only: x (B, T, C), queries (B, Q) -> (B, Q, C).
 
@@ -368,7 +411,9 @@ class DecoderLayer(nn.Module):
         the loss is wanted, needs nothing more: its other outputs would never be read
         (decoder_loss_only.py).
         """
-        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, queries=queries)
+        attended = self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, cache, queries=queries, positions=positions
+        )
         x = gather_positions(x, queries) + self.dropout(attended)  # (B, Q, C)
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
@@ -441,7 +486,8 @@ class Decoder(nn.Module):
         self._check_inputs(B, T, past_len, attention_mask, labels, cache, return_logits)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, past_len, T, x.device)
-        cos, sin = self.rotary(position_ids.expand(B, T))  # (B, T, D) each
+        positions = position_ids.expand(B, T)  # (B, T): each token's position
+        cos, sin = self.rotary(positions)  # (B, T, D) each
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
 
         if labels is not None and not return_logits:  # training: the loss alone, for less work
@@ -452,7 +498,7 @@ class Decoder(nn.Module):
 
         mask = build_attention_mask(attention_mask, T, past_len + T, x.device)
         for layer in self.layers:
-            x = self.run_layer(layer, x, cos, sin, mask, cache=cache)  # (B, T, C)
+            x = self.run_layer(layer, x, cos, sin, mask, cache=cache, positions=positions)
         hidden_states = self.norm(x)  # (B, T, C)
         logits = self.lm_head(hidden_states) if return_logits else None  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None

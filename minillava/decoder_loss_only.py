@@ -58,10 +58,12 @@ def loss_only_forward(
 
     decoder: the `Decoder` (its layers, norm, lm_head, config and `share_prefix` switch).
     x (B, T, C): the embedded inputs; cos, sin (B, T, D): each position's rotation angles,
-        from position_ids (B or 1, T); attention_mask (B, T) or None; labels (B, T), unshifted.
+        from position_ids (B or 1, T), which the layers also get (a learner's apply_rotary takes
+        positions: parts.py); attention_mask (B, T) or None; labels (B, T), unshifted.
     build_attention_mask: decoder.py's, handed in as this module cannot import decoder.py.
     """
-    T = x.shape[1]
+    B, T = x.shape[:2]
+    positions = position_ids.expand(B, T)  # (B, T)
     # Position t is scored on labels[t + 1]: the scored positions are those where it is not -100.
     next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
     queries, valid = positions_where(next_labels != IGNORE_INDEX)  # (B, Q) each
@@ -75,22 +77,28 @@ def loss_only_forward(
         prefix = SharedPrefix(len(decoder.layers))
         shared = x[:1, :n]  # (1, n, C)
         for layer in decoder.layers:
-            shared = layer(shared, cos[:1, :n], sin[:1, :n], None, prefix)
-        x, cos, sin = x[:, n:], cos[:, n:], sin[:, n:]
+            shared = layer(
+                shared, cos[:1, :n], sin[:1, :n], None, prefix, positions=positions[:1, :n]
+            )
+        x, cos, sin, positions = x[:, n:], cos[:, n:], sin[:, n:], positions[:, n:]
         real = None if real is None else real[:, n:]
 
     # T - n queries over T keys: with a shared prefix the mask's diagonal is shifted right by n
     # (SDPA's is_causal would align the queries with the first keys).
     mask = build_attention_mask(attention_mask, T - n, T, x.device)
     for layer in decoder.layers[:-1]:  # MLP on the real tokens only
-        x = decoder.run_layer(layer, x, cos, sin, mask, cache=prefix, keep=real)  # (B, T - n, C)
+        x = decoder.run_layer(
+            layer, x, cos, sin, mask, cache=prefix, keep=real, positions=positions
+        )  # (B, T - n, C)
 
     # The last layer only at the scored positions, as indices into x (all after the prefix; the
     # unused padding entries of `queries` may not be, and point at x's first position instead).
     asking = (queries - n).clamp(min=0)  # (B, Q); queries itself if n == 0
     query_mask = query_attention_mask(asking + n, attention_mask, T)  # (B, 1, Q, T)
     last = decoder.layers[-1].forward_at
-    x = decoder.run_layer(last, x, cos, sin, query_mask, asking, cache=prefix)  # (B, Q, C)
+    x = decoder.run_layer(
+        last, x, cos, sin, query_mask, asking, cache=prefix, positions=positions
+    )  # (B, Q, C)
     scored_logits = decoder.lm_head(decoder.norm(x[valid]))  # (N, V), not (B, T, V)
     return F.cross_entropy(scored_logits.float(), next_labels.gather(1, queries)[valid])
 

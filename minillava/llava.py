@@ -17,6 +17,9 @@ on conversations ("instruction tuning"), with the loss on the assistant's answer
 Which features, as in LLaVA-1.5: the *penultimate* ViT layer (`vision_feature_layer=-2`), whose
 patch features are more general than the last layer's, and only the P patch tokens, not [CLS]
 (Hugging Face calls this `vision_feature_select_strategy="default"`).
+
+With `minillava train --parts exercises` your chapter 8 splice_image and build_labels splice each
+prompt instead of `splice_row` and `splice_row_labels` (minillava/parts.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minillava import parts
 from minillava.decoder import Decoder, DecoderConfig, count_parameters
 from minillava.generate import generate
 from minillava.projector import build_projector
@@ -73,6 +77,41 @@ class LlavaOutput:
     labels: torch.Tensor | None  # (B, T') after splicing: -100 on images and padding
 
 
+def splice_row(
+    ids: torch.Tensor, embeds: torch.Tensor, images: torch.Tensor, image_token_id: int
+) -> torch.Tensor:
+    """One prompt: ids (T,), embeds (T, C), images (n, P, C) -> (T + n (P - 1), C).
+
+    Each of the n <image> tokens is replaced by its image's P vectors, in order: the text
+    before it, the image, the text after it. The placeholder's own embedding is dropped.
+    """
+    pieces, start = [], 0
+    at = (ids == image_token_id).nonzero().flatten().tolist()
+    for image, pos in zip(images, at, strict=True):
+        pieces += [embeds[start:pos], image]
+        start = pos + 1
+    return torch.cat(pieces + [embeds[start:]])
+
+
+def splice_row_labels(
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    image_token_id: int,
+    num_image_tokens: int,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """The labels of that prompt, aligned with `splice_row`: (T,) -> (T + n (P - 1),).
+
+    Each <image> becomes P positions labelled `ignore_index`: the model is never asked to
+    predict pixels. The other labels are kept.
+    """
+    pieces, start = [], 0
+    for pos in (ids == image_token_id).nonzero().flatten().tolist():
+        pieces += [labels[start:pos], labels.new_full((num_image_tokens,), ignore_index)]
+        start = pos + 1
+    return torch.cat(pieces + [labels[start:]])
+
+
 def splice_image_tokens(
     input_ids: torch.Tensor,
     inputs_embeds: torch.Tensor,
@@ -105,8 +144,8 @@ def splice_image_tokens(
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    is_image = input_ids == image_token_id
-    num_image_tokens = int((is_image & attention_mask.bool()).sum())
+    per_row = ((input_ids == image_token_id) & attention_mask.bool()).sum(-1).tolist()
+    num_image_tokens = sum(per_row)
     if num_image_tokens != image_features.shape[0]:
         raise ValueError(
             f"the prompts hold {num_image_tokens} <image> tokens (id {image_token_id}) but "
@@ -115,33 +154,31 @@ def splice_image_tokens(
     image_features = image_features.to(inputs_embeds.dtype)
     P = image_features.shape[1]
 
-    # 1. Row by row, cut the text at each <image> and put the image's P vectors in its place.
-    rows_embeds, rows_labels = [], []
-    images = iter(image_features)
-    for b in range(input_ids.shape[0]):
+    # 1. Row by row, cut the text at each <image> and put the image's P vectors in its place;
+    #    the labels likewise. The library's splice_row(_labels), or a learner's (parts.py).
+    splice = parts.get("splice_image", splice_row)
+    splice_labels = parts.get("build_labels", splice_row_labels)
+    rows_embeds, rows_labels, first = [], [], 0
+    for b, n in enumerate(per_row):
         real = attention_mask[b].bool()  # drop the padding; rows are re-padded in step 2
-        ids, embeds = input_ids[b][real], inputs_embeds[b][real]
-        row_labels = labels[b][real] if labels is not None else torch.zeros_like(ids)
-        pieces_embeds, pieces_labels = [], []
-        start = 0
-        for pos in (ids == image_token_id).nonzero().flatten().tolist():
-            pieces_embeds += [embeds[start:pos], next(images)]
-            pieces_labels += [row_labels[start:pos], row_labels.new_full((P,), ignore_index)]
-            start = pos + 1
-        pieces_embeds.append(embeds[start:])
-        pieces_labels.append(row_labels[start:])
-        rows_embeds.append(torch.cat(pieces_embeds))  # (T_b, C)
-        rows_labels.append(torch.cat(pieces_labels))  # (T_b,)
+        ids = input_ids[b][real]
+        row_images = image_features[first : first + n]  # (n, P, C): this row's, in order
+        first += n
+        rows_embeds.append(splice(ids, inputs_embeds[b][real], row_images, image_token_id))
+        if labels is not None:  # (T_b,), as the row's embeddings (T_b, C)
+            row_labels = splice_labels(ids, labels[b][real], image_token_id, P, ignore_index)
+            rows_labels.append(row_labels)
 
     # 2. Rows now differ in length: pad them all to the longest, on the side asked for.
     new_len = max(len(row) for row in rows_embeds)
     out_embeds, out_mask, out_labels = [], [], []
-    for row_embeds, row_labels in zip(rows_embeds, rows_labels, strict=True):
+    for b, row_embeds in enumerate(rows_embeds):
         n_pad = new_len - len(row_embeds)
         before, after = (n_pad, 0) if padding_side == "left" else (0, n_pad)
         out_embeds.append(F.pad(row_embeds, (0, 0, before, after)))  # zero vectors as padding
-        out_mask.append(F.pad(torch.ones_like(row_labels), (before, after)))
-        out_labels.append(F.pad(row_labels, (before, after), value=ignore_index))
+        out_mask.append(F.pad(input_ids.new_ones(len(row_embeds)), (before, after)))
+        if labels is not None:
+            out_labels.append(F.pad(rows_labels[b], (before, after), value=ignore_index))
     new_mask = torch.stack(out_mask)  # (B, T')
     # Each position counts the real tokens before it, so padding never shifts positions.
     position_ids = (new_mask.cumsum(-1) - 1).clamp(min=0)

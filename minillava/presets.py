@@ -135,6 +135,9 @@ class Preset:
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
     compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
+    # Whose functions run at the model's seams (minillava/parts.py): "library", "exercises"
+    # (yours, where done and passing their checks) or "solutions". `minillava train --parts`.
+    parts: str = "library"
     gradient_checkpointing: bool = False  # recompute decoder activations in backward
     num_workers: int = 0  # DataLoader worker processes
     num_threads: int = 0  # torch CPU threads, of all processes together (0: torch's default)

@@ -14,6 +14,9 @@ Chapter 1 builds the idea from the ground up, and its linear algebra lives here 
 
 A trained projector is `fit_linear_map` done by gradient descent, on features that came from a
 real ViT, with a non-linearity added when one matrix is not enough.
+
+With `minillava train --parts exercises` your chapter 7 linear_projector or mlp_projector runs in
+the model's projector instead of the library's layers (minillava/parts.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
+
+from minillava import parts
 
 # ---------------------------------------------------------------------------------------------
 # The projectors used by the model
@@ -38,6 +43,9 @@ class LinearProjector(nn.Module):
         self.linear = nn.Linear(vision_dim, text_dim)
 
     def forward(self, image_features: Tensor) -> Tensor:
+        yours = parts.get("linear_projector")  # a learner's, if chosen (parts.py)
+        if yours is not None:
+            return yours(image_features, self.linear.weight, self.linear.bias)
         return self.linear(image_features)
 
 
@@ -56,6 +64,10 @@ class MLPProjector(nn.Module):
         self.linear_2 = nn.Linear(text_dim, text_dim)
 
     def forward(self, image_features: Tensor) -> Tensor:
+        yours = parts.get("mlp_projector")  # a learner's, if chosen (parts.py)
+        if yours is not None:
+            first, second = self.linear_1, self.linear_2
+            return yours(image_features, first.weight, first.bias, second.weight, second.bias)
         return self.linear_2(self.act(self.linear_1(image_features)))
 
 

@@ -33,6 +33,10 @@ On a CPU the cpu preset does the same with two processes of one thread each
 (`Preset.cpu_processes`): `minillava train` then runs that torchrun command itself, and owns it:
 stopping `minillava train` (Ctrl-C, SIGTERM, even SIGKILL) stops torchrun and its workers too
 (minillava/launch.py).
+
+`--parts exercises` trains the model with your own functions from exercises/ wherever they are
+done and pass their checks, the library's elsewhere; a table at the start says whose runs where
+(minillava/parts.py).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from minillava import parts
 from minillava.checkpoint import (
     CheckpointMismatchError,
     load_checkpoint,
@@ -696,6 +701,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", help="auto (bf16 on CUDA) | float32 | bfloat16 | float16")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile")
     parser.add_argument("--lora", action=argparse.BooleanOptionalAction, help="LoRA in instruct")
+    parser.add_argument(
+        "--parts",
+        choices=parts.PARTS,
+        help="whose functions run in the model: the library's (default), your exercises' where "
+        "they pass their checks, or the solutions' (minillava/parts.py)",
+    )
     parser.add_argument("--steps", type=int, help="optimizer steps of every selected stage")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--num-workers", type=int, help="DataLoader worker processes")
@@ -720,6 +731,7 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
         "dtype": args.dtype,
         "compile": args.compile,
         "lora": args.lora,
+        "parts": args.parts,
         "seed": args.seed,
         "num_workers": args.num_workers,
     }
@@ -750,6 +762,8 @@ def check_run(args, preset: Preset, stages, tokenizer) -> tuple[torch.device, Pa
     )
     for name in stages:
         check_stage_config(name, preset.stage(name), processes)
+    if preset.parts not in parts.PARTS:  # (--set parts=...; the flag has its choices)
+        raise ValueError(f"parts={preset.parts!r}, expected one of {', '.join(parts.PARTS)}")
     out_dir = Path(args.out_dir or Path("runs") / preset.name)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out-dir {out_dir} is a file, not a directory; pass another --out-dir")
@@ -841,8 +855,10 @@ def main(argv: list[str] | None = None) -> int:
         device, out_dir = check_run(args, preset, stages, tokenizer)
     except ValueError as error:  # a setting, or a checkpoint --resume cannot continue
         return stopped(error, 2, rank)
+    choices = choose_parts(preset.parts, rank, started_by_torchrun)
     if preset.cpu_processes > 1 and not started_by_torchrun and device.type == "cpu":
-        return launch_cpu_processes(preset, argv)
+        with parts.decision_in_env(choices):  # the workers use the parts checked here
+            return launch_cpu_processes(preset, argv)
     info, device = setup_distributed(preset.device)
     if device.type == "cpu" and info.world_size > 1:  # the CPU is shared among the processes
         torch.set_num_threads(threads_per_process(preset.num_threads, info.world_size))
@@ -853,6 +869,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": preset.to_dict(),
         "world": asdict(world_config(preset)),
         "tokenizer": "shapesworld",
+        "parts": parts.summary(choices),  # {seam: whose}: which functions trained this model
     }
     if info.is_main:
         with open(out_dir / "preset.json", "w") as f:
@@ -881,6 +898,20 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def choose_parts(which: str, rank: DistInfo, started_by_torchrun: bool) -> list[parts.Choice]:
+    """Decide whose function runs at each seam of the model (parts.py), and say it, once.
+
+    The process a user started checks the exercises and prints the table; the workers it starts
+    (torchrun) take its decision from the environment. Workers that torchrun started directly
+    (several GPUs) check for themselves, and rank 0 prints.
+    """
+    decided = parts.decided_in_env() if started_by_torchrun else None
+    choices = parts.use_parts(which, decided)
+    if which != "library" and decided is None and rank.is_main:
+        print(parts.format_parts_report(choices, which))
+    return choices
 
 
 def stopped(error: Exception, status: int, info: DistInfo) -> int:

@@ -19,6 +19,9 @@ specialised them for CLIP's image-vs-caption objective (`VisionTransformer.patch
 
 Parameter names follow Hugging Face's `CLIPVisionModel` one to one (minillava.interop maps them),
 and so does the arithmetic: the same weights give the same numbers in both.
+
+With `minillava train --parts exercises` your chapter 5 patchify and add_cls_and_positions run
+in the embeddings below instead of the library's (minillava/parts.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch.nn as nn
 from einops import rearrange
 from torch import Tensor
 
+from minillava import parts
 from minillava.attention import attention, manual_attention
 
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -148,12 +152,24 @@ class PatchEmbedding(nn.Conv2d):
         )
 
     def forward(self, images: Tensor) -> Tensor:
+        yours = parts.get("patchify")  # a learner's, if chosen (parts.py)
+        if yours is not None:  # the textbook recipe, with the learner's patches: the same map
+            return yours(images, self.stride[0]) @ self.linear_weight().T  # (B, N, C)
         grid = super().forward(images)  # (B, C, H/p, W/p): one C-vector per patch
         return rearrange(grid, "b c gh gw -> b (gh gw) c")  # (B, N, C), patches row by row
 
     def linear_weight(self) -> Tensor:
         """The same weights as a (C, p*p*C_in) matrix acting on `patchify`'s patch vectors."""
         return rearrange(self.weight, "c_out c_in p1 p2 -> c_out (p1 p2 c_in)")
+
+
+def add_cls_and_positions(
+    patch_tokens: Tensor, cls_token: Tensor, position_embeddings: Tensor
+) -> Tensor:
+    """[CLS, patch_1, ..., patch_N] + positions: (B, N, C), (C,), (1 + N, C) -> (B, 1 + N, C)."""
+    cls = cls_token.expand(patch_tokens.shape[0], 1, -1)  # (B, 1, C): the same for every image
+    tokens = torch.cat([cls, patch_tokens], dim=1)  # (B, 1 + N, C)
+    return tokens + position_embeddings  # (1 + N, C) broadcast over the batch
 
 
 class VisionEmbeddings(nn.Module):
@@ -174,9 +190,10 @@ class VisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         patches = self.patch_embedding(pixel_values)  # (B, N, C)
-        cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)  # (B, 1, C)
-        tokens = torch.cat([cls, patches], dim=1)  # (B, 1 + N, C)
-        return tokens + self.position_embedding.weight  # (1 + N, C) broadcast over the batch
+        cls = self.class_embedding.to(patches.dtype)  # (C,)
+        # The library's add_cls_and_positions, or a learner's (parts.py).
+        add = parts.get("add_cls_and_positions", add_cls_and_positions)
+        return add(patches, cls, self.position_embedding.weight)  # (B, 1 + N, C)
 
 
 # ---------------------------------------------------------------------------------------------
