@@ -14,10 +14,12 @@ answers questions about your photos, with no transformers code on the way:
       preprocessor_config.json          -> CLIPPreprocess (data/clip_preprocess.py)
 
     model, tokenizer, processor = load_pretrained("llava-1.5-7b-hf/", device="cuda")
-    answer(model, tokenizer, processor, "photo.jpg", "What is in this picture?")
+    image, _ = read_image("photo.jpg")
+    chat.ask(model, tokenizer, processor(image), "What is in this picture?")
 
-The tokenizer also has the interface of minillava's own (`render_prompt`, `stop_ids`, `pad_id`,
-`decode`), so `minillava.chat.ChatSession(model, tokenizer, processor(image))` runs it too.
+The tokenizer has the interface of minillava's own (`render_prompt`, `stop_ids`, `pad_id`,
+`decode`), so the chat's own code (`chat.ask`, `ChatSession`, `minillava chat --hf`) runs it:
+one generation path for the course's model and a real one.
 
 What maps onto what (transformers' name -> ours):
 
@@ -45,7 +47,6 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from minillava.checkpoint import (
     CheckpointMismatchError,
@@ -53,7 +54,7 @@ from minillava.checkpoint import (
     check_vocabulary,
 )
 from minillava.data.clip_preprocess import CLIPPreprocess
-from minillava.data.image_processor import ImageProcessor, read_image
+from minillava.data.image_processor import ImageProcessor
 from minillava.decoder import DecoderConfig, RotaryEmbedding
 from minillava.device import pick_device
 from minillava.hf_tokenizer import CheckpointTokenizer
@@ -439,51 +440,3 @@ def load_pretrained(
     state = read_weights(model, weight_files(directory), device, dtype)
     model = materialise(model, state, device)
     return model, tokenizer, processor
-
-
-@torch.no_grad()
-def answer(
-    model: Llava,
-    tokenizer: CheckpointTokenizer,
-    processor: CLIPPreprocess,
-    image: Image.Image | str | Path,
-    question: str,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> str:
-    """One question about one image (a PIL image or a file) -> the model's answer.
-
-    The prompt is LLaVA-1.5's, `USER: <image>\\n{question} ASSISTANT:`; minillava's own
-    `Llava.generate` (minillava/generate.py) writes the answer, greedily by default, until the
-    end-of-sequence token or `max_new_tokens`.
-    """
-    if not isinstance(image, Image.Image):
-        image, _ = read_image(image)  # clear errors for a missing, broken or huge file
-    question = question.replace(tokenizer.image_token, "").strip()
-    turn = {"from": "human", "value": f"{tokenizer.image_token}\n{question}"}
-    input_ids = torch.tensor([tokenizer.render_prompt([turn])])  # (1, T)
-    positions = input_ids.shape[1] - 1 + model.config.num_image_tokens + max_new_tokens
-    if positions > model.config.text.max_seq_len:
-        raise ValueError(
-            f"prompt and answer need {positions} positions (image: "
-            f"{model.config.num_image_tokens}); the model reads at most "
-            f"{model.config.text.max_seq_len}: ask a shorter question or fewer new tokens"
-        )
-    device = next(model.parameters()).device
-    new_ids = model.generate(
-        input_ids.to(device),
-        pixel_values=processor(image)[None].to(device),  # (1, 3, S, S)
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        stop_token_ids=tokenizer.stop_ids,
-        pad_token_id=tokenizer.pad_id,
-        generator=generator,
-    )[0].tolist()
-    if tokenizer.eos_id in new_ids:  # the answer is what comes before the end of the turn
-        new_ids = new_ids[: new_ids.index(tokenizer.eos_id)]
-    return tokenizer.decode(new_ids).strip()

@@ -17,6 +17,7 @@ from PIL import Image
 pytest.importorskip("safetensors", reason="reading checkpoints needs the `hf` extra")
 pytest.importorskip("tokenizers", reason="reading checkpoints needs the `hf` extra")
 
+from minillava.chat import ask  # noqa: E402
 from minillava.checkpoint import CheckpointMismatchError, CheckpointNotFoundError  # noqa: E402
 from minillava.data.clip_preprocess import CLIPPreprocess  # noqa: E402
 from minillava.interop import expand_image_tokens_for_hf  # noqa: E402
@@ -25,7 +26,6 @@ from minillava.pretrained import (  # noqa: E402
     LLAMA_DEFAULTS,
     LLAVA_DEFAULTS,
     UnsupportedCheckpointError,
-    answer,
     llava_config_from_hf,
     load_pretrained,
 )
@@ -159,10 +159,10 @@ def test_greedy_answer_matches_transformers_generate(loaded):
     )[:, ids.shape[1]:]  # fmt: skip
     assert ours.tolist() == hf.tolist()
     assert len(set(ours[0].tolist())) > 3, "test model too dull: greedy repeats itself"
-    # `answer` is the same generation, decoded up to the end of the turn.
+    # The chat's own code asks the same prompt and gives that answer, up to the end of the turn.
     expected = ours[0].tolist()
     expected = expected[: expected.index(EOS)] if EOS in expected else expected
-    text = answer(model, tokenizer, processor, image, question, max_new_tokens=10)
+    text = ask(model, tokenizer, pixel_values[0], question, max_new_tokens=10)
     assert text == tokenizer.decode(expected).strip()
 
 
@@ -433,7 +433,8 @@ def test_chat_hf_answers_with_the_loaders_greedy_tokens(checkpoint, loaded, tmp_
     path = tmp_path / "photo.png"
     photo(60, 40, seed=1).save(path)
     question = "how many shapes are there ?"
-    expected = answer(model, tokenizer, processor, Image.open(path), question, max_new_tokens=10)
+    pixels = processor(Image.open(path))
+    expected = ask(model, tokenizer, pixels, question, max_new_tokens=10)
     code = chat_main(["--hf", str(checkpoint), str(path), question, "--max-new-tokens", "10"])
     assert code == 0
     assert capsys.readouterr().out.strip() == expected
