@@ -20,7 +20,14 @@ name; what they print is shown under the check, cut to a few KB. A stub that sti
 `NotImplementedError` scores 0 as "not implemented yet".
 
 The grader defends against accidents and easy tricks, not a determined attacker: where the
-trust boundary lies is explained above `isolation_mode()`.
+trust boundary lies is explained at the top of grading_isolation.py.
+
+This file tells the story, top to bottom: registering checks, the helpers checks use, running
+one check, grading a chapter, the reports, `check()` and the command. Three files underneath
+hold the rest: grading_checks.py (a Check, its statuses, GradingFailure, the registry),
+grading_guard.py (your arguments are copies; the grader's names are snapshotted) and
+grading_isolation.py (the child process, its timeout and its output). Import from here: every
+name of the grader is importable from `minillava.grading`.
 
 How to write a grader for a new chapter: docs/grading.md.
 """
@@ -28,25 +35,18 @@ How to write a grader for a new chapter: docs/grading.md.
 from __future__ import annotations
 
 import argparse
-import builtins
 import contextlib
 import functools
 import importlib
 import inspect
-import json
 import linecache
-import multiprocessing
-import multiprocessing.connection
 import os
 import pkgutil
 import re
-import signal
 import sys
 import textwrap
 import threading
 import time
-import types
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,48 +55,50 @@ from types import ModuleType
 import numpy as np
 import torch
 
+# The grader's other files (see the docstring above). The names marked
+# "re-exported" are not used here: they are imported so that `from minillava.grading import ...`
+# finds every name of the grader, wherever it is defined.
+from minillava.grading_checks import (
+    _REGISTRY,
+    CRASH,
+    ERROR,
+    FAIL,
+    PASS,
+    STATUS_LABEL,
+    TIMEOUT,
+    TODO,
+    Check,
+    GradingFailure,
+)
+from minillava.grading_guard import (
+    _GRADER_CHANGED,
+    InputChanged,  # noqa: F401 - re-exported
+    _copy,  # noqa: F401 - re-exported
+    _grader_changed_message,
+    _grader_snapshot,
+    _on_copies,
+    _same,  # noqa: F401 - re-exported
+)
+from minillava.grading_isolation import (
+    _MESSAGE_LIMIT,
+    OUTPUT_LIMIT,  # noqa: F401 - re-exported
+    OUTPUT_LINES,  # noqa: F401 - re-exported
+    WIDTH,
+    _ended_by,
+    _is_your_ctrl_c,
+    _isolated,
+    _Outcome,
+    _silenced,
+    _verdict,
+    isolation_mode,  # noqa: F401 - re-exported
+)
+
 DEFAULT_TIMEOUT = float(os.environ.get("MINILLAVA_GRADE_TIMEOUT", "10"))
 TARGETS = ("exercises", "solutions")  # the two packages a chapter's checks can grade
-
-# Outcomes of one check. Only "pass" earns points.
-PASS, FAIL, TODO, ERROR, TIMEOUT, CRASH = "pass", "fail", "todo", "error", "timeout", "crash"
-STATUS_LABEL = {
-    PASS: "PASS",
-    FAIL: "FAIL",
-    TODO: "TODO",
-    ERROR: "ERROR",
-    TIMEOUT: "TIMEOUT",
-    CRASH: "CRASH",
-}
-
-
-class GradingFailure(Exception):
-    """Raised by a check when your function gives a wrong answer. The message is for you."""
-
-    def __init__(self, message: str, hint: str | None = None):
-        self.message = message
-        self.hint = hint
-        super().__init__(message if hint is None else f"{message}\nHint: {hint}")
-
 
 # ---------------------------------------------------------------------------------------------
 # Registering checks
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Check:
-    """One graded exercise: `run(*your_callables)` returns quietly or raises GradingFailure."""
-
-    name: str  # "ch01.project_onto_vector"
-    points: int
-    uses: tuple[str, ...]  # names of the functions/classes in exercises/chNN_*.py it needs
-    run: Callable[..., None]
-    description: str = ""  # first line of the check's docstring: what is checked
-
-    @property
-    def chapter(self) -> str:
-        return self.name.split(".")[0]
 
 
 @dataclass
@@ -111,9 +113,6 @@ class Chapter:
     @property
     def max_points(self) -> int:
         return sum(c.points for c in self.checks)
-
-
-_REGISTRY: dict[str, list[Check]] = {}  # graders module name -> its checks, in file order
 
 
 def grader(name: str, points: int = 1, uses: str | Sequence[str] | None = None):
@@ -458,312 +457,12 @@ def _explain_exception(exc: BaseException, learner_files: set[str]) -> tuple[str
 
 
 # ---------------------------------------------------------------------------------------------
-# Your arguments are copies: a function that changes its input is caught and named
-# ---------------------------------------------------------------------------------------------
-#
-# A check keeps its inputs to compute the reference after calling you. If your function wrote
-# into them (`x += 1`, `x.mul_(2)`, `ids.append(...)`), the reference would be computed on the
-# changed values and the message would be misleading, or a function that zeroes its inputs could
-# even pass. So every learner callable is wrapped once, before the check receives it: it is
-# called on copies of its tensor (and list, tuple, dict) arguments, and a copy that differs
-# from its original after the call is reported by name. Models handed to your function are not
-# copied (a check may need to see them change: requires_grad, .grad), but their weights are
-# compared before and after.
-
-
-class InputChanged(GradingFailure):
-    """Raised when your function changed one of its arguments in place (the check stops)."""
-
-
-def _copy(value, depth: int = 0):
-    """A copy of an argument, handed to your function in place of the check's original."""
-    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
-        try:  # same strides as the original, so .view() fails or works exactly as on it
-            copy = torch.empty_strided(
-                value.size(), value.stride(), dtype=value.dtype, device=value.device
-            )
-            return copy.copy_(value)  # a differentiable copy: gradients still reach `value`
-        except RuntimeError:  # overlapping strides (an expanded tensor), sparse, ...
-            return value.clone()
-    if depth < 4 and type(value) in (list, tuple):
-        return type(value)(_copy(item, depth + 1) for item in value)
-    if depth < 4 and type(value) is dict:
-        return {key: _copy(item, depth + 1) for key, item in value.items()}
-    return value
-
-
-def _same(original, copy) -> bool:
-    """Whether `copy` still equals `original` (it was made by `_copy` before the call)."""
-    if original is copy:
-        return True
-    if isinstance(original, torch.Tensor):
-        if not isinstance(copy, torch.Tensor):
-            return False
-        if original.shape != copy.shape or original.dtype != copy.dtype:
-            return False
-        try:
-            a, b = original.detach(), copy.detach()
-            if a.is_floating_point() or a.is_complex():
-                return bool(((a == b) | (a.isnan() & b.isnan())).all())
-            return torch.equal(a, b)
-        except RuntimeError:  # a layout that cannot be compared: assume it was left alone
-            return True
-    if type(original) in (list, tuple):
-        return (
-            type(copy) is type(original)
-            and len(copy) == len(original)
-            and all(_same(a, b) for a, b in zip(original, copy, strict=True))
-        )
-    if type(original) is dict:
-        return (
-            type(copy) is dict
-            and list(copy) == list(original)
-            and all(_same(original[key], copy[key]) for key in original)
-        )
-    return True
-
-
-def _weights(value) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, tensor, its values now) for a model's parameters or a single Parameter."""
-    if isinstance(value, torch.nn.Module):
-        found = [(f".{name}", p) for name, p in value.named_parameters()]
-    elif isinstance(value, torch.nn.Parameter):
-        found = [("", value)]
-    else:
-        return []
-    return [(name, p, p.detach().clone()) for name, p in found]
-
-
-def _argument_names(fn, args: Sequence, kwargs: dict) -> list[str]:
-    """The name of each argument in your function's signature: x, mask, ... (or "argument 3")."""
-    names = [f"argument {i + 1}" for i in range(len(args))] + list(kwargs)
-    with contextlib.suppress(TypeError, ValueError):
-        params = list(inspect.signature(fn).parameters.values())
-        positional = [
-            p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-        names[: min(len(args), len(positional))] = positional[: len(args)]
-    return names
-
-
-def _call_on_copies(fn, name: str, args: tuple, kwargs: dict, changed: list[str]):
-    """Call `fn` on copies of its arguments; name the first argument it changed in place."""
-    copies = [_copy(a) for a in args]
-    kwcopies = {key: _copy(value) for key, value in kwargs.items()}
-    originals = [*args, *kwargs.values()]
-    weights = [_weights(value) for value in originals]
-    result = fn(*copies, **kwcopies)
-    handed = [*copies, *kwcopies.values()]
-    for i, (original, copy) in enumerate(zip(originals, handed, strict=True)):
-        what = None
-        if not _same(original, copy):
-            kind = "tensor" if isinstance(original, torch.Tensor) else type(original).__name__
-            what = f"its argument `{_argument_names(fn, args, kwargs)[i]}` (a {kind}) in place"
-            fix = f"Leave it as it was and return a new {kind} instead"
-            if kind == "tensor":
-                fix += " (`x = x + 1`, not `x += 1` or `x.add_(1)`)"
-        else:
-            for weight_name, tensor, before in weights[i]:
-                if not _same(before, tensor):
-                    arg = _argument_names(fn, args, kwargs)[i]
-                    what = f"the weights of its argument `{arg}` in place ({arg}{weight_name})"
-                    fix = "A function that is handed a model only reads its weights"
-                    break
-        if what is not None:
-            message = (
-                f"{name} changed {what}. The caller still needs the original: the check computes "
-                f"its reference from it. {fix}."
-            )
-            changed.append(message)
-            raise InputChanged(message)
-    return result
-
-
-def _on_copies(obj, changed: list[str]):
-    """`obj` as the check will call it: on copies of its arguments (see `_call_on_copies`).
-
-    A function is wrapped; an nn.Module class is subclassed so that `forward` gets copies (the
-    instance is still an instance of your class, with your __init__, names and parameters).
-    Anything else is handed over as it is.
-    """
-    if isinstance(obj, type):
-        if not issubclass(obj, torch.nn.Module):
-            return obj
-        try:
-
-            class OnCopies(obj):
-                def forward(self, *args, **kwargs):
-                    forward = super().forward
-                    return _call_on_copies(
-                        forward, f"{obj.__name__}.forward", args, kwargs, changed
-                    )
-
-        except TypeError:  # a class that refuses subclasses: grade it unwrapped
-            return obj
-        for attribute in ("__name__", "__qualname__", "__module__", "__doc__"):
-            setattr(OnCopies, attribute, getattr(obj, attribute, None))
-        return OnCopies
-    if not callable(obj):
-        return obj
-    name = getattr(obj, "__name__", "your function")
-
-    @functools.wraps(obj)
-    def on_copies(*args, **kwargs):
-        return _call_on_copies(obj, name, args, kwargs, changed)
-
-    return on_copies
-
-
-# ---------------------------------------------------------------------------------------------
-# The grader is guarded: a learner's file that rebinds it is caught and named
-# ---------------------------------------------------------------------------------------------
-
-
-_MISSING = object()
-
-# The torch names the checks' verdicts rest on: the comparisons of the helpers above and of the
-# graders. Only these, not torch's whole namespace: comparing an object touches it, and in a
-# forked child the first touch copies a page of memory (all of torch's 2,000 names cost ~10 ms
-# a check, these a fraction of one).
-_TORCH_NAMES = ("allclose", "isclose", "equal", "all", "any", "isfinite", "isnan", "testing")
-_TENSOR_NAMES = (
-    *("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__float__"),
-    *("__int__", "__len__", "all", "any", "allclose", "isclose", "equal", "item", "tolist"),
-    *("abs", "max", "min", "sum", "mean", "detach", "double", "float", "cpu", "numpy", "to"),
-)
-
-
-def _machinery() -> list[tuple[str, object, Sequence[str] | None]]:
-    """What a learner's file could rebind to make a wrong answer look right: (name, where, which
-    of its names, None for all).
-
-    This file and the graders (their modules and the classes they define), builtins, the
-    registered checks, and torch's comparisons: `minillava.grading.assert_close = ...`,
-    `torch.isclose = ...`, `check.run = ...`. Not the library modules the checks take their
-    references from (minillava.attention, ...) nor the rest of torch: each would double the
-    cost, and a file that patches a reference to agree with its own wrong answer is past what
-    this guard is for.
-    """
-    found: list[tuple[str, object, Sequence[str] | None]] = []
-    for name, module in list(sys.modules.items()):
-        if module is None or not (
-            name == "minillava.grading" or name.startswith("minillava.graders")
-        ):
-            continue
-        found.append((name, module, None))
-        for key, value in list(vars(module).items()):
-            if isinstance(value, type) and value.__module__ == name:
-                found.append((f"{name}.{key}", value, None))
-    found += [
-        ("builtins", builtins, None),
-        ("torch", torch, _TORCH_NAMES),
-        ("torch.Tensor", torch.Tensor, _TENSOR_NAMES),
-    ]
-    # The registered checks themselves: `check.run = lambda *a: None` would pass anything.
-    found += [(f"check {c.name}", c, ("run",)) for checks in _REGISTRY.values() for c in checks]
-    return found
-
-
-def _snapshot_machinery() -> Callable[..., list[str]]:
-    """Remember the grader's names; the returned function lists what changed since, and undoes it.
-
-    A change is a name bound to another object (or deleted), a minillava function whose code was
-    swapped, or a new name in this file or a graders file (one that would shadow a builtin).
-    `changes(restore=False)` only lists them.
-    """
-    saved = []
-    for label, owner, keys in _machinery():
-        names = vars(owner)
-        if keys is not None:
-            names = {key: names[key] for key in keys if key in names}
-        saved.append((label, owner, dict(names)))
-    codes = [
-        (f"{label}.{key}", value, value.__code__)
-        for label, _, names in saved
-        if label.startswith("minillava")
-        for key, value in names.items()
-        if type(value) is types.FunctionType
-    ]
-
-    def changes(restore: bool = True) -> list[str]:
-        found = []
-        for label, owner, names in saved:
-            current = vars(owner)
-            for key, value in names.items():
-                if current.get(key, _MISSING) is not value and (label, key) != ("builtins", "_"):
-                    found.append(f"{label}.{key}")
-                    if restore:
-                        with contextlib.suppress(AttributeError, TypeError):
-                            setattr(owner, key, value)
-            strict = isinstance(owner, ModuleType) and label.startswith("minillava")
-            for key in [k for k in current if strict and k not in names]:
-                if not key.startswith("__") and not isinstance(current[key], ModuleType):
-                    found.append(f"{label}.{key}")
-                    if restore:
-                        with contextlib.suppress(AttributeError):
-                            delattr(owner, key)
-        for name, function, code in codes:
-            if function.__code__ is not code:
-                found.append(f"{name}.__code__")
-                if restore:
-                    function.__code__ = code
-        return found
-
-    return changes
-
-
-_LAST_SNAPSHOT: list = []  # [the minillava modules it covers, its `changes`]
-
-
-def _grader_snapshot() -> Callable[..., list[str]]:
-    """The snapshot a check's child compares with, taken here, in the grading process.
-
-    Taking it costs a few milliseconds, more in a forked child (whose first write to each object
-    copies a page of memory), and comparing costs less than one. So it is taken before the fork
-    and reused from check to check while this process's grader is unchanged (the same minillava
-    modules, nothing rebound: a test's monkeypatch or a reload in a notebook makes a new one).
-    """
-    modules = [n for n in sys.modules if n == "minillava" or n.startswith("minillava.")]
-    if _LAST_SNAPSHOT and _LAST_SNAPSHOT[0] == modules and not _LAST_SNAPSHOT[1](restore=False):
-        return _LAST_SNAPSHOT[1]
-    changes = _snapshot_machinery()
-    _LAST_SNAPSHOT[:] = [modules, changes]
-    return changes
-
-
-_GRADER_CHANGED = "Your code changed the grader"
-
-
-def _grader_changed_message(changed: list[str], when: str) -> str:
-    names = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-    return (
-        f"{_GRADER_CHANGED} {when}: it changed {names}. A check cannot trust what it "
-        "sees after that, so it scores 0. Remove the code that assigns to the grader's, "
-        "minillava's or torch's names."
-    )
-
-
-# ---------------------------------------------------------------------------------------------
 # Running one check
 # ---------------------------------------------------------------------------------------------
 
 
 class _NotGradable(Exception):
     """The learner's callables could not be found: the message says why."""
-
-
-# Set in a check's child by _child_main (an attribute, not a global: the grader's names are
-# compared with the parent's after the fork, and this one is meant to change).
-_process = types.SimpleNamespace(is_check_child=False)
-
-
-def _is_your_ctrl_c(exc: BaseException) -> bool:
-    """Ctrl-C in a check run inline stops the grader; anywhere else it is the learner's doing."""
-    return (
-        isinstance(exc, KeyboardInterrupt)
-        and not _process.is_check_child
-        and threading.current_thread() is threading.main_thread()
-    )
 
 
 def _execute(
@@ -789,32 +488,6 @@ def _execute(
     if changed:  # reported even if the check caught the InputChanged and went on
         return FAIL, changed[0]
     return status, message
-
-
-@contextlib.contextmanager
-def _silenced():
-    """In a check's child, drop what importing your file prints: the report shows it once."""
-    if not _process.is_check_child:
-        yield
-        return
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    saved = [os.dup(1), os.dup(2)]
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)
-    os.dup2(null, 2)
-    os.close(null)
-    try:
-        yield
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(saved[0])
-        os.close(saved[1])
 
 
 def _run_job(
@@ -846,242 +519,6 @@ def _run_job(
     if changed:
         return [ERROR, _grader_changed_message(changed, "while the check ran")]
     return [status, message]
-
-
-# ---------------------------------------------------------------------------------------------
-# Isolation: a child process per check, a timeout, the output kept short
-# ---------------------------------------------------------------------------------------------
-#
-# The trust boundary. The learner's code (their file, imported, and their functions, called)
-# runs only in a child process forked for one check, in its own process group: a `while True`
-# costs that check, an `os._exit` ends only the child, a process it forks is killed with it, and
-# whatever it changes in memory (a patched grader, a global) dies with it. `grade_chapter` and
-# `check()` never import the learner's file in this process. The parent decides the verdict
-# from one message, [status, message], decoded as JSON (never unpickled: a message cannot run
-# code in the parent), checked against the known statuses, and counts the points from its own
-# copy of the check.
-#
-# What a child can still forge: it may write any message to its pipe, so code written to fool
-# the grader (writing to the pipe's file descriptor, patching the interpreter's internals or an
-# object the snapshot does not cover, a forked process that leaves its process group) can claim
-# a pass for the check it runs in. We defend against accidents and easy tricks, not a determined
-# attacker: the rebinding of the grader is caught and reported, and nothing one child does
-# reaches the parent's tallies or another check.
-
-OUTPUT_LIMIT = 4096  # bytes of what your code printed that a report shows, per check
-OUTPUT_LINES = 40  # and at most this many lines of it
-_MESSAGE_LIMIT = 8000  # characters of a child's message the parent keeps
-_MESSAGE_BYTES = 1_000_000  # bytes: a longer message from a child is not read at all
-
-
-def isolation_mode() -> str:
-    """How checks are isolated: "fork" (default where the OS has it), "thread" or "inline".
-
-    Set MINILLAVA_GRADE_ISOLATION to choose; "inline" runs the check in this process so you can
-    step through it with a debugger (no timeout then). "thread" is the fallback where fork does
-    not exist (Windows): a timeout still stops the report from waiting, but your file is imported
-    in the grading process and what your code prints is not captured.
-    """
-    mode = os.environ.get("MINILLAVA_GRADE_ISOLATION", "")
-    if mode:
-        if mode not in ("fork", "thread", "inline"):
-            raise ValueError(f"MINILLAVA_GRADE_ISOLATION={mode!r}, expected fork|thread|inline")
-        return mode
-    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "thread"
-
-
-@dataclass
-class _Outcome:
-    """What came back from running a task isolated: its value, or why there is none."""
-
-    value: object = None  # what the task returned (decoded from the child's message)
-    status: str = ""  # TIMEOUT or CRASH when there is no value
-    message: str = ""
-    output: str = ""  # what the task printed, cut to OUTPUT_LIMIT
-    exit_code: int | None = None
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB" if n >= 1e3 else f"{n} bytes"
-
-
-class _Captured:
-    """The first OUTPUT_LIMIT bytes read from the child's output; the rest only counted."""
-
-    def __init__(self):
-        self.kept = bytearray()
-        self.total = 0
-
-    def read(self, fd: int) -> bool:
-        """Read what is there; False at the end (every writer has closed the pipe)."""
-        try:
-            chunk = os.read(fd, 1 << 16)
-        except BlockingIOError:
-            return True
-        self.total += len(chunk)
-        self.kept += chunk[: max(0, OUTPUT_LIMIT - len(self.kept))]
-        return bool(chunk)
-
-    def text(self) -> str:
-        lines = self.kept.decode("utf-8", errors="replace").rstrip().splitlines()
-        shown = [line if len(line) <= WIDTH else line[:WIDTH] + " ..." for line in lines]
-        shown = shown[:OUTPUT_LINES]
-        if self.total > len(self.kept) or shown != lines:
-            shown.append(f"[cut: your code printed {_size(self.total)}; this is the beginning]")
-        return "\n".join(shown)
-
-
-def _child_main(sender, out_read: int, out_write: int, task: Callable[[], object]) -> None:
-    """The child: its own process group, its output into a pipe, then task(); send the value."""
-    _process.is_check_child = True
-    with contextlib.suppress(OSError):
-        os.setpgid(0, 0)  # the parent kills this group at the end: grandchildren included
-    os.close(out_read)
-    os.dup2(out_write, 1)
-    os.dup2(out_write, 2)
-    os.close(out_write)
-    null = os.open(os.devnull, os.O_RDONLY)  # input() gets an end of file instead of a hang
-    os.dup2(null, 0)
-    os.close(null)
-    sys.stdout, sys.stderr = (
-        open(fd, "w", encoding="utf-8", errors="replace", buffering=1, closefd=False)
-        for fd in (1, 2)
-    )
-    # A forked child must not reuse the parent's OpenMP thread pool (it would deadlock), and the
-    # checks are tiny anyway: one thread is fastest.
-    torch.set_num_threads(1)
-    # The grader's own warnings (a check converting a tensor that requires grad, say) are not
-    # what your code printed.
-    warnings.filterwarnings("ignore", module=r"minillava\.graders")
-    send, dumps = sender.send_bytes, json.dumps  # bound before any learner code runs
-    try:
-        message = dumps(task())
-    except BaseException as exc:  # noqa: BLE001 - the report must say something
-        message = dumps([ERROR, f"The grader failed in the check's process: {exc!r}"[:500]])
-    if len(message) > _MESSAGE_BYTES:
-        message = dumps([ERROR, "The check's message was too long to send back."])
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    send(message.encode())
-    sender.close()
-
-
-def _kill_group(process) -> None:
-    """Kill the child and every process it started (they share its process group)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)  # before join: the group id is still the child's
-    with contextlib.suppress(Exception):
-        process.kill()
-
-
-def _run_forked(task: Callable[[], object], timeout: float) -> _Outcome:
-    ctx = multiprocessing.get_context("fork")
-    receiver, sender = ctx.Pipe(duplex=False)
-    out_read, out_write = os.pipe()
-    sys.stdout.flush()  # or the child would print the parent's buffered output a second time
-    sys.stderr.flush()
-    process = ctx.Process(target=_child_main, args=(sender, out_read, out_write, task), daemon=True)
-    with warnings.catch_warnings():  # Python 3.12+ warns about forking a threaded process;
-        warnings.simplefilter("ignore", DeprecationWarning)  # the child only runs the check
-        process.start()
-    with contextlib.suppress(OSError):  # the child does the same: whichever comes first
-        os.setpgid(process.pid, process.pid)
-    sender.close()
-    os.close(out_write)
-    os.set_blocking(out_read, False)
-    captured, outcome = _Captured(), _Outcome()
-    deadline = time.monotonic() + timeout
-    watched = [receiver, out_read, process.sentinel]
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                outcome.status = TIMEOUT
-                break
-            ready = multiprocessing.connection.wait(watched, left)
-            if out_read in ready and not captured.read(out_read):
-                watched.remove(out_read)  # every writer closed it: nothing more to read
-            if receiver in ready or (process.sentinel in ready and receiver.poll(0)):
-                try:
-                    outcome.value = json.loads(receiver.recv_bytes(_MESSAGE_BYTES))
-                except EOFError:
-                    outcome.status = CRASH  # it closed the pipe without a word: it died
-                except (OSError, ValueError):
-                    pass  # too long, or not JSON: no value, which _verdict says
-                break
-            if process.sentinel in ready:
-                outcome.status = CRASH
-                break
-        if outcome.status == CRASH:
-            process.join(1.0)
-            outcome.exit_code = process.exitcode
-    finally:
-        _kill_group(process)
-        process.join()
-        receiver.close()
-        end = time.monotonic() + 1.0  # the rest of the output: the writers are dead now
-        while out_read in watched and time.monotonic() < end:
-            if multiprocessing.connection.wait([out_read], end - time.monotonic()):
-                if not captured.read(out_read):
-                    break
-        os.close(out_read)
-    outcome.output = captured.text()
-    return outcome
-
-
-def _run_threaded(task: Callable[[], object], timeout: float) -> _Outcome:
-    values: list[object] = []
-    worker = threading.Thread(target=lambda: values.append(task()), daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if values:
-        return _Outcome(values[0])
-    return _Outcome(status=TIMEOUT, message="(It may still be running: restart to stop it.)")
-
-
-def _isolated(task: Callable[[], object], timeout: float) -> _Outcome:
-    """Run task() the way isolation_mode() says, at most `timeout` seconds (not inline)."""
-    mode = isolation_mode()
-    if mode == "fork":
-        return _run_forked(task, timeout)
-    if mode == "thread":
-        return _run_threaded(task, timeout)
-    return _Outcome(task())
-
-
-def _timeout_message(timeout: float) -> str:
-    return (
-        f"Stopped after {timeout:g} s: the check takes a few milliseconds with a correct "
-        "solution. Look for a loop that never ends (a `while` whose condition never changes)."
-    )
-
-
-def _ended_by(code: int | None) -> str:
-    if code is not None and code < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
-
-
-def _verdict(outcome: _Outcome, timeout: float) -> tuple[str, str]:
-    """(status, message) for a check, decided here from what its process sent back."""
-    if outcome.status == TIMEOUT:
-        return TIMEOUT, " ".join(filter(None, [_timeout_message(timeout), outcome.message]))
-    if outcome.status == CRASH:
-        return CRASH, (
-            f"Your code ended the grading process ({_ended_by(outcome.exit_code)}) before the "
-            "check finished: look for sys.exit(), os._exit() or a crash in a native library."
-        )
-    value = outcome.value
-    if (
-        isinstance(value, list | tuple)
-        and len(value) == 2
-        and value[0] in STATUS_LABEL
-        and isinstance(value[1], str)
-    ):
-        return value[0], value[1][:_MESSAGE_LIMIT]
-    return CRASH, "The check's process sent back something that is not a result."
 
 
 def _run(check_: Check, resolve: Callable[[], Sequence], timeout: float | None, seed: int):
@@ -1251,8 +688,9 @@ def grade_chapter(
 # ---------------------------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------------------------
-
-WIDTH = 96
+#
+# WIDTH, the 96 columns a report wraps to, is set in grading_isolation.py, which cuts printed
+# lines to it.
 
 
 _SHAPE = re.compile(r"\((\d+(?:, \d+)*,?)\)")  # "(4, 3)": never split across lines
