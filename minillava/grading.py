@@ -309,7 +309,10 @@ def assert_equal(got, expected: torch.Tensor, what: str, hint: str | None = None
         wrong = (got != expected).nonzero()[0].tolist()
         message = f"{what} is wrong at index {tuple(wrong)}"
         if got.numel() <= 64:
-            message += f".\n  expected {fmt(expected, indent=11)}\n  got      {fmt(got, indent=11)}"
+            # Whole, not cut at fmt's usual 16 items: two lists cut before the first difference
+            # would look identical.
+            shown = {"indent": 11, "max_items": 64}
+            message += f".\n  expected {fmt(expected, **shown)}\n  got      {fmt(got, **shown)}"
         else:
             message += (
                 f": expected {expected[tuple(wrong)].item()}, got {got[tuple(wrong)].item()}."

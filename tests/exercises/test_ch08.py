@@ -91,6 +91,14 @@ def only_first_image(input_ids, answer_mask, image_token_id, num_image_tokens, i
     return torch.tensor(labels)
 
 
+def drops_the_last_answers_first_token(input_ids, answer_mask, image_token_id, num_image_tokens):
+    labels = solution.build_labels(input_ids, answer_mask, image_token_id, num_image_tokens)
+    if len(labels) > 10:  # the two-image case only: its 19 labels used to be shown cut at 6
+        labels = labels.clone()
+        labels[-3] = -100
+    return labels
+
+
 def test_build_labels_rejects(rejects):
     rejects(
         "ch08.build_labels",
@@ -100,6 +108,12 @@ def test_build_labels_rejects(rejects):
     rejects("ch08.build_labels", one_label_per_token, mentions=["SPLICED sequence", "P = 3"])
     rejects("ch08.build_labels", ignores_answer_mask, mentions=["prompt and padding"])
     rejects("ch08.build_labels", only_first_image, mentions=["two images", "Every <image>"])
+    # A difference late in a long row: the index, and both rows in full up to it.
+    rejects(
+        "ch08.build_labels",
+        drops_the_last_answers_first_token,
+        mentions=["wrong at index (16,)", "42,   43, -100, -100]", "42, -100, -100, -100]"],
+    )
 
 
 # --- select_patch_features ------------------------------------------------------------------
