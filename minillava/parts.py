@@ -296,6 +296,25 @@ def use_parts(parts: str = "library", decided: set[str] | None = None) -> list[C
     return choices
 
 
+def use_your_parts(chapter: str) -> list[Choice]:
+    """In a notebook: your finished functions of the chapters up to `chapter` run in the model
+    the notebook builds (the library's where yours is not done or fails a check), and one line
+    says whose is whose. Re-run the cell after finishing an exercise to bring yours in."""
+    choices = [c for c in use_parts("exercises") if c.seam.chapter <= chapter]
+    for seam in SEAMS:  # a later chapter's exercise is not this notebook's to use yet
+        if seam.chapter > chapter:
+            _chosen.pop(seam.name, None)
+    yours = [c.seam.name for c in choices if c.whose == YOURS]
+    library = [c.seam.name for c in choices if c.whose != YOURS]
+    if not yours:
+        print(f"The model below runs the library's parts: none of yours is done and passing yet "
+              f"({', '.join(library)}).")  # fmt: skip
+    else:
+        rest = f"; the library's: {', '.join(library)}" if library else ""
+        print(f"The model below runs your {', '.join(yours)}{rest}.")
+    return choices
+
+
 def _load(grading, seam: Seam, target: str, modules: dict) -> tuple[Callable | None, str | None]:
     """(the exercise's function, None), or (None, why it cannot be used).
 

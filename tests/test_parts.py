@@ -313,3 +313,29 @@ def test_a_bad_parts_setting_is_refused(tmp_path, capsys):
 
     assert main(["--preset", "tiny", "--set", "parts=mine", "--out-dir", str(tmp_path)]) == 2
     assert "parts='mine'" in capsys.readouterr().err
+
+
+def test_a_notebook_uses_your_finished_parts_up_to_its_chapter(monkeypatch, capsys):
+    """Chapter 4's notebook: your swiglu runs in its model, a wrong rms_norm does not, and a
+    finished chapter-7 projector is not brought into chapter 4's model."""
+    from solutions import ch04_brain, ch07_bridge
+
+    learner = {
+        "ch04": SimpleNamespace(rms_norm=eps_outside, swiglu=ch04_brain.swiglu),
+        "ch07": SimpleNamespace(mlp_projector=ch07_bridge.mlp_projector),
+    }
+    monkeypatch.setattr(
+        grading, "load_module",
+        lambda chapter, *a, **k: learner.get(chapter.id, SimpleNamespace()),
+    )  # fmt: skip
+    choices = parts.use_your_parts("ch04")
+    assert [c.seam.chapter for c in choices] == ["ch02", "ch04", "ch04", "ch04"]
+    assert parts.in_use() == {"swiglu": ch04_brain.swiglu}  # not ch07's projector
+    said = capsys.readouterr().out
+    assert said.startswith("The model below runs your swiglu; the library's: ")
+    assert "rms_norm" in said and said.count("\n") == 1
+    parts.reset()
+    monkeypatch.setattr(grading, "load_module", lambda chapter, *a, **k: SimpleNamespace())
+    parts.use_your_parts("ch04")
+    assert "none of yours is done and passing yet" in capsys.readouterr().out
+    assert parts.in_use() == {}
