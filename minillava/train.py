@@ -696,7 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume", action="store_true", help="continue from the checkpoints in the run dir"
     )
-    parser.add_argument("--out-dir", help="run directory (default: runs/<preset>)")
+    parser.add_argument(
+        "--out-dir",
+        help="run directory (default: runs/<preset>, runs/<preset>-<parts> with --parts)",
+    )
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
     parser.add_argument("--dtype", help="auto (bf16 on CUDA) | float32 | bfloat16 | float16")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile")
@@ -764,7 +767,7 @@ def check_run(args, preset: Preset, stages, tokenizer) -> tuple[torch.device, Pa
         check_stage_config(name, preset.stage(name), processes)
     if preset.parts not in parts.PARTS:  # (--set parts=...; the flag has its choices)
         raise ValueError(f"parts={preset.parts!r}, expected one of {', '.join(parts.PARTS)}")
-    out_dir = Path(args.out_dir or Path("runs") / preset.name)
+    out_dir = Path(args.out_dir or default_out_dir(preset))
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out-dir {out_dir} is a file, not a directory; pass another --out-dir")
     try:
@@ -898,6 +901,13 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def default_out_dir(preset: Preset) -> Path:
+    """runs/<preset>, or runs/<preset>-<parts> for a run on other parts than the library's: a run
+    with your parts goes beside the library's run, so the two can be compared (chapter 11)."""
+    name = preset.name if preset.parts == "library" else f"{preset.name}-{preset.parts}"
+    return Path("runs") / name
 
 
 def choose_parts(which: str, rank: DistInfo, started_by_torchrun: bool) -> list[parts.Choice]:

@@ -12,6 +12,7 @@ import ast
 import importlib
 import inspect
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -339,3 +340,13 @@ def test_a_notebook_uses_your_finished_parts_up_to_its_chapter(monkeypatch, caps
     parts.use_your_parts("ch04")
     assert "none of yours is done and passing yet" in capsys.readouterr().out
     assert parts.in_use() == {}
+
+
+def test_a_run_on_other_parts_goes_beside_the_librarys():
+    from minillava.presets import get_preset
+    from minillava.train import default_out_dir
+
+    preset = get_preset("cpu")
+    assert default_out_dir(preset) == Path("runs/cpu")  # where chat and eval look by default
+    preset.parts = "exercises"
+    assert default_out_dir(preset) == Path("runs/cpu-exercises")
