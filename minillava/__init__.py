@@ -31,6 +31,7 @@ Data flows through the package in this order (one file per concept):
     export.py, interop.py   transformers' LLaVA format, parity-tested
     pretrained.py           a real LLaVA-1.5 checkpoint run by this code (safetensors; `hf` extra)
     hf_tokenizer.py         that checkpoint's own tokenizer and LLaVA-1.5's prompt format
+    simple_llava.py         a pretrained CLIP + a pretrained Llama + a new projector, trained
     data/clip_preprocess.py CLIP's image preprocessing by hand: resize, centre crop, normalise
     grading.py, graders/    `minillava grade`: each chapter's checks (grading_*.py: its parts)
     cli.py                  the `minillava` command

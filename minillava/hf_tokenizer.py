@@ -13,6 +13,7 @@ puts `<s>` (BOS) in front.
     image_id                        the <image> placeholder's id (Llava splices the image there)
     eos_id, stop_ids, pad_id        when an answer ends; what fills a finished row
     render_prompt(conversation)     the prompt in LLaVA-1.5's format, BOS included
+    render(conversation)            a whole conversation and its loss mask, for training
 
 LLaVA-1.5's prompt (Vicuna v1 style, the one its `llava-hf` chat template writes):
 
@@ -116,13 +117,15 @@ class CheckpointTokenizer:
         """Ids -> text, special tokens (BOS, EOS, padding, <image>) left out."""
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
-    def prompt_text(self, conversation: Sequence[dict]) -> str:
-        """A conversation ending on a human turn -> LLaVA-1.5's prompt text, up to `ASSISTANT:`.
+    def segments(self, conversation: Sequence[dict]) -> list[tuple[str, bool]]:
+        """A conversation -> its LLaVA-1.5 text in pieces, (text, is_answer), in order.
 
         Turns are {"from": "human" | "gpt", "value": text} (LLaVA JSON; "user" and "assistant"
-        are accepted too). The images of a human turn go to its front, one `<image>\\n` each.
+        are accepted too); they alternate, the human first. The images of a human turn go to
+        its front, one `<image>\\n` each. An answer piece is ` {answer}</s>`: what follows
+        `ASSISTANT:`, the end-of-sequence token included (the model must learn to stop).
         """
-        parts = []
+        pieces = []
         for index, turn in enumerate(conversation):
             role, text = turn.get("from", turn.get("role")), str(turn.get("value", ""))
             expected = HUMAN_ROLES if index % 2 == 0 else GPT_ROLES
@@ -134,14 +137,61 @@ class CheckpointTokenizer:
             if role in HUMAN_ROLES:
                 images = text.count(self.image_token)
                 question = text.replace(self.image_token, "").strip()
-                parts.append(f"{USER} " + f"{self.image_token}\n" * images + f"{question} ")
+                pieces.append(
+                    (f"{USER} " + f"{self.image_token}\n" * images + f"{question} ", False)
+                )
             else:
-                parts.append(f"{ASSISTANT} {text.strip()}{self.eos_token}")
-        if not parts or len(conversation) % 2 == 0:
+                pieces.append((ASSISTANT, False))
+                pieces.append((f" {text.strip()}{self.eos_token}", True))
+        return pieces
+
+    def prompt_text(self, conversation: Sequence[dict]) -> str:
+        """A conversation ending on a human turn -> LLaVA-1.5's prompt text, up to `ASSISTANT:`."""
+        text = "".join(piece for piece, _ in self.segments(conversation))
+        if not conversation or len(conversation) % 2 == 0:
             raise ValueError("the conversation must end with a human turn, the one to answer")
-        return "".join(parts) + ASSISTANT
+        return text + ASSISTANT
 
     def render_prompt(self, conversation: Sequence[dict]) -> list[int]:
         """The ids of `prompt_text(conversation)`, BOS first when tokenizer.json adds one (its
         post-processor decides, exactly as transformers' tokenizer would)."""
         return self.tokenizer.encode(self.prompt_text(conversation)).ids
+
+    def render(self, conversation: Sequence[dict]) -> tuple[list[int], list[bool]]:
+        """A whole conversation (ending on an answer) -> (ids, mask), as training needs it:
+        mask[i] is True iff ids[i] belongs to an assistant's answer or to the end-of-sequence
+        token that closes it (the loss is taken there only: `data.collate`).
+
+        The text is tokenised in one piece, BOS first, exactly as `render_prompt` tokenises a
+        prompt: encoding each turn apart would split words differently at the seams (a
+        sentencepiece-style tokenizer writes a space as part of the next word). Which token
+        belongs to an answer is read from the character offsets `tokenizers` returns: a token
+        is an answer token if its characters overlap an answer's.
+        """
+        if not conversation or len(conversation) % 2:
+            raise ValueError(
+                "render needs a conversation that ends with the assistant's answer, the one to "
+                "learn; render_prompt asks a question"
+            )
+        text, spans, position = "", [], 0
+        for piece, is_answer in self.segments(conversation):
+            if is_answer:
+                spans.append((position, position + len(piece)))
+            text += piece
+            position += len(piece)
+        encoding = self.tokenizer.encode(text)
+        mask = [
+            any(start < end_ and begin < end for begin, end_ in spans)
+            for start, end in encoding.offsets
+        ]
+        return list(encoding.ids), mask
+
+    @property
+    def IMAGE(self) -> str:  # noqa: N802 - the name minillava's Tokenizer gives it
+        """The image placeholder's text, as minillava's Tokenizer names it."""
+        return self.image_token
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of ids, added tokens included (minillava's Tokenizer's name)."""
+        return len(self)

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from minillava.checkpoint import CheckpointMismatchError, load_checkpoint, weights_mismatch
 from minillava.clip import CLIP, CLIPConfig, TextEncoderConfig
 from minillava.data.collate import collate_conversations, collate_text
-from minillava.data.instruct import IMAGE, MAX_TURNS, count_images
+from minillava.data.instruct import IMAGE, MAX_TURNS, count_images, image_once
 from minillava.data.mixture import curriculum_phases, scene_turns
 from minillava.data.shapes import (
     ShapesWorld,
@@ -351,6 +351,8 @@ class ConversationBatches(StageBatches):
         for i in indices:
             sample = self.world[i]
             turns = scene_turns(sample.scene, sample.captions, rng, self.world.config, **mix)
+            if not getattr(self.tokenizer, "image_every_question", True):
+                turns = image_once(turns)  # a pretrained LLaVA's tokenizer: LLaVA-1.5's way
             copies = sample.pixel_values.expand(count_images(turns), -1, -1, -1)  # one a question
             samples.append({"pixel_values": copies, "conversations": turns})
         return collate_conversations(samples, self.tokenizer, max_len=self.max_len)

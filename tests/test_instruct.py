@@ -326,3 +326,21 @@ def test_world_text_is_deterministic_text_only_and_modest():
     joined = " ".join(texts)
     for word in ("circle", "purple", "top left", "How many", "yes", "no"):
         assert word in joined
+
+
+def test_image_once_and_image_with_every_question_undo_each_other():
+    from minillava.data.instruct import image_once, image_with_every_question, question_with_image
+
+    ours = [
+        {"from": "human", "value": question_with_image("What colour is the circle?")},
+        {"from": "gpt", "value": " red"},
+        {"from": "human", "value": question_with_image("Where is it?")},
+        {"from": "gpt", "value": " top left"},
+    ]
+    llava = image_once(ours)
+    assert [t["value"] for t in llava[0::2]] == [
+        "<image>\nWhat colour is the circle?",
+        "Where is it?",
+    ]
+    assert llava[1::2] == ours[1::2] and ours[0]["value"].endswith("<image>")  # ours untouched
+    assert image_with_every_question(llava) == ours

@@ -568,6 +568,17 @@ def image_with_every_question(turns: list[dict], image: str = IMAGE) -> list[dic
     return out
 
 
+def image_once(turns: list[dict], image: str = IMAGE) -> list[dict]:
+    """The other way round: a conversation in our format rewritten in LLaVA's (the image once,
+    before the first question), as a pretrained LLaVA-1.5 was trained to read it (its tokenizer
+    says so: `image_every_question = False`). New dicts: `turns` stays."""
+    out = [dict(turn) for turn in turns]
+    for k, turn in enumerate(out[0::2]):
+        question = turn["value"].replace(f"\n{image}", "").replace(image, "").strip()
+        turn["value"] = f"{image}\n{question}" if k == 0 else question
+    return out
+
+
 def _turn(speaker: str, value: str, type_: str | None = None) -> dict:
     turn = {"from": speaker, "value": value}
     if type_ is not None:
