@@ -352,8 +352,9 @@ def train_simple_llava(
 ):
     """Run stage `align` or `instruct` on `model` with `train.train_stage`; its StageResult.
 
-    batches: any `StageBatches` (e.g. over LLaVA JSON, collated by `collate_conversations`
-    with this tokenizer); None: ShapesWorld's (`shapes_batches`). train_options go to
+    batches: any `StageBatches`, e.g. `stages.LlavaJsonBatches(stage, LlavaJsonDataset(json,
+    processor=processor), tokenizer, config, seed, max_len)` for a LLaVA-format data set; None:
+    ShapesWorld's (`shapes_batches`). train_options go to
     `train_stage` (out_dir, device, dtype, progress, ...).
     """
     from minillava.train import train_stage

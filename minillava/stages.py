@@ -31,7 +31,13 @@ from torch.utils.data import Dataset
 from minillava.checkpoint import CheckpointMismatchError, load_checkpoint, weights_mismatch
 from minillava.clip import CLIP, CLIPConfig, TextEncoderConfig
 from minillava.data.collate import collate_conversations, collate_text
-from minillava.data.instruct import IMAGE, MAX_TURNS, count_images, image_once
+from minillava.data.instruct import (
+    IMAGE,
+    MAX_TURNS,
+    count_images,
+    image_once,
+    image_with_every_question,
+)
 from minillava.data.mixture import curriculum_phases, scene_turns
 from minillava.data.shapes import (
     ShapesWorld,
@@ -355,6 +361,34 @@ class ConversationBatches(StageBatches):
                 turns = image_once(turns)  # a pretrained LLaVA's tokenizer: LLaVA-1.5's way
             copies = sample.pixel_values.expand(count_images(turns), -1, -1, -1)  # one a question
             samples.append({"pixel_values": copies, "conversations": turns})
+        return collate_conversations(samples, self.tokenizer, max_len=self.max_len)
+
+
+class LlavaJsonBatches(StageBatches):
+    """`align` or `instruct` on any LLaVA-format data set (data/llava_json.py's
+    `LlavaJsonDataset`: a JSON of conversations and a folder of images), chat-templated by
+    `tokenizer`. Its records write the image once, before the first question (LLaVA's format);
+    for a model that reads it after every question (ours, `image_every_question` not False) each
+    conversation is rewritten so (`data.instruct.image_with_every_question`)."""
+
+    def __init__(self, stage: str, dataset, tokenizer, config: StageConfig, seed: int,
+                 max_len: int, rank: int = 0, world_size: int = 1):  # fmt: skip
+        self.dataset, self.tokenizer, self.max_len = dataset, tokenizer, max_len
+        super().__init__(stage, len(dataset), config, seed, rank, world_size)
+
+    def make_batch(self, indices: list[int], rng: random.Random, step: int = 0) -> dict:
+        samples = []
+        for i in indices:
+            item = self.dataset[i]
+            turns = item["conversations"]
+            if item["pixel_values"] is not None and getattr(
+                self.tokenizer, "image_every_question", True
+            ):
+                turns = image_with_every_question(turns)
+            pixels = item["pixel_values"]
+            if pixels is not None:  # one copy of the image for each <image> in the prompt
+                pixels = pixels.expand(count_images(turns), -1, -1, -1)
+            samples.append({"pixel_values": pixels, "conversations": turns})
         return collate_conversations(samples, self.tokenizer, max_len=self.max_len)
 
 

@@ -208,3 +208,37 @@ def test_instruct_with_lora_trains_the_adapters(towers):
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"projector", "language_model"}
     assert all("lora_" in n for n, p in model.language_model.named_parameters() if p.requires_grad)
+
+
+def test_training_on_a_llava_json_data_set(towers, tmp_path):
+    """Any LLaVA-format JSON and image folder: here ShapesWorld exported as one."""
+    from minillava.data.export import export
+    from minillava.data.llava_json import LlavaJsonDataset
+    from minillava.stages import LlavaJsonBatches
+
+    torch.manual_seed(0)
+    model, tokenizer, processor = simple_llava(towers[0], towers[1])
+    dataset = LlavaJsonDataset(export(tmp_path / "data", n=4), processor=processor)
+    config = StageConfig(steps=2, batch_size=2, lr=1e-2, warmup_steps=0)
+    batches = LlavaJsonBatches("instruct", dataset, tokenizer, config, seed=0, max_len=200)
+    batch = batches[0]
+    assert (batch["input_ids"] == tokenizer.image_id).sum() == batch["pixel_values"].shape[0]
+    result = train_simple_llava(model, tokenizer, processor, "instruct", config, batches=batches,
+                                max_len=200, device="cpu", progress=False)  # fmt: skip
+    assert result.steps == 2 and all(map(torch.isfinite, torch.tensor(result.losses)))
+
+
+def test_llava_json_batches_give_the_course_model_the_image_after_every_question(tmp_path):
+    from minillava.data.export import export
+    from minillava.data.llava_json import LlavaJsonDataset
+    from minillava.stages import LlavaJsonBatches
+    from minillava.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    dataset = LlavaJsonDataset(export(tmp_path / "data", n=4))
+    config = StageConfig(steps=1, batch_size=4, lr=1e-3)
+    batches = LlavaJsonBatches("instruct", dataset, tok, config, seed=0, max_len=512)
+    batch = batches[0]
+    images = int((batch["input_ids"] == tok.image_id).sum())
+    questions = sum(len(dataset[i]["conversations"]) // 2 for i in batches.indices(0))
+    assert images == batch["pixel_values"].shape[0] == questions  # one copy a question
