@@ -23,6 +23,7 @@ Data flows through the package in this order (one file per concept):
     presets.py              every size and step count of a run: tiny, cpu, gpu
     checkpoint.py           save and load, atomically, with clear errors
     stages.py, train.py     what each stage trains on; one training loop for every stage
+    parts.py                `--parts exercises`: your exercise functions in the model's place
     launch.py               several training processes on one CPU, owned by `minillava train`
     plots.py                loss curves from the training log
     chat.py                 talk to a trained model about an image
