@@ -115,3 +115,21 @@ class PreNormBlock(nn.Module):
         The norms sit *inside* the branches: the residual stream x itself is never normalised.
         """
         raise NotImplementedError("PreNormBlock.forward: your code here (chapter 2)")
+
+
+def grouped_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Stretch exercise: grouped-query attention (GQA), as Llama-2-70B, Mistral and TinyLlama use.
+
+    q (B, H, T, D): H query heads; k, v (B, H_kv, T, D): only H_kv key/value heads, H_kv dividing
+    H. Each key/value head serves a GROUP of g = H / H_kv consecutive query heads: query heads
+    0 .. g-1 read key/value head 0, heads g .. 2g-1 read head 1, and so on. Returns (B, H, T, D),
+    softmax(q kᵀ / sqrt(D) + M) v per query head with its group's keys and values; mask as in
+    scaled_dot_product_attention (True where query i may look at key j).
+
+    Why: at generation the KV cache holds every layer's keys and values for every position;
+    with H_kv = H / 8 it is 8 times smaller, for a small loss in quality. Check the shapes
+    first and raise a ValueError naming them when H is not a multiple of H_kv. Think about
+    which of tensor.repeat and tensor.repeat_interleave puts the copies of one head next to
+    each other.
+    """
+    raise NotImplementedError("grouped_query_attention: your code here (chapter 2, stretch)")

@@ -80,3 +80,19 @@ class PreNormBlock(nn.Module):
         x = x + self.attn(self.norm1(x), mask)
         x = x + self.mlp(self.norm2(x))
         return x
+
+
+def grouped_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """(B, H, T, D) queries, (B, H_kv, T, D) keys and values -> (B, H, T, D)."""
+    H, H_kv = q.shape[1], k.shape[1]
+    if H % H_kv != 0 or v.shape[1] != H_kv:
+        raise ValueError(
+            f"{H} query heads cannot be grouped over {H_kv} key heads and {v.shape[1]} value "
+            "heads: the key/value heads must be equal in number and divide the query heads"
+        )
+    group = H // H_kv
+    # Copies of one key/value head side by side: heads 0..g-1 read kv head 0, and so on.
+    k = k.repeat_interleave(group, dim=1)  # (B, H, T, D)
+    v = v.repeat_interleave(group, dim=1)
+    out, _ = scaled_dot_product_attention(q, k, v, mask)
+    return out

@@ -421,3 +421,49 @@ def check_pre_norm_block(PreNormBlock):
             f"The gradient with respect to x of the block ({label})",
             hint="Gradients flow through the residual additions: avoid in-place edits of x.",
         )
+
+
+@grader("grouped_query_attention", points=3)
+def check_grouped_query_attention(grouped_query_attention):
+    """Stretch: 6 query heads over 2 and over 3 key/value heads, causal mask, against the
+    decoder's own GQA (repeat_kv then attention); the grouping is told apart from tiling."""
+    from minillava.decoder import repeat_kv
+
+    for H, H_kv in ((6, 2), (6, 3), (4, 4)):
+        q = torch.randn(2, H, 5, 8)
+        k, v = torch.randn(2, H_kv, 5, 8), torch.randn(2, H_kv, 5, 8)
+        mask = ref.causal_mask(5)
+        step(f"calling grouped_query_attention with {H} query heads, {H_kv} key/value heads")
+        got = grouped_query_attention(q, k, v, mask)
+        group = H // H_kv
+        expected = ref.attention(q, repeat_kv(k, group), repeat_kv(v, group), mask)
+        tiled = ref.attention(q, k.repeat(1, group, 1, 1), v.repeat(1, group, 1, 1), mask)
+        assert_close(
+            got,
+            expected,
+            f"grouped_query_attention, {H} query heads over {H_kv} key/value heads",
+            why_shape=f"one output per query head: (B, H, T, D) = (2, {H}, 5, 8)",
+            hint=diagnose(
+                got,
+                {
+                    "Query head 1 read key/value head 1, not 0: the copies of a key/value head "
+                    "must sit next to each other (heads 0..g-1 share kv head 0), and yours "
+                    "take turns round the kv heads.": tiled,
+                    "The mask was not applied: a position sees the future.": ref.attention(
+                        q, repeat_kv(k, group), repeat_kv(v, group)
+                    ),
+                },
+                "Each group of g = H / H_kv consecutive query heads shares one key/value head.",
+            ),
+        )
+    step("calling it with 6 query heads over 4 key/value heads (4 does not divide 6)")
+    try:
+        grouped_query_attention(torch.randn(1, 6, 3, 4), torch.randn(1, 4, 3, 4),
+                                torch.randn(1, 4, 3, 4))  # fmt: skip
+    except ValueError:
+        return
+    raise GradingFailure(
+        "6 query heads over 4 key/value heads cannot be grouped, and no ValueError was raised: "
+        "a silent wrong answer is the worst kind.",
+        "Check that H is a multiple of H_kv before anything else.",
+    )

@@ -269,3 +269,37 @@ def test_solution_block_is_the_library_encoder_block():
         ours.attn(x),
         theirs.attn(x)[0],  # the attention alone: vit.SelfAttention
     )
+
+
+# --- grouped_query_attention (stretch) -------------------------------------------------------
+
+
+def tiled_heads(q, k, v, mask=None):
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat(1, group, 1, 1), v.repeat(1, group, 1, 1)  # kv heads taking turns
+    return solution.scaled_dot_product_attention(q, k, v, mask)[0]
+
+
+def mask_dropped(q, k, v, mask=None):
+    return solution.grouped_query_attention(q, k, v)
+
+
+def never_checks(q, k, v, mask=None):
+    group = max(1, q.shape[1] // k.shape[1])
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return solution.scaled_dot_product_attention(q[:, : k.shape[1]], k, v, mask)[0]
+
+
+def test_grouped_query_attention_rejects(rejects):
+    rejects("ch02.grouped_query_attention", tiled_heads, mentions=["next to each other"])
+    rejects("ch02.grouped_query_attention", mask_dropped, mentions=["mask was not applied"])
+    rejects("ch02.grouped_query_attention", never_checks, mentions=["no ValueError"])
+
+
+def test_the_decoders_gqa_agrees_with_the_solution():
+    from minillava.attention import attention, causal_mask
+    from minillava.decoder import repeat_kv
+
+    q, k, v = torch.randn(2, 8, 6, 4), torch.randn(2, 2, 6, 4), torch.randn(2, 2, 6, 4)
+    ours = attention(q, repeat_kv(k, 4), repeat_kv(v, 4), causal_mask(6))
+    torch.testing.assert_close(solution.grouped_query_attention(q, k, v, causal_mask(6)), ours)
