@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import write_llama_tokenizer
 
 pytest.importorskip("safetensors", reason="reading checkpoints needs the `hf` extra")
 pytest.importorskip("tokenizers", reason="reading checkpoints needs the `hf` extra")
@@ -31,31 +32,12 @@ from minillava.pretrained import (  # noqa: E402
 )
 
 ATOL = 1e-4
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4, as Llama's + LLaVA's
 BOS, EOS, PAD, IMAGE = 1, 2, 3, 4
-CORPUS = [
-    "USER: what is this ?\n ASSISTANT: a photo .",
-    "what is in the picture ? a red circle and a blue square .",
-    "how many shapes are there ? there are three shapes in the image .",
-    "describe the photo . a cat sits on a green mat near the door .",
-]
 
 
 def write_tokenizer(directory) -> int:
-    """A Llama-style BPE (Metaspace, <s> added in front) trained on a few sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
-    tokenizer.train_from_iterator(
-        CORPUS, trainers.BpeTrainer(vocab_size=90, special_tokens=SPECIALS, show_progress=False)
-    )
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", BOS)]
-    )
-    tokenizer.save(str(directory / "tokenizer.json"))
-    return tokenizer.get_vocab_size()
+    """The tiny Llama tokenizer, with LLaVA's <image> (id 4)."""
+    return write_llama_tokenizer(directory, ("<image>",))
 
 
 def hf_llava(vocab_size: int, tie: bool = False, **llava):

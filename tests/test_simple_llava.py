@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import write_llama_tokenizer
 
 pytest.importorskip("safetensors", reason="reading checkpoints needs the `hf` extra")
 pytest.importorskip("tokenizers", reason="reading checkpoints needs the `hf` extra")
@@ -23,29 +24,11 @@ from minillava.simple_llava import (  # noqa: E402
 )
 
 BOS, EOS, PAD = 1, 2, 3
-CORPUS = [
-    "USER: what is this ?\n ASSISTANT: a photo .",
-    "what is in the picture ? a red circle and a blue square .",
-    "how many shapes are there ? there are three shapes in the image .",
-    "write a short caption . a small green triangle on the left .",
-]
 
 
 def write_tokenizer(directory) -> int:
-    """A Llama-style BPE (Metaspace, <s> in front) with no <image> token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    trainer = trainers.BpeTrainer(vocab_size=90, special_tokens=specials, show_progress=False)
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", BOS)]
-    )
-    tokenizer.save(str(directory / "tokenizer.json"))
-    return tokenizer.get_vocab_size()
+    """The tiny Llama tokenizer, with no <image> token."""
+    return write_llama_tokenizer(directory)
 
 
 def lively(model):

@@ -45,3 +45,33 @@ def load_bench_script(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# A few sentences to train the test checkpoints' tokenizer on.
+LLAMA_CORPUS = [
+    "USER: what is this ?\n ASSISTANT: a photo .",
+    "what is in the picture ? a red circle and a blue square .",
+    "how many shapes are there ? there are three shapes in the image .",
+    "describe the photo . a cat sits on a green mat near the door .",
+    "write a short caption . a small green triangle on the left .",
+]
+LLAMA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, as Llama's (<s> = 1)
+
+
+def write_llama_tokenizer(directory, extra_specials=()) -> int:
+    """A Llama-style BPE tokenizer.json in `directory` (Metaspace, <s> added in front), trained
+    on LLAMA_CORPUS; `extra_specials` follow Llama's four (e.g. LLaVA's "<image>", id 4).
+    Returns its vocabulary size. Needs the `tokenizers` package."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    specials = [*LLAMA_SPECIALS, *extra_specials]
+    trainer = trainers.BpeTrainer(vocab_size=90, special_tokens=specials, show_progress=False)
+    tokenizer.train_from_iterator(LLAMA_CORPUS, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 1)]
+    )
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return tokenizer.get_vocab_size()
