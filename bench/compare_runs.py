@@ -1,7 +1,7 @@
 """Put several runs' evaluations side by side: is a change better than run-to-run noise?
 
-Six runs of the cpu preset, differing only in seed and machine, scored 84.4 to 90.6% on the same
-2,000 test questions (docs/results.md): one run of a change says little unless its
+Three runs of the cpu preset, differing only in seed, scored 71.0 to 86.4% on the same 2,000
+test questions (docs/results.md): one run of a change says little unless its
 figure is compared with the spread of runs without it. This script reads the eval.json that
 `make train` and `minillava eval` write and prints one markdown row per run: overall accuracy
 and its blind baseline, held-out, every type's accuracy, the weakest gain over the blind baseline
