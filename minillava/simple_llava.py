@@ -322,18 +322,13 @@ def shapes_batches(
 ):
     """ShapesWorld's `align` (captions) or `instruct` (the course's mix) batches, drawn as the
     course's own stages draw them, but in this tokenizer's format and CLIP's pixels."""
-    from minillava.stages import ConversationBatches
+    from minillava.stages import ConversationBatches, instruct_mix
 
     world = ShapesWorld("train", images, WorldConfig(), seed=seed, processor=processor)
     if stage == "align":
         mix = {"kinds": ("caption",)}
     else:
-        data = DataSizes()
-        mix = {
-            "vqa_fraction": data.vqa_fraction, "questions": data.questions_per_image,
-            "false_premise_share": data.false_premise_share,
-            "type_weights": data.vqa_type_weights, "text_weight": data.read_text_weight,
-        }  # fmt: skip
+        mix = instruct_mix(DataSizes())
     return ConversationBatches(stage, world, tokenizer, config, seed, max_len, **mix)
 
 

@@ -49,7 +49,7 @@ from minillava.data.shapes import (
 from minillava.decoder import Decoder, DecoderConfig
 from minillava.llava import Llava, LlavaConfig
 from minillava.lora import apply_lora
-from minillava.presets import Preset, StageConfig
+from minillava.presets import DataSizes, Preset, StageConfig
 from minillava.vit import ViTConfig
 
 CLIP_TEXT_LEN = 64  # tokens: the longest caption (with its end-of-text token) the CLIP text
@@ -510,6 +510,16 @@ def build_align(preset: Preset, tokenizer, out_dir: Path, dist: dict) -> StagePl
     return StagePlan(model, batches, asdict(cfg))
 
 
+def instruct_mix(data: DataSizes) -> dict:
+    """The instruct stage's mixture, as `ConversationBatches` takes it: the share of short-answer
+    rows, questions a row, false premises, question-type weights, how often text is read."""
+    return {
+        "vqa_fraction": data.vqa_fraction, "questions": data.questions_per_image,
+        "false_premise_share": data.false_premise_share, "type_weights": data.vqa_type_weights,
+        "text_weight": data.read_text_weight,
+    }  # fmt: skip
+
+
 def build_instruct(preset: Preset, tokenizer, out_dir: Path, dist: dict) -> StagePlan:
     """Stage 2: from align's LLaVA, the projector and the decoder (or its LoRA) learn the mix."""
     model, cfg = new_llava(preset, tokenizer)
@@ -526,12 +536,9 @@ def build_instruct(preset: Preset, tokenizer, out_dir: Path, dist: dict) -> Stag
             dropout=preset.lora_dropout,
         )
         print(f"  LoRA rank {preset.lora_rank} on {len(wrapped)} layers of the decoder")
-    data = preset.data
     batches = ConversationBatches(
-        "instruct", training_images(preset), tokenizer, preset.instruct, preset.seed, data.max_len,
-        vqa_fraction=data.vqa_fraction, questions=data.questions_per_image,
-        false_premise_share=data.false_premise_share, type_weights=data.vqa_type_weights,
-        text_weight=data.read_text_weight, phases=check_instruct_mix(preset),
+        "instruct", training_images(preset), tokenizer, preset.instruct, preset.seed,
+        preset.data.max_len, **instruct_mix(preset.data), phases=check_instruct_mix(preset),
         **dist,
     )  # fmt: skip
     return StagePlan(model, batches, asdict(cfg))
