@@ -54,7 +54,7 @@ from minillava.data.collate import left_pad
 from minillava.data.image_processor import ImageProcessor, ImageReadError, read_image
 from minillava.data.instruct import IMAGE, count_images, question_with_image
 from minillava.data.shapes import ShapesWorld
-from minillava.device import autocast, pick_device
+from minillava.device import autocast, device_from_flag
 from minillava.presets import ModelSizes
 
 
@@ -456,9 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         except ImageReadError as error:
             return fail(str(error), code=1)
     try:
-        device = pick_device(args.device)
-    except RuntimeError as error:  # no such device here, or a name torch does not know
-        return fail(f"--device {args.device}: {error}; try --device auto")
+        device = device_from_flag(args.device)
+    except ValueError as error:  # no such device here, or a name torch does not know
+        return fail(str(error))
     if args.hf is not None:  # a real LLaVA: its weights, its tokenizer, its preprocessing
         from minillava.pretrained import load_pretrained  # needs the optional `hf` extra
 

@@ -30,6 +30,18 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def device_from_flag(preference: str) -> torch.device:
+    """`pick_device` for a command's --device: a device this machine lacks, or a name torch does
+    not know, is a ValueError saying so in one line, with what to pass instead (train, chat and
+    eval all refuse it in these words)."""
+    try:
+        return pick_device(preference)
+    except RuntimeError as error:
+        raise ValueError(
+            f"--device {preference}: {error}; try --device auto (the best one here)"
+        ) from None
+
+
 def autocast(device: torch.device, dtype: str = "auto"):
     """Mixed-precision context for the forward pass.
 

@@ -51,7 +51,7 @@ from minillava.data.collate import collate_text
 from minillava.data.image_processor import ImageProcessor
 from minillava.data.instruct import VQADataset
 from minillava.data.shapes import SPLITS, ShapesWorld, WorldConfig
-from minillava.device import pick_device
+from minillava.device import device_from_flag
 from minillava.eval import (
     BLIND_MODES,
     DESCRIBE,
@@ -579,11 +579,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minillava eval: --out-dir: {problem}; choose another folder", file=sys.stderr)
         return 2
     try:
-        device = pick_device(args.device)
-    except RuntimeError as error:  # no such device here, or a name torch does not know
-        print(
-            f"minillava eval: --device {args.device}: {error}; try --device auto", file=sys.stderr
-        )
+        device = device_from_flag(args.device)
+    except ValueError as error:  # no such device here, or a name torch does not know
+        print(f"minillava eval: {error}", file=sys.stderr)
         return 2
     model, tokenizer, info = load_llava(checkpoint, device=device)
     world = (info.get("config") or {}).get("world")  # the ShapesWorld the model trained on

@@ -68,7 +68,8 @@ from minillava.checkpoint import (
     unwrap_model,
     weights_mismatch,
 )
-from minillava.device import autocast, pick_device
+from minillava.cli import output_dir_problem
+from minillava.device import autocast, device_from_flag, pick_device
 from minillava.launch import die_with_parent, launch_cpu_processes, threads_per_process
 from minillava.lora import merge_lora
 from minillava.plots import plot_loss_curve, read_metrics
@@ -754,12 +755,7 @@ def check_run(args, preset: Preset, stages, tokenizer) -> tuple[torch.device, Pa
     All of it is checked before any process starts or any file is written: a run that cannot
     start must not leave workers behind, nor overwrite the run directory's preset.json.
     """
-    try:
-        device = pick_device(preset.device)
-    except RuntimeError as error:  # not on this machine: pick_device says which it asked for
-        raise ValueError(
-            f"{error}; pass --device cpu (or leave it out: the best one here)"
-        ) from None
+    device = device_from_flag(preset.device)
     processes = int(os.environ.get("WORLD_SIZE", "0")) or (
         preset.cpu_processes if device.type == "cpu" else 1
     )
@@ -768,8 +764,9 @@ def check_run(args, preset: Preset, stages, tokenizer) -> tuple[torch.device, Pa
     if preset.parts not in parts.PARTS:  # (--set parts=...; the flag has its choices)
         raise ValueError(f"parts={preset.parts!r}, expected one of {', '.join(parts.PARTS)}")
     out_dir = Path(args.out_dir or default_out_dir(preset))
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out-dir {out_dir} is a file, not a directory; pass another --out-dir")
+    problem = output_dir_problem(out_dir)
+    if problem:
+        raise ValueError(f"--out-dir {problem}; pass another --out-dir")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file on the way, no permission

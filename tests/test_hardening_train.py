@@ -425,14 +425,15 @@ def test_stage_settings_that_cannot_train_are_refused_before_anything_is_written
 def test_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
     assert _train(tmp_path, "--stage", "lm", "--device", "cuda") == 2
     err = _one_line(capsys.readouterr().err)
-    assert "device='cuda' asked for, but CUDA is not available here; pass --device cpu" in err
+    assert "--device cuda: device='cuda' asked for, but CUDA is not available here" in err
+    assert "try --device auto" in err
 
 
 def test_an_out_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "taken").write_text("not a directory")
     assert _train(tmp_path / "taken", "--stage", "lm") == 2
     err = _one_line(capsys.readouterr().err)
-    assert f"--out-dir {tmp_path / 'taken'} is a file, not a directory" in err
+    assert f"--out-dir {tmp_path / 'taken'} is a file, not a folder" in err
 
 
 def test_the_resume_check_computes_the_configs_the_stages_build(tmp_path):
