@@ -7,8 +7,9 @@ figure is compared with the spread of runs without it. This script reads the eva
 and its blind baseline, held-out, every type's accuracy, the weakest gain over the blind baseline
 among the types the goal counts (those whose baseline is at most 60%), and the accuracy where a
 known shortcut is wrong (`data.instruct.shortcut_answer`); then the mean and the range. A second
-table gives what the chat is judged on (first questions, held-out, turns 1 to 3, false
-premises, description F1 and hallucinated objects) for each run, with their mean and range.
+table gives what the chat is judged on (first questions, held-out, turns 1 to 3, follow-ups by
+pronoun, false premises, description F1 and hallucinated objects) for each run, with their mean
+and range.
 
     python bench/compare_runs.py runs/cpu /tmp/seed1 /tmp/seed2
     python bench/compare_runs.py /tmp/seeds/seed*/eval_noimage --out runs.json
@@ -81,6 +82,7 @@ def summarise(
         "where_shortcut_fails": model.get("where_shortcut_fails", {}),
         # What the chat is judged on beyond first questions (absent in older eval.json files).
         "turns": list(turns.values()) if isinstance(turns, dict) else turns,
+        "follow_ups": (results.get("follow_ups", {}).get("per_turn") or [None, None])[1],
         "false_premises": results.get("false_premises", {}).get("honest"),
         "description_f1": descriptions.get("f1"),
         "hallucination_rate": descriptions.get("hallucination_rate"),
@@ -93,6 +95,7 @@ CHAT_FIGURES = {  # name -> how to read it from a `summarise` dict
     "turn 1": lambda r: (r["turns"] or [None] * 3)[0],
     "turn 2": lambda r: (r["turns"] or [None] * 3)[1],
     "turn 3": lambda r: (r["turns"] or [None] * 3)[2],
+    "follow-ups by pronoun": lambda r: r.get("follow_ups"),
     "false premises": lambda r: r["false_premises"],
     "description F1": lambda r: r["description_f1"],
     "hallucinated objects": lambda r: r["hallucination_rate"],

@@ -60,7 +60,7 @@ import torch
 
 from minillava.chat import fit_to_context, next_question, reply
 from minillava.checkpoint import world_config_from_dict
-from minillava.data.instruct import VQADataset
+from minillava.data.instruct import FOLLOW_UP_TYPES, VQADataset
 from minillava.judge import aggregate, judge_answer, judge_false_premise, score_description
 
 BLIND_MODES = ("blank", "no_image")
@@ -440,6 +440,18 @@ def false_premise_items(
     scene without one), on a split's first scenes."""
     config = world_config_from_dict(world, image_size)
     dataset = VQADataset(split=split, size=n, config=config, seed=seed, types=("false_premise",))
+    return [dataset[i] for i in range(min(n, len(dataset)))]
+
+
+def follow_up_items(
+    split: str = "test", n: int = 200, image_size: int = 64, seed: int = 0,
+    world: Mapping | None = None,
+) -> list[dict]:  # fmt: skip
+    """`n` two-question conversations on a split's first scenes: a colour, shape or size
+    question about one object, then one about the same object by pronoun ("Where is it?",
+    `data.instruct.follow_up_question`). Ask them with `evaluate_turns`."""
+    config = world_config_from_dict(world, image_size)
+    dataset = VQADataset(split, n, config, seed, types=FOLLOW_UP_TYPES, follow_up=True)
     return [dataset[i] for i in range(min(n, len(dataset)))]
 
 

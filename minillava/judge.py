@@ -159,6 +159,10 @@ def _find_shapes(ws: list[Word]) -> list[tuple]:
     return [(SHAPE_WORDS[w.text], i, i + 1) for i, w in enumerate(ws) if w.text in SHAPE_WORDS]
 
 
+def _find_sizes(ws: list[Word]) -> list[tuple]:
+    return [(SIZE_WORDS[w.text], i, i + 1) for i, w in enumerate(ws) if w.text in SIZE_WORDS]
+
+
 def _find_names(ws: list[Word]) -> list[tuple]:
     """Colour-shape names: "blue square", "red circles" -> ("blue", "square"), ..."""
     return [
@@ -236,7 +240,8 @@ def answer_kind(answer: str, question_type: str = "") -> str:
     """What kind of value a canonical answer is, from its form (and the question's type):
     "yes"/"no" -> "yes/no"; "top left", "center" -> "cell"; "3" -> "number"; "A", "7" of a text
     question -> "character", "nothing" -> "nothing"; "red" -> "colour"; "circle" -> "shape";
-    "blue square" -> "name"; anything else -> "exact" (judged by exact match only)."""
+    "large", "small" -> "size"; "blue square" -> "name"; anything else -> "exact" (judged by
+    exact match only)."""
     a = normalise(answer)
     if a in {"yes", "no"}:
         return "yes/no"
@@ -252,14 +257,17 @@ def answer_kind(answer: str, question_type: str = "") -> str:
         return "colour"
     if a in PLURALS:
         return "shape"
+    if a in SIZES:
+        return "size"
     parts = a.split()
     if len(parts) == 2 and parts[0] in COLOURS and parts[1] in PLURALS:
         return "name"
     return "exact"
 
 
-FINDERS = {"colour": _find_colours, "shape": _find_shapes, "name": _find_names,
-           "number": _find_numbers, "cell": _find_cells, "character": _find_characters}  # fmt: skip
+FINDERS = {"colour": _find_colours, "shape": _find_shapes, "size": _find_sizes,
+           "name": _find_names, "number": _find_numbers, "cell": _find_cells,
+           "character": _find_characters}  # fmt: skip
 
 
 def _fields(item) -> tuple[str, str, str, dict]:
@@ -357,7 +365,7 @@ def judge_answer(item_or_qa, response: str) -> bool:
 
     - the canonical answer itself is always right ("Top Left." for "top left");
     - yes/no: the response's yes or no (`_yes_no`) must be the answer's;
-    - colour, shape, number, cell, character, colour-shape name: the response must state the
+    - colour, shape, size, number, cell, character, colour-shape name: the response must state the
       answer's value and no other value of that kind ("red or blue" is wrong; "two" and "2" are
       the same number; "middle", "centre" and "center" the same cell). A value right after
       "not" is denied, not stated. The question's own noun phrases are ignored where the

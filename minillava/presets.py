@@ -78,6 +78,10 @@ class DataSizes:
     # circle?" without a circle), answered "There is no circle in the image.": without them the
     # model names a colour for any circle it is asked about.
     false_premise_share: float = 0.1
+    # Share of short-answer questions, after one about a single object, that ask about the same
+    # object by pronoun ("What colour is the circle?" then "Where is it?"): a person chats this
+    # way, and only the conversation says what "it" is.
+    follow_up_share: float = 0.2
     # `clip` stage: half of each batch are shape-swapped twins of the other half (hard
     # negatives, stages.CaptionBatches), so that CLIP must see shape, not only colour.
     clip_hard_negatives: bool = True
@@ -189,7 +193,8 @@ def measured_question_mix() -> dict:
         curriculum=((("colour",), 400), (("position",), 300), (("shape",), 300)),
         # The mixture finishes what the phases began (colour, position and shape end near 100%)
         # and must teach the slower types as well: count, relation and reasoning are asked twice
-        # as often as in the default mix.
+        # as often as in the default mix, and size too, which descriptions need: without it
+        # the model called almost every object it described "small" (docs/results.md).
         vqa_type_weights={
             "colour": 3.0,
             "shape": 3.0,
@@ -197,6 +202,7 @@ def measured_question_mix() -> dict:
             "count": 2.0,
             "relation": 2.0,
             "reasoning": 2.0,
+            "size": 2.0,
         },
         # Images that show a letter or digit are asked text questions 6 times as often: the
         # model read 5 of the 52 characters of 4,000 test questions, then 41.

@@ -62,6 +62,7 @@ from minillava.eval import (
     evaluate_false_premises,
     evaluate_turns,
     false_premise_items,
+    follow_up_items,
     vqa_items,
 )
 
@@ -136,6 +137,16 @@ def format_turns(result: TurnResult) -> str:
     lines.append("-" * len(header))
     lines.append(f"{'all':<14}" + "".join(f" {acc:>8.1%}" for acc in result.per_turn))
     return "\n".join(lines)
+
+
+def format_follow_ups(result: TurnResult) -> str:
+    """One line: questions about an object asked by pronoun after a question that named it."""
+    first, follow_up = result.per_turn
+    by_type = ", ".join(f"{t} {acc:.0%}" for t, acc in result.per_turn_type[1].items())
+    return (
+        f'Follow-ups ("Where is it?" after a question about the object, {result.n} '
+        f"conversations): {follow_up:.1%} right ({by_type}); the first question {first:.1%}"
+    )
 
 
 def format_descriptions(totals: Mapping, false_premises: Mapping | None = None) -> str:
@@ -499,12 +510,15 @@ def report(
 
 def talk_about(model, tokenizer, split, out_dir, print_fn, batch_size, image_size, world, seed,
                turns, n_conversations, n_descriptions) -> dict:  # fmt: skip
-    """What a chat needs beyond first questions, on one split: later turns, false premises,
-    descriptions. Printed, the description gallery saved; returns their eval.json entries."""
+    """What a chat needs beyond first questions, on one split: later turns, follow-ups by
+    pronoun, false premises, descriptions. Printed, the description gallery saved; returns
+    their eval.json entries."""
     config = world_config_from_dict(world, image_size)
     conversations = VQADataset(split, n_conversations, config, seed, turns=turns)
     items = [conversations[i] for i in range(len(conversations))]
     by_turn = evaluate_turns(model, tokenizer, items, split, batch_size)
+    pairs = follow_up_items(split, n_conversations, image_size, seed, world)
+    follow_ups = evaluate_turns(model, tokenizer, pairs, split, batch_size)
     premises = false_premise_items(split, n_conversations, image_size, seed, world)
     false_premises = evaluate_false_premises(model, tokenizer, premises, batch_size)
     scenes = ShapesWorld(split, n_descriptions, config, seed=seed)
@@ -512,6 +526,7 @@ def talk_about(model, tokenizer, split, out_dir, print_fn, batch_size, image_siz
     descriptions = evaluate_descriptions(model, tokenizer, samples, batch_size=batch_size)
     print_fn("")
     print_fn(format_turns(by_turn))
+    print_fn(format_follow_ups(follow_ups))
     print_fn(format_descriptions(descriptions["totals"], false_premises))
     plot_description_gallery(samples, descriptions["records"],
                              out_dir / f"descriptions_{split}.png")  # fmt: skip
@@ -519,6 +534,7 @@ def talk_about(model, tokenizer, split, out_dir, print_fn, batch_size, image_siz
                   **r["score"].to_dict()} for r in descriptions["records"]]  # fmt: skip
     return {
         "turns": by_turn.to_dict(),
+        "follow_ups": follow_ups.to_dict(),
         "false_premises": false_premises,
         "descriptions": {"totals": descriptions["totals"], "records": described},
     }

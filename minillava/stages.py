@@ -246,16 +246,15 @@ def check_instruct_mix(preset: Preset) -> list[tuple[int, dict]]:
     fails before lm, clip and align spend their minutes.
 
     Raises ValueError if the phases are malformed or leave no step of instruct for the whole
-    mix, or if data.read_text_weight, data.questions_per_image or data.false_premise_share is
-    out of range.
+    mix, or if data.read_text_weight, data.questions_per_image, data.false_premise_share or
+    data.follow_up_share is out of range.
     """
     data = preset.data
     if data.questions_per_image < 1:
         raise ValueError(f"data.questions_per_image must be >= 1; got {data.questions_per_image}")
-    if not 0.0 <= data.false_premise_share <= 1.0:
-        raise ValueError(
-            f"data.false_premise_share must be in [0, 1]; got {data.false_premise_share}"
-        )
+    for name in ("false_premise_share", "follow_up_share"):
+        if not 0.0 <= getattr(data, name) <= 1.0:
+            raise ValueError(f"data.{name} must be in [0, 1]; got {getattr(data, name)}")
     if data.read_text_weight is not None and data.read_text_weight < 0:
         raise ValueError(f"data.read_text_weight must be >= 0 or None; got {data.read_text_weight}")
     phases = curriculum_phases(data.curriculum, data.vqa_type_weights)
@@ -456,6 +455,7 @@ def build_lm(preset: Preset, tokenizer, out_dir: Path, dist: dict) -> StagePlan:
         scenes, tokenizer, preset.lm, preset.seed, preset.data.lm_seq_len,
         vqa_fraction=preset.data.vqa_fraction, questions=preset.data.questions_per_image,
         false_premise_share=preset.data.false_premise_share,
+        follow_up_share=preset.data.follow_up_share,
         kinds=("conversation", "detail", "reasoning", "caption"), **dist,
     )  # fmt: skip
     return StagePlan(Decoder(cfg), batches, asdict(cfg))
@@ -512,11 +512,12 @@ def build_align(preset: Preset, tokenizer, out_dir: Path, dist: dict) -> StagePl
 
 def instruct_mix(data: DataSizes) -> dict:
     """The instruct stage's mixture, as `ConversationBatches` takes it: the share of short-answer
-    rows, questions a row, false premises, question-type weights, how often text is read."""
+    rows, questions a row, false premises, follow-ups, question-type weights, how often text is
+    read."""
     return {
         "vqa_fraction": data.vqa_fraction, "questions": data.questions_per_image,
         "false_premise_share": data.false_premise_share, "type_weights": data.vqa_type_weights,
-        "text_weight": data.read_text_weight,
+        "text_weight": data.read_text_weight, "follow_up_share": data.follow_up_share,
     }  # fmt: skip
 
 

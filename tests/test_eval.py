@@ -17,6 +17,7 @@ from minillava.eval import (
     evaluate_false_premises,
     evaluate_turns,
     false_premise_items,
+    follow_up_items,
     generate_answers,
     normalise_answer,
     score,
@@ -243,9 +244,11 @@ def test_report_prints_tables_and_writes_plots_and_json(tiny_model, tokenizer, t
     )
     text = "\n".join(lines)
     assert "overall" in text and "blind" in text and "minillava:" in text
+    assert "Follow-ups (" in text and "Later turns" in text and "False premises" in text
     assert _is_png(tmp_path / "accuracy.png") and _is_png(tmp_path / "gallery_test.png")
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["splits"]["test"]["model"]["n"] == 8
+    assert len(saved["splits"]["test"]["follow_ups"]["per_turn"]) == 2
     assert summary["splits"]["test"]["blind"]["blind"] is True
     # Both baselines by default: a grey image first (the bars' and "blind"), then no image.
     assert summary["splits"]["test"]["blind"]["blind_mode"] == "blank"
@@ -402,3 +405,27 @@ def test_loss_by_word_kind_splits_the_answer_tokens_into_content_and_the_rest():
     assert min(on_content, on_rest) <= everything <= max(on_content, on_rest)
     assert everything == pytest.approx(model(**batch).loss.item(), rel=1e-5)
     assert nothing != nothing  # no "other" words left: the mean of nothing is nan
+
+
+def test_follow_ups_are_asked_in_one_conversation_and_need_it(monkeypatch, tokenizer, tiny_model):
+    """An oracle that reads the conversation answers both questions; one that answers every
+    question as if it were the first (no memory of what "it" is) fails the follow-ups."""
+    pairs = follow_up_items("test", 9, image_size=16)
+    assert all(item["turns"][1]["query"]["follow_up"] for item in pairs)
+
+    def answers_from(turn_of):
+        def fake_reply(model, tok, convs, pixel_values, *args, **kwargs):
+            out = []
+            for conv, pixels in zip(convs, pixel_values, strict=True):
+                item = [i for i in pairs if torch.equal(i["pixel_values"], pixels)][0]
+                k = turn_of(len([t for t in conv if t["from"] == "human"]))
+                out.append(f" It is {item['turns'][k]['answer']}.")
+            return out
+
+        return fake_reply
+
+    monkeypatch.setattr("minillava.eval.reply", answers_from(lambda asked: asked - 1))
+    assert evaluate_turns(tiny_model, tokenizer, pairs, batch_size=4).per_turn == [1.0, 1.0]
+    monkeypatch.setattr("minillava.eval.reply", answers_from(lambda asked: 0))
+    first, follow_up = evaluate_turns(tiny_model, tokenizer, pairs, batch_size=4).per_turn
+    assert first == 1.0 and follow_up == 0.0

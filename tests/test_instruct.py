@@ -15,6 +15,7 @@ from minillava.data.instruct import (
     InstructDataset,
     VQADataset,
     false_premise_question,
+    follow_up_question,
     make_conversations,
     make_question,
     question_with_image,
@@ -59,6 +60,8 @@ def true_answer(scene, query: dict) -> str:
         return the(scene, query["target"]).colour
     if op == "shape_of":
         return the(scene, query["target"]).shape
+    if op == "size_of":
+        return the(scene, query["target"]).size
     if op == "cell_of":
         o = the(scene, query["target"])
         return cell(o.row, o.col)
@@ -216,12 +219,13 @@ def test_shortcut_answer_is_what_a_model_that_does_not_count_would_say():
 
 
 def test_vqa_mix_is_balanced_and_deterministic():
-    data = VQADataset("test", 80, SMALL)
-    types = collections.Counter(data.qa(i)[1].type for i in range(80))
+    n = 10 * len(QUESTION_TYPES)
+    data = VQADataset("test", n, SMALL)
+    types = collections.Counter(data.qa(i)[1].type for i in range(n))
     assert types == {t: 10 for t in QUESTION_TYPES}
     item = data[5]
     assert set(item) >= {"pixel_values", "question", "answer", "type", "scene", "conversations"}
-    again = VQADataset("test", 80, SMALL)[5]
+    again = VQADataset("test", n, SMALL)[5]
     assert (item["question"], item["answer"]) == (again["question"], again["answer"])
     assert item["conversations"][0]["value"] == question_with_image(item["question"])  # chat's
     assert item["conversations"][0]["value"] == item["question"] + "\n<image>"
@@ -230,13 +234,14 @@ def test_vqa_mix_is_balanced_and_deterministic():
 
 
 def test_later_turns_see_every_type_and_follow_the_first_in_the_conversation():
-    data = VQADataset("test", 80, SMALL, turns=3)
+    n = 10 * len(QUESTION_TYPES)
+    data = VQADataset("test", n, SMALL, turns=3)
     for turn in range(3):
-        types = collections.Counter(data[i]["turns"][turn]["type"] for i in range(80))
+        types = collections.Counter(data[i]["turns"][turn]["type"] for i in range(n))
         assert types == {t: 10 for t in QUESTION_TYPES}, turn
     item = data[7]
     assert item["question"] == item["turns"][0]["question"]  # turn 1 is the single question
-    assert item["question"] == VQADataset("test", 80, SMALL)[7]["question"]
+    assert item["question"] == VQADataset("test", n, SMALL)[7]["question"]
     humans = item["conversations"][0::2]
     assert [h["value"] for h in humans] == [t["question"] + "\n<image>" for t in item["turns"]]
     scene, questions = data.questions(7)
@@ -344,3 +349,63 @@ def test_image_once_and_image_with_every_question_undo_each_other():
     ]
     assert llava[1::2] == ours[1::2] and ours[0]["value"].endswith("<image>")  # ours untouched
     assert image_with_every_question(llava) == ours
+
+
+# --- follow-ups by pronoun ("Where is it?") ----------------------------------------------------
+
+ASKED = {"colour_of": "colour", "shape_of": "shape", "cell_of": "cell", "size_of": "size"}
+
+
+def test_a_follow_up_asks_about_the_same_object_by_pronoun():
+    world, rng = ShapesWorld("train", 400, SMALL), random.Random(0)
+    attributes = collections.Counter()
+    for i in range(len(world)):
+        scene = world.scene(i)
+        for t in ("colour", "shape", "size", "position", "count", "existence"):
+            first = make_question(scene, t, rng, SMALL)
+            second = follow_up_question(scene, first, rng)
+            if first.query["op"] not in ASKED:  # no single object named: nothing to call "it"
+                assert second is None, (first, second)
+                continue
+            assert second is not None and " it" in second.question, second
+            assert second.query["follow_up"] and second.query["target"] == first.query["target"]
+            assert second.answer == true_answer(scene, second.query), (scene, first, second)
+            asked = ASKED[second.query["op"]]
+            assert asked != ASKED[first.query["op"]]  # another attribute than the one asked
+            unnamed = set(ASKED.values()) - {ASKED[first.query["op"]], *first.query["target"]}
+            assert asked in unnamed or not unnamed  # nor one the question named, if it can
+            attributes[asked] += 1
+        assert follow_up_question(scene, false_premise_question(scene, rng, SMALL), rng) is None
+    assert set(attributes) == {"colour", "shape", "cell", "size"}
+
+
+def test_vqa_dataset_with_follow_ups_pairs_each_question_with_one():
+    data = VQADataset("test", 12, SMALL, types=("colour", "shape", "size"), follow_up=True)
+    for i in range(12):
+        item = data[i]
+        first, second = item["turns"]
+        assert not first["query"].get("follow_up") and second["query"]["follow_up"]
+        assert second["query"]["target"] == first["query"]["target"]
+        assert [t["value"] for t in item["conversations"][0::2]] == [
+            question_with_image(t["question"]) for t in item["turns"]
+        ]
+    with pytest.raises(ValueError, match="follow_up needs types from"):
+        VQADataset("test", 4, SMALL, types=("count",), follow_up=True)
+
+
+def test_follow_up_share_asks_by_pronoun_in_training():
+    from minillava.data.mixture import vqa_turns
+
+    world = ShapesWorld("train", 200, SMALL)
+    for share, low, high in ((0.0, 0, 0), (0.5, 0.4, 0.6), (1.0, 1, 1)):
+        rng, follow_ups = random.Random(0), []
+        for i in range(len(world)):
+            scene = world.scene(i)
+            turns, asked = vqa_turns(scene, rng, world.config, follow_up_share=share)
+            for previous, qa in zip(asked, asked[1:], strict=False):
+                if qa.query.get("follow_up"):
+                    assert qa.query["target"] == previous.query["target"]
+                    assert qa.answer == true_answer(scene, qa.query)
+                if previous.query["op"] in ASKED:  # it named one object: a follow-up may come
+                    follow_ups.append(bool(qa.query.get("follow_up")))
+        assert low <= sum(follow_ups) / len(follow_ups) <= high, share

@@ -242,6 +242,8 @@ def other_answer(qa: QA, rng: random.Random) -> str:
         return rng.choice([c for c in COLOURS if c != a])
     if kind == "shape":
         return rng.choice([s for s in SHAPES if s != a])
+    if kind == "size":
+        return {"large": "small", "small": "large"}[a]
     assert kind == "name", (qa, kind)
     colour, shape = a.split()
     return f"{rng.choice([c for c in COLOURS if c != colour])} {shape}"
@@ -266,6 +268,8 @@ def sentence_answer(qa: QA) -> str:
         return f"{subject} is {a}."
     if kind == "shape":
         return f"{subject} is a {a}."
+    if kind == "size":
+        return f"{subject} is {'big' if a == 'large' else 'little'}."
     return f"The {a} is the nearest."
 
 
@@ -283,7 +287,7 @@ def test_judge_answer_on_real_questions_right_and_wrong_answers():
             for response in (wrong, f"The answer is {wrong}.", f"{qa.answer} or {wrong}"):
                 assert not judge_answer(qa, response), (qa, response)
     assert kinds == {"yes/no", "cell", "number", "character", "nothing", "colour", "shape",
-                     "name"}  # fmt: skip
+                     "size", "name"}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

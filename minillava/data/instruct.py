@@ -12,6 +12,7 @@ them rather than match a template. Every Q/A pair carries its type:
 
     colour     What colour is the circle?                         -> red
     shape      What shape is the red object?                      -> circle
+    size       Is the red circle large or small?                  -> large
     count      How many blue shapes are there?                    -> 2
     existence  Is there a green square? (yes and no balanced)     -> no
     position   Where is the red circle?                           -> top left
@@ -57,6 +58,7 @@ QUESTION_TYPES: tuple[str, ...] = (
     "relation",
     "text",
     "reasoning",
+    "size",
 )
 KINDS: tuple[str, ...] = ("conversation", "detail", "reasoning")  # LLaVA-Instruct's three
 ALL_KINDS: tuple[str, ...] = KINDS + ("caption",)  # + stage-1 image-caption pairs
@@ -181,6 +183,20 @@ def shape_question(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
     return QA(question, obj.shape, "shape", {"op": "shape_of", "target": ref})
 
 
+def size_question(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
+    """How big one object is. Descriptions name every object's size ("a large red circle"),
+    and without a question that asks for it alone, the model learnt to say "small" for almost
+    every object it described (docs/results.md)."""
+    obj = rng.choice(scene.objects)
+    ref = reference(scene, obj, avoid=("size",)) or {"cell": obj.cell}
+    template = rng.choice(
+        ["What size is {ref}?", "Is {ref} large or small?", "Is {ref} small or large?",
+         "How big is {ref}?", "Is {ref} big or small?"]
+    )  # fmt: skip
+    return QA(template.format(ref=noun_phrase(ref)), obj.size, "size",
+              {"op": "size_of", "target": ref})  # fmt: skip
+
+
 def _random_filter(scene: Scene, rng: random.Random, config: WorldConfig) -> dict:
     """Attributes to count by: half the time those of an object present, else any."""
     kind = rng.choice(["colour", "shape", "size", "colour_shape"])
@@ -255,6 +271,44 @@ def position_question(scene: Scene, rng: random.Random, config: WorldConfig) -> 
     )  # fmt: skip
     return QA(template.format(ref=noun_phrase(ref)), obj.cell, "position",
               {"op": "cell_of", "target": ref})  # fmt: skip
+
+
+# A question about the object the previous question named, by pronoun: the attribute asked, its
+# question type and query op, and a few wordings.
+FOLLOW_UPS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "colour": ("colour", "colour_of", ("What colour is it?", "And what colour is it?",
+                                       "Which colour is it?")),
+    "shape": ("shape", "shape_of", ("What shape is it?", "And what shape is it?",
+                                    "What kind of shape is it?")),
+    "cell": ("position", "cell_of", ("Where is it?", "And where is it?",
+                                     "Where is it in the image?")),
+    "size": ("size", "size_of", ("Is it large or small?", "How big is it?", "What size is it?")),
+}  # fmt: skip
+OBJECT_OPS = {"colour_of": "colour", "shape_of": "shape", "cell_of": "cell", "size_of": "size"}
+FOLLOW_UP_TYPES = ("colour", "shape", "size")  # questions that always name one object
+
+
+def follow_up_question(scene: Scene, previous: QA, rng: random.Random) -> QA | None:
+    """ "Where is it?" after "What colour is the circle?": a question about the object the
+    previous question named, by pronoun, about an attribute that question neither asked nor
+    named; None if it named no single object.
+
+    In a chat a person asks this way, and only the conversation says what "it" is: the model
+    must find the object the earlier question named, then look it up in the image again.
+    """
+    target = previous.query.get("target")
+    if previous.query.get("op") not in OBJECT_OPS or not target:
+        return None
+    found = select(scene, target)
+    if len(found) != 1:
+        return None
+    obj = found[0]
+    others = [a for a in FOLLOW_UPS if a != OBJECT_OPS[previous.query["op"]]]
+    unsaid = [a for a in others if a not in target]  # not in the question's words either
+    attribute = rng.choice(unsaid or others)
+    question_type, op, wordings = FOLLOW_UPS[attribute]
+    return QA(rng.choice(wordings), getattr(obj, attribute), question_type,
+              {"op": op, "target": target, "follow_up": True})  # fmt: skip
 
 
 def false_premise_question(scene: Scene, rng: random.Random, config: WorldConfig) -> QA:
@@ -445,6 +499,7 @@ QUESTION_MAKERS: dict[str, Callable[[Scene, random.Random, WorldConfig], QA]] = 
     "relation": relation_question,
     "text": text_question,
     "reasoning": reasoning_question,
+    "size": size_question,
     "false_premise": false_premise_question,  # not a QUESTION_TYPE: it has no answer to find
 }
 
@@ -710,6 +765,9 @@ class VQADataset(torch.utils.data.Dataset):
     "conversations" is the whole exchange as the chat would hold it (`question_with_image`: each
     question, then the image; the canonical answers as the gpt turns).
     `types` may name "false_premise" too: questions about an object that is not there.
+    `follow_up=True`: each question is followed by a question about the same object by pronoun
+    ("Where is it?", `follow_up_question`), so `turns` questions make 2 x `turns` turns; the
+    types must then be ones that name an object (FOLLOW_UP_TYPES).
     """
 
     def __init__(
@@ -721,14 +779,17 @@ class VQADataset(torch.utils.data.Dataset):
         types: tuple[str, ...] = QUESTION_TYPES,
         world: ShapesWorld | None = None,
         turns: int = 1,
+        follow_up: bool = False,
     ) -> None:
         unknown = [t for t in types if t not in QUESTION_MAKERS]
         if unknown or not types:
             raise ValueError(f"types must be chosen from {tuple(QUESTION_MAKERS)}, got {types}")
         if turns < 1:
             raise ValueError(f"turns must be >= 1, got {turns}")
+        if follow_up and not set(types) <= set(FOLLOW_UP_TYPES):
+            raise ValueError(f"follow_up needs types from {FOLLOW_UP_TYPES}, got {types}")
         self.world = world or ShapesWorld(split, size, config, seed)
-        self.types, self.turns = tuple(types), turns
+        self.types, self.turns, self.follow_up = tuple(types), turns, follow_up
 
     def __len__(self) -> int:
         return len(self.world)
@@ -740,7 +801,10 @@ class VQADataset(torch.utils.data.Dataset):
         scene = world.scene(index)
         rng = sample_rng(world.seed, world.split, index, stream="vqa")
         types = [self.types[(index + k) % len(self.types)] for k in range(self.turns)]
-        return scene, [make_question(scene, t, rng, world.config) for t in types]
+        questions = [make_question(scene, t, rng, world.config) for t in types]
+        if self.follow_up:  # (these types always name one object: never None)
+            questions = [q for qa in questions for q in (qa, follow_up_question(scene, qa, rng))]
+        return scene, questions
 
     def qa(self, index: int) -> tuple[Scene, QA]:
         """The first question of sample `index` without drawing the image."""

@@ -20,6 +20,7 @@ from minillava.data.instruct import (
     QA,
     QUESTION_TYPES,
     false_premise_question,
+    follow_up_question,
     image_with_every_question,
     make_conversation,
     make_question,
@@ -39,15 +40,16 @@ def scene_turns(
     text_weight: float | None = None,
     questions: int = 3,
     false_premise_share: float = 0.0,
+    follow_up_share: float = 0.0,
 ) -> list[dict]:
     """One training conversation about `scene`, the image after every question.
 
     `vqa=True`: `questions` short-answer questions (`vqa_turns`, with `type_weights`,
-    `text_weight` and `false_premise_share`). Otherwise: a conversation of one of the data
-    engine's `kinds` (conversation, detail, reasoning, caption).
+    `text_weight`, `false_premise_share` and `follow_up_share`). Otherwise: a conversation of
+    one of the data engine's `kinds` (conversation, detail, reasoning, caption).
     """
     if vqa:
-        weights = (type_weights, text_weight, false_premise_share)
+        weights = (type_weights, text_weight, false_premise_share, follow_up_share)
         return vqa_turns(scene, rng, config, questions, *weights)[0]
     conversation = make_conversation(scene, captions, rng, rng.choice(kinds), config=config)
     return space_answers(image_with_every_question(conversation))
@@ -61,6 +63,7 @@ def vqa_turns(
     type_weights: dict[str, float] | None = None,
     text_weight: float | None = None,
     false_premise_share: float = 0.0,
+    follow_up_share: float = 0.0,
 ) -> tuple[list[dict], list[QA]]:
     """`questions` short-answer questions about `scene`, one a turn, and their `QA`s (type,
     answer and the query each runs, e.g. {"op": "relation", ...}).
@@ -74,7 +77,9 @@ def vqa_turns(
     text type's weight instead on a scene that shows a character (`DataSizes.read_text_weight`),
     unless `type_weights` gives text 0 (a curriculum phase without it). Each question is, with
     probability `false_premise_share`, one about an object that is not there, answered "There
-    is no circle in the image." (`data.instruct.false_premise_question`).
+    is no circle in the image." (`data.instruct.false_premise_question`). After a question
+    about one object, the next is, with probability `follow_up_share`, about the same object by
+    pronoun ("Where is it?", `data.instruct.follow_up_question`).
     """
     weights = question_type_weights(type_weights)
     text = QUESTION_TYPES.index("text")
@@ -82,9 +87,12 @@ def vqa_turns(
         weights[text] = text_weight
     turns, asked = [], []
     for _ in range(questions):
-        if false_premise_share and rng.random() < false_premise_share:
+        qa = None
+        if asked and follow_up_share and rng.random() < follow_up_share:
+            qa = follow_up_question(scene, asked[-1], rng)  # None if it named no one object
+        if qa is None and false_premise_share and rng.random() < false_premise_share:
             qa = false_premise_question(scene, rng, config)
-        else:
+        if qa is None:
             qa = make_question(scene, rng.choices(QUESTION_TYPES, weights)[0], rng, config)
         turns += [{"from": "human", "value": question_with_image(qa.question)},
                   {"from": "gpt", "value": qa.answer}]  # fmt: skip
