@@ -13,6 +13,7 @@ PRESET ?= cpu
 # Whose functions run in the model: library, exercises (yours, where they pass their checks)
 # or solutions. `make train PARTS=exercises` trains your parts (minillava/parts.py).
 PARTS ?= library
+# `make grade CH=03` grades chapter 3; HINT=1 adds a hint under each failure.
 CH ?= 01
 
 .PHONY: setup train test lint grade grade-all notebooks clean
@@ -38,7 +39,7 @@ lint: setup
 	$(BIN)/ruff format --check minillava tests solutions
 
 grade: setup
-	$(BIN)/minillava grade ch$(CH)
+	$(BIN)/minillava grade ch$(CH) $(if $(HINT),--hint)
 
 grade-all: setup
 	$(BIN)/minillava grade all

@@ -2,7 +2,8 @@
 
 Three ways in, one machinery underneath:
 
-    minillava grade ch01             one line per exercise, a total, a hint under each failure
+    minillava grade ch01             one line per exercise, a total, what is wrong under a failure
+    minillava grade ch01 --hint      the same, and a hint under each failure: where to look next
     minillava grade all              a table with every chapter's score
     check(project_onto_vector)       in a notebook: grade one function inline, same messages
 
@@ -10,6 +11,11 @@ A *check* is a small function in `minillava/graders/chNN.py`. It calls your func
 inputs, compares the result with the library's reference (values, shapes, gradients) and tests
 invariants (a projection applied twice changes nothing; a causal model cannot see the future).
 When something is off it raises `GradingFailure` with a sentence you can act on.
+
+Help comes in steps. A failure always says what is wrong and, where the check recognises the
+mistake, why ("the rows do not sum to 1: the softmax ran over the wrong dimension"). A *hint*
+(shown with --hint, or `check(fn, hint=True)`) says where to look next, in words: no hint
+holds code, so the step from the idea to the lines stays yours.
 
 Each check runs in a child process (forked, so it starts in milliseconds) with a timeout, and
 your file is imported only there, never in the grading process: an exception in your code is
@@ -198,6 +204,11 @@ def fail(message: str, hint: str | None = None) -> None:
     raise GradingFailure(message, hint)
 
 
+def _failure(message: str, hint: str | None, diagnosis: str | None) -> GradingFailure:
+    """A failure whose message ends with the diagnosis, when the check recognised the mistake."""
+    return GradingFailure(f"{message}\n{diagnosis}" if diagnosis else message, hint)
+
+
 def fmt(x, precision: int = 4, max_items: int = 16, indent: int = 0) -> str:
     """A short, readable rendering of a tensor / array / number for a message.
 
@@ -226,7 +237,9 @@ def shape_str(shape) -> str:
     return "(" + ", ".join(str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
 
 
-def assert_tensor(got, what: str, hint: str | None = None) -> torch.Tensor:
+def assert_tensor(
+    got, what: str, hint: str | None = None, diagnosis: str | None = None
+) -> torch.Tensor:
     """`got` must be a torch.Tensor; anything else is explained (a list, numpy, a tuple, None)."""
     if isinstance(got, torch.Tensor):
         return got
@@ -239,12 +252,19 @@ def assert_tensor(got, what: str, hint: str | None = None) -> torch.Tensor:
         detail = f"returned a tuple of {len(got)} items, expected a single tensor"
     else:
         detail = f"returned a {kind}, expected a torch.Tensor"
-    raise GradingFailure(f"{what} {detail}.", hint)
+    raise _failure(f"{what} {detail}.", hint, diagnosis)
 
 
-def assert_shape(got, expected: Sequence[int], what: str, why: str = "", hint: str | None = None):
+def assert_shape(
+    got,
+    expected: Sequence[int],
+    what: str,
+    why: str = "",
+    hint: str | None = None,
+    diagnosis: str | None = None,
+):
     """The shape must match exactly; the message spells out both shapes and common causes."""
-    got = assert_tensor(got, what, hint)
+    got = assert_tensor(got, what, hint, diagnosis)
     expected = tuple(expected)
     if tuple(got.shape) == expected:
         return got
@@ -257,7 +277,7 @@ def assert_shape(got, expected: Sequence[int], what: str, why: str = "", hint: s
         message += " Only dimensions of size 1 differ: look for a missing or extra (un)squeeze."
     elif got.numel() == int(np.prod(expected)):
         message += " Same number of values, arranged differently: check your reshape/transpose."
-    raise GradingFailure(message, hint)
+    raise _failure(message, hint, diagnosis)
 
 
 def assert_close(
@@ -268,19 +288,25 @@ def assert_close(
     atol: float = 1e-5,
     rtol: float = 1e-4,
     why_shape: str = "",
+    diagnosis: str | None = None,
 ) -> torch.Tensor:
-    """Values must match the reference (after a shape check); says where and by how much not."""
-    got = assert_shape(got, expected.shape, what, why=why_shape, hint=hint)
+    """Values must match the reference (after a shape check); says where and by how much not.
+
+    `diagnosis` (from `diagnose`) names the mistake when the check recognised it: it ends the
+    message, shown at once. `hint` says where to look next, shown on request (--hint).
+    """
+    got = assert_shape(got, expected.shape, what, why=why_shape, hint=hint, diagnosis=diagnosis)
     if got.dtype == torch.bool or not (got.is_floating_point() or got.is_complex()):
         got = got.to(expected.dtype)
     g, e = got.detach().double().cpu(), expected.detach().double().cpu()
     if not torch.isfinite(g).all() and torch.isfinite(e).all():
         bad = tuple((~torch.isfinite(g)).nonzero()[0].tolist())
-        raise GradingFailure(
+        raise _failure(
             f"{what} contains {fmt(g[bad].item())} at index {bad}, where the reference is "
             f"finite ({fmt(e[bad].item())}). NaN usually comes from 0/0 or a softmax over a row "
             "of -inf; inf from a division by zero or an overflow.",
             hint,
+            diagnosis,
         )
     close = torch.isclose(g, e, atol=atol, rtol=rtol, equal_nan=True)
     if close.all():
@@ -297,14 +323,22 @@ def assert_close(
             f"reference. The largest difference is at index {worst}: expected "
             f"{fmt(e[worst].item())}, got {fmt(g[worst].item())}."
         )
-    raise GradingFailure(message, hint)
+    raise _failure(message, hint, diagnosis)
 
 
-def assert_equal(got, expected: torch.Tensor, what: str, hint: str | None = None, why_shape=""):
+def assert_equal(
+    got,
+    expected: torch.Tensor,
+    what: str,
+    hint: str | None = None,
+    why_shape: str = "",
+    diagnosis: str | None = None,
+):
     """Exact match, dtype included: for masks (bool) and integer results."""
-    got = assert_shape(got, expected.shape, what, why=why_shape, hint=hint)
+    got = assert_shape(got, expected.shape, what, why=why_shape, hint=hint, diagnosis=diagnosis)
     if got.dtype != expected.dtype:
-        raise GradingFailure(f"{what} has dtype {got.dtype}, expected {expected.dtype}.", hint)
+        message = f"{what} has dtype {got.dtype}, expected {expected.dtype}."
+        raise _failure(message, hint, diagnosis)
     if not torch.equal(got, expected):
         wrong = (got != expected).nonzero()[0].tolist()
         message = f"{what} is wrong at index {tuple(wrong)}"
@@ -317,27 +351,27 @@ def assert_equal(got, expected: torch.Tensor, what: str, hint: str | None = None
             message += (
                 f": expected {expected[tuple(wrong)].item()}, got {got[tuple(wrong)].item()}."
             )
-        raise GradingFailure(message, hint)
+        raise _failure(message, hint, diagnosis)
     return got
 
 
-def diagnose(
-    got, mistakes: dict[str, torch.Tensor | None], default: str | None = None
-) -> str | None:
-    """The hint of the first known mistake that `got` reproduces, else `default`.
+def diagnose(got, mistakes: dict[str, torch.Tensor | None]) -> str | None:
+    """The diagnosis of the first known mistake that `got` reproduces, else None.
 
-    `mistakes` maps a hint ("It looks like you forgot to divide by u·u ...") to what that
-    mistake would return on the same inputs, so the message can name the mistake exactly.
+    `mistakes` maps a diagnosis ("It looks like you forgot to divide by u·u: ...") to what that
+    mistake would return on the same inputs, so the message can name the mistake exactly. Pass
+    it as `diagnosis=` to the assert_* helpers: it is shown at once, with the failure. Say what
+    is wrong and why; leave the fix to the learner.
     """
     if isinstance(got, torch.Tensor):
-        for hint, wrong in mistakes.items():
+        for diagnosis, wrong in mistakes.items():
             if wrong is None or tuple(got.shape) != tuple(wrong.shape):
                 continue
             with contextlib.suppress(RuntimeError, TypeError):
                 g, w = got.detach().double(), wrong.detach().double()
                 if torch.allclose(g, w, 1e-3, 1e-4, equal_nan=True):
-                    return hint
-    return default
+                    return diagnosis
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,9 +387,10 @@ class Result:
     status: str  # pass | fail | todo | error | timeout | crash
     points: int  # earned
     max_points: int
-    message: str = ""  # for you: what was checked, expected vs got, a hint
+    message: str = ""  # for you: what was checked, expected vs got, what is wrong and why
     seconds: float = 0.0
     output: str = ""  # what your code printed while the check ran (the first few KB)
+    hint: str = ""  # where to look next: shown on request (--hint, check(fn, hint=True))
 
     @property
     def passed(self) -> bool:
@@ -470,18 +505,18 @@ class _NotGradable(Exception):
 
 def _execute(
     check_: Check, callables: Sequence, seed: int, run: Callable[..., None] | None = None
-) -> tuple[str, str]:
-    """Run the check right here, on copies; every exception becomes a (status, message)."""
+) -> tuple[str, str, str]:
+    """Run the check right here, on copies; every exception becomes (status, message, hint)."""
     _step.text = ""
     changed: list[str] = []  # what your functions changed in place, one message each
     run = check_.run if run is None else run
+    hint = ""
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             run(*[_on_copies(c, changed) for c in callables])
     except GradingFailure as failure:
-        hint = f"\nHint: {failure.hint}" if failure.hint else ""
-        status, message = FAIL, failure.message + hint
+        status, message, hint = FAIL, failure.message, failure.hint or ""
     except BaseException as exc:  # noqa: BLE001 - the learner's code may raise anything
         if _is_your_ctrl_c(exc):
             raise
@@ -489,14 +524,15 @@ def _execute(
     else:
         status, message = PASS, ""
     if changed:  # reported even if the check caught the InputChanged and went on
-        return FAIL, changed[0]
-    return status, message
+        return FAIL, changed[0], ""
+    return status, message, hint
 
 
 def _run_job(
     check_: Check, resolve: Callable[[], Sequence], seed: int, grader_changes: Callable
 ) -> list:
-    """Find the learner's callables (importing their file), run the check: [status, message].
+    """Find the learner's callables (importing their file), run the check: [status, message]
+    or, for a failure with a hint, [status, message, hint].
 
     This is where the learner's code runs, in the check's child. What the verdict depends on
     (the check's function, `_execute`, `grader_changes` from the snapshot taken before the
@@ -517,11 +553,11 @@ def _run_job(
     changed = grader_changes()
     if changed:
         return [ERROR, _grader_changed_message(changed, "when your file was imported")]
-    status, message = execute(check_, callables, seed, run)
+    status, message, hint = execute(check_, callables, seed, run)
     changed = grader_changes()
     if changed:
         return [ERROR, _grader_changed_message(changed, "while the check ran")]
-    return [status, message]
+    return [status, message, hint] if hint else [status, message]
 
 
 def _run(check_: Check, resolve: Callable[[], Sequence], timeout: float | None, seed: int):
@@ -530,10 +566,12 @@ def _run(check_: Check, resolve: Callable[[], Sequence], timeout: float | None, 
     start = time.perf_counter()
     job = functools.partial(_run_job, check_, resolve, seed, _grader_snapshot())
     outcome = _isolated(job, timeout)
-    status, message = _verdict(outcome, timeout)
+    status, message, hint = _verdict(outcome, timeout)
     points = check_.points if status == PASS else 0  # the parent's own count, never the child's
     seconds = time.perf_counter() - start
-    return Result(check_.name, status, points, check_.points, message, seconds, outcome.output)
+    return Result(
+        check_.name, status, points, check_.points, message, seconds, outcome.output, hint
+    )
 
 
 def run_check(
@@ -718,7 +756,8 @@ def _printed(output: str, what: str, prefix: str = "        ") -> str:
     )
 
 
-def format_result(result: Result, name_width: int = 34) -> str:
+def format_result(result: Result, name_width: int = 34, hints: bool = False) -> str:
+    """One check's line; under a failure, what is wrong (and its hint, if `hints`)."""
     label = STATUS_LABEL[result.status]
     score = f"{result.points}/{result.max_points}"
     line = f"  {label:<7} {result.name:<{name_width}} {score:>5}"
@@ -726,12 +765,21 @@ def format_result(result: Result, name_width: int = 34) -> str:
         line += "   not implemented yet"
     elif not result.passed and result.message:
         line += "\n" + _indent(result.message)
+        if hints and result.hint:
+            line += "\n" + _indent("Hint: " + result.hint)
     if result.output:
         line += "\n" + _printed(result.output, "Your code")
     return line
 
 
-def format_report(report: ChapterReport) -> str:
+def _hints_waiting(results: Sequence[Result]) -> int:
+    """How many failures have a hint not shown yet."""
+    return sum(not r.passed and r.status != TODO and bool(r.hint) for r in results)
+
+
+def format_report(report: ChapterReport, hints: bool = False) -> str:
+    """`minillava grade chNN`: a line per exercise, what is wrong under each failure, a total.
+    With `hints`, each failure's hint under it; without, a line saying how to see them."""
     chapter = report.chapter
     width = max([34] + [len(r.name) for r in report.results])
     lines = [f"Chapter {int(chapter.id[2:])}: {chapter.title}   (grading {report.path})", ""]
@@ -741,9 +789,15 @@ def format_report(report: ChapterReport) -> str:
         lines += [format_result(replace(r, message=""), width) for r in report.results]
         lines += ["", _indent(report.import_error, "  ")]
     else:
-        lines += [format_result(r, width) for r in report.results]
+        lines += [format_result(r, width, hints) for r in report.results]
     total = f"{report.points}/{report.max_points}"
     lines += ["", f"  {'Total':<{width + 8}} {total:>5}"]
+    waiting = _hints_waiting(report.results)
+    if waiting and not hints:
+        lines.append(
+            f"  Stuck? minillava grade {chapter.id} --hint adds a hint under "
+            f"{'the failure' if waiting == 1 else f'each of the {waiting} failures'}."
+        )
     todo = sum(r.status == TODO for r in report.results)
     if report.points == report.max_points:
         lines.append("  All exercises pass. On to the next chapter!")
@@ -808,10 +862,11 @@ def _fresh(fn):
         return fn
 
 
-def check(name_or_fn, *callables, timeout: float | None = None) -> None:
+def check(name_or_fn, *callables, timeout: float | None = None, hint: bool = False) -> None:
     """Grade one exercise inline (in a notebook) and print the result.
 
         check(project_onto_vector)                 # every check of that function
+        check(project_onto_vector, hint=True)      # the same, with a hint under a failure
         check("ch02.attention", my_attention)      # one named check, your own function
 
     A function imported from exercises/ is re-read from disk first, so edits in your editor
@@ -838,9 +893,11 @@ def check(name_or_fn, *callables, timeout: float | None = None) -> None:
         resolve = lambda: [_fresh(f) for f in fns]
     results = [_run(c, resolve, timeout, seed=0) for c in selected]
     width = max(len(r.name) for r in results)
-    print("\n".join(format_result(r, width) for r in results))
+    print("\n".join(format_result(r, width, hint) for r in results))
     if all(r.passed for r in results):
         print("  Well done!")
+    elif _hints_waiting(results) and not hint:
+        print("  Stuck? Run the check again with hint=True for a hint.")
     return None
 
 
@@ -852,7 +909,8 @@ def check(name_or_fn, *callables, timeout: float | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="minillava grade",
-        description="Grade your exercises: one line per exercise, a hint under each failure.",
+        description="Grade your exercises: one line per exercise, what is wrong under each "
+        "failure.",
     )
     parser.add_argument("chapter", help="ch01 (or 01, 1) for one chapter, `all` for a table")
     parser.add_argument(
@@ -860,6 +918,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per exercise (10)"
+    )
+    parser.add_argument(
+        "--hint", action="store_true", help="add a hint under each failure: where to look next"
     )
     parser.add_argument(
         "--strict", action="store_true", help="exit with status 1 unless every exercise passes"
@@ -876,7 +937,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"minillava grade: {exc.args[0]}", file=sys.stderr)
             return 2
         reports = [grade_chapter(chapter, target, args.timeout)]
-        print(format_report(reports[0]))
+        print(format_report(reports[0], hints=args.hint))
     complete = all(r.points == r.max_points for r in reports)
     return 1 if args.strict and not complete else 0
 

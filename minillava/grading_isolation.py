@@ -278,21 +278,27 @@ def _ended_by(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def _verdict(outcome: _Outcome, timeout: float) -> tuple[str, str]:
-    """(status, message) for a check, decided here from what its process sent back."""
+def _verdict(outcome: _Outcome, timeout: float) -> tuple[str, str, str]:
+    """(status, message, hint) for a check, decided here from what its process sent back:
+    [status, message] or [status, message, hint]."""
     if outcome.status == TIMEOUT:
-        return TIMEOUT, " ".join(filter(None, [_timeout_message(timeout), outcome.message]))
+        return TIMEOUT, " ".join(filter(None, [_timeout_message(timeout), outcome.message])), ""
     if outcome.status == CRASH:
-        return CRASH, (
-            f"Your code ended the grading process ({_ended_by(outcome.exit_code)}) before the "
-            "check finished: look for sys.exit(), os._exit() or a crash in a native library."
+        return (
+            CRASH,
+            (
+                f"Your code ended the grading process ({_ended_by(outcome.exit_code)}) before the "
+                "check finished: look for sys.exit(), os._exit() or a crash in a native library."
+            ),
+            "",
         )
     value = outcome.value
     if (
         isinstance(value, list | tuple)
-        and len(value) == 2
+        and len(value) in (2, 3)
         and value[0] in STATUS_LABEL
-        and isinstance(value[1], str)
+        and all(isinstance(v, str) for v in value[1:])
     ):
-        return value[0], value[1][:_MESSAGE_LIMIT]
-    return CRASH, "The check's process sent back something that is not a result."
+        hint = value[2][:_MESSAGE_LIMIT] if len(value) == 3 else ""
+        return value[0], value[1][:_MESSAGE_LIMIT], hint
+    return CRASH, "The check's process sent back something that is not a result.", ""
