@@ -66,3 +66,35 @@ def fit_linear_map(X: Tensor, Y: Tensor) -> Tensor:
     the same matrix X, so you can solve them all at once: (XᵀX) W = Xᵀ Y.
     """
     raise NotImplementedError("fit_linear_map: your code here (chapter 1)")
+
+
+def gram_schmidt(A: Tensor, tol: float = 1e-5) -> Tensor:
+    """Stretch exercise: an orthonormal basis of A's column space, built by Gram-Schmidt.
+
+    A: (m, k) with k <= m. Returns Q (m, k) whose columns q_0, ..., q_{k-1} have length 1, are
+    perpendicular to each other, and such that q_0 .. q_j span the same space as A's first
+    j + 1 columns. Build it column by column with section 2's idea: from column a_j subtract
+    its projections onto q_0 .. q_{j-1}; what remains is perpendicular to all of them; divide
+    it by its length to get q_j. (Each q has length 1, so q·q = 1 and its projection needs no
+    division.) A loop over the columns is expected here.
+
+    Convention, so that the answer is unique: q_j · a_j > 0 (in QR terms, R has a positive
+    diagonal). The construction above gives it by itself; torch.linalg.qr does not promise it.
+
+    Dependent columns: when the remainder of a_j is not longer than tol times |a_j| (a zero
+    column, a combination of earlier columns, more columns than rows), a_j adds no new
+    direction and there is no q_j. Raise a ValueError that names the column by its index,
+    counting from 0, e.g. "column 2 of A depends on the columns before it". Compare with
+    |a_j|, not with a fixed number: in float32 the remainder of a dependent column is rounding
+    noise of about 1e-7 |a_j|, never exactly 0, and multiplying A by 1000 must not change the
+    verdict.
+
+    Why: with orthonormal columns (QᵀQ = I) section 3's projection needs no inverse,
+    P = A (AᵀA)⁻¹ Aᵀ = Q Qᵀ, and least squares becomes a triangular solve, R x̂ = Qᵀ b with
+    R = QᵀA. This is the QR factorisation that torch.linalg.qr and torch.linalg.lstsq compute
+    (with Householder reflections, which stay orthogonal in floating point where Gram-Schmidt
+    slowly drifts), and torch.nn.init.orthogonal_ uses it to start weight matrices orthonormal.
+
+    Example: A = [[3., 3.], [4., 4.], [0., 2.]] -> Q = [[0.6, 0.], [0.8, 0.], [0., 1.]]
+    """
+    raise NotImplementedError("gram_schmidt: your code here (chapter 1, stretch)")

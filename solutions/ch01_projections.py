@@ -30,3 +30,27 @@ def least_squares(A: Tensor, b: Tensor) -> Tensor:
 def fit_linear_map(X: Tensor, Y: Tensor) -> Tensor:
     """Solve (XᵀX) W = Xᵀ Y: one least-squares problem per column of Y."""
     return torch.linalg.solve(X.T @ X, X.T @ Y)
+
+
+def gram_schmidt(A: Tensor, tol: float = 1e-5) -> Tensor:
+    """Q (m, k) with orthonormal columns, q_j · a_j > 0: subtract projections, then normalise."""
+    qs = []
+    for j in range(A.shape[1]):
+        a = A[:, j]
+        remainder = a
+        for q in qs:
+            # q has length 1, so its projection is one dot product times q. Projecting the
+            # current remainder (not a) gives the same result in exact arithmetic and loses
+            # less orthogonality to rounding ("modified" Gram-Schmidt).
+            remainder = remainder - (remainder @ q) * q
+        length = remainder.norm()
+        if length <= tol * a.norm():
+            raise ValueError(
+                f"column {j} of A depends on the columns before it: its remainder after the "
+                f"projections has length {length.item():.3g}, against {a.norm().item():.3g} "
+                "for the column itself"
+            )
+        qs.append(remainder / length)
+    if not qs:
+        return A.new_zeros(A.shape[0], 0)
+    return torch.stack(qs, dim=1)

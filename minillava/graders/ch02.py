@@ -36,23 +36,24 @@ def check_causal_mask(causal_mask):
         step(f"calling causal_mask({T})")
         got = causal_mask(T)
         expected = ref.causal_mask(T)
-        hint = diagnose(
+        diagnosis = diagnose(
             got.to(torch.bool) if isinstance(got, torch.Tensor) else got,
             {
-                "Each token must see itself: keep the diagonal (torch.tril(..., diagonal=0)).": (
-                    expected.tril(-1)
-                ),
-                "True must mean 'may attend' and lie on and *below* the diagonal (the past): "
-                "you built the upper triangle (the future).": expected.T,
-                "The mask is inverted: True must mean 'may attend' (key j <= query i).": ~expected,
+                "Your diagonal is False, but each token must see itself: query i may attend to "
+                "key i.": expected.tril(-1),
+                "You built the upper triangle, the future: True must mean 'may attend', which "
+                "is on and below the diagonal, the past.": expected.T,
+                "Your mask is inverted: it is True exactly where attention is forbidden, and "
+                "True must mean 'may attend'.": ~expected,
             },
-            "mask[i, j] is True when j <= i: torch.ones(T, T, dtype=torch.bool).tril().",
         )
         assert_equal(
             got,
             expected,
             f"causal_mask({T})",
-            hint=hint,
+            diagnosis=diagnosis,
+            hint="Row i is query i, column j is key j. A query may attend to its own position "
+            "and every earlier one: the lower triangle, diagonal included, as booleans.",
             why_shape="one row per query and one column per key",
         )
 
@@ -67,7 +68,10 @@ def _reference(q, k, v, mask=None):
 def _unpack(result, what: str):
     if not (isinstance(result, tuple) and len(result) == 2):
         got = f"a tuple of {len(result)}" if isinstance(result, tuple) else type(result).__name__
-        raise GradingFailure(f"{what} should return a pair (output, weights), got {got}.")
+        raise GradingFailure(
+            f"{what} should return a pair (output, weights), got {got}.",
+            "Return both: the output first, then the weights it was averaged with.",
+        )
     out, weights = result
     return assert_tensor(out, f"{what}[0] (output)"), assert_tensor(weights, f"{what}[1] (weights)")
 
@@ -81,26 +85,29 @@ def _weights_mistakes(q, k, mask=None) -> dict:
         return s if mask is None else s.masked_fill(~mask, float("-inf"))
 
     mistakes = {
-        "Divide the scores by sqrt(D), the square root of the head size: without it large "
-        "dot products saturate the softmax.": masked(scores).softmax(-1),
-        "Divide by sqrt(D), not by D.": masked(scores / d).softmax(-1),
-        "Softmax over the keys (dim=-1): each query's weights must sum to 1. You normalised "
-        "over the queries.": masked(scores / math.sqrt(d)).softmax(-2),
+        "It looks like the scores were not divided by the square root of the head size D: "
+        "large dot products then saturate the softmax, and one key takes almost all the "
+        "weight.": masked(scores).softmax(-1),
+        "It looks like you divided the scores by D, not by the square root of D: the weights "
+        "come out too flat.": masked(scores / d).softmax(-1),
+        "It looks like the softmax ran over the queries: each query's weights, one row over "
+        "the keys, must sum to 1.": masked(scores / math.sqrt(d)).softmax(-2),
     }
     if mask is not None:
         plain = (scores / math.sqrt(d)).softmax(-1)
         mistakes.update(
             {
-                "The mask is not applied: set the masked scores to -inf before the softmax.": plain,
-                "The mask is inverted: True means 'may attend', so fill where the mask is "
-                "False (~mask).": (scores / math.sqrt(d))
+                "The mask is not applied: masked keys still get weight.": plain,
+                "The mask is inverted: True means 'may attend', and your weights go to exactly "
+                "the keys the mask hides.": (scores / math.sqrt(d))
                 .masked_fill(mask, float("-inf"))
                 .softmax(-1),
-                "Fill masked scores with -inf, not 0: exp(0) = 1 still gives them weight.": (
+                "It looks like you set masked scores to 0 rather than to minus infinity: the "
+                "exponential of 0 is 1, so masked keys still get weight.": (
                     (scores / math.sqrt(d)).masked_fill(~mask, 0.0).softmax(-1)
                 ),
-                "Mask the scores before the softmax; zeroing weights afterwards leaves rows "
-                "that no longer sum to 1.": plain * mask,
+                "It looks like you zeroed the weights after the softmax: masked keys get 0, but "
+                "the rows no longer sum to 1.": plain * mask,
             }
         )
     return mistakes
@@ -118,21 +125,27 @@ def _check_attention_call(fn, q, k, v, mask, label: str) -> None:
         weights_ref,
         f"The attention weights of {what}",
         why_shape="one weight per (query, key) pair: (..., Tq, Tk)",
-        hint=diagnose(weights, mistakes, "weights = softmax(q @ kᵀ / sqrt(D)), masked first."),
+        diagnosis=diagnose(weights, mistakes),
+        hint="The scores are the dot products of each query with each key, divided by the "
+        "square root of the head size; masked scores become minus infinity; a softmax over the "
+        "keys, the last dimension, turns each row into weights.",
     )
     assert_close(
         out,
         fused,
         f"The output of {what} (compared with F.scaled_dot_product_attention)",
         why_shape="one output per query, as wide as the values: (..., Tq, Dv)",
-        hint="output = weights @ v: each query's output is a weighted average of the values.",
+        hint="Each query's output is the average of the values, weighted by that query's row "
+        "of weights: one matrix product of the weights with v.",
     )
     step(f"back-propagating through {what}")
     grad_out = torch.randn_like(out_ref)
     if not out.requires_grad:
         raise GradingFailure(
             f"The output of {what} is not connected to q, k, v for autograd: no gradient can "
-            "flow. Avoid .detach(), .numpy(), .item() and torch.no_grad() in the computation."
+            "flow. Something in the computation left autograd: a detach, a trip through numpy "
+            "or a Python number, or a no-grad block.",
+            "Build the output from differentiable torch operations on q, k and v themselves.",
         )
     (out * grad_out).sum().backward()
     q2, k2, v2 = (t.clone().requires_grad_(True) for t in (q, k, v))
@@ -180,7 +193,8 @@ def check_attention_masks(scaled_dot_product_attention):
         raise GradingFailure(
             "With a causal mask, query i must give weight 0 to every key j > i, but a future "
             f"key got weight {future.abs().max().item():.3g}.",
-            "Set masked scores to -inf before the softmax: exp(-inf) = 0.",
+            "Masked scores must be minus infinity before the softmax: the exponential of "
+            "minus infinity is exactly 0.",
         )
     step("changing only the last token's key and value under a causal mask")
     k2, v2 = k.clone(), v.clone()
@@ -194,7 +208,8 @@ def check_attention_masks(scaled_dot_product_attention):
         raise GradingFailure(
             f"With a causal mask, the output at position {first} changed when only the key and "
             f"value of the last position ({T - 1}) changed: the future leaks into the past.",
-            "Apply the mask to the scores: masked_fill(~mask, float('-inf')).",
+            "Apply the mask to the scores, before the softmax, where it is False: then no "
+            "query reads a later key or value.",
         )
     lengths = torch.tensor([5, 3])  # the second sequence has 2 padding tokens at the end
     padding = (torch.arange(T)[None, :] < lengths[:, None]).long()  # (B, T) 1 = real token
@@ -215,21 +230,26 @@ def check_split_heads(split_heads):
     step("calling split_heads(x, num_heads=3) with x of shape (2, 5, 12)")
     got = split_heads(x, 3)
     expected = rearrange(x, "b t (h d) -> b h t d", h=3)
+    interleaved = rearrange(x, "b t (d h) -> b h t d", h=3)  # head h: channels h, h + H, ...
     assert_close(
         got,
         expected,
         "split_heads(x (2, 5, 12), num_heads=3)",
         why_shape="(B, H, T, D) = (2, 3, 5, 4) with D = C / H = 12 / 3",
-        hint=diagnose(
+        diagnosis=diagnose(
             got,
             {
-                "x.view(B, H, T, D) cuts the sequence, not the channels, so tokens get mixed: "
-                "view(B, T, H, D) first, then .transpose(1, 2).": x.reshape(2, 3, 5, 4),
-                "Head h must take channels h*D..(h+1)*D-1, the contiguous block: reshape to "
-                "(B, T, H, D), not (B, T, D, H).": rearrange(x, "b t (d h) -> b h t d", h=3),
+                "It looks like you reshaped straight to (B, H, T, D): that cuts the sequence, "
+                "not the channels, so each head mixes pieces of different tokens.": x.reshape(
+                    2, 3, 5, 4
+                ),
+                "Your heads take every H-th channel: head h must take the h-th contiguous block "
+                "of D channels of each token.": interleaved,
             },
-            "out[b, h, t] = x[b, t, h*D:(h+1)*D]: view(B, T, H, D), then transpose(1, 2).",
         ),
+        hint="Head h takes the h-th contiguous block of D channels of every token. Cut each "
+        "token's channels into H blocks of D first, giving (B, T, H, D), then swap the time "
+        "and head axes.",
     )
 
 
@@ -244,16 +264,16 @@ def check_merge_heads(merge_heads):
         rearrange(x, "b h t d -> b t (h d)"),
         "merge_heads(x (2, 3, 5, 4))",
         why_shape="(B, T, H * D) = (2, 5, 12)",
-        hint=diagnose(
+        diagnosis=diagnose(
             got,
             {
-                "Reshaping (B, H, T, D) straight to (B, T, H*D) mixes tokens of different "
-                "heads: transpose(1, 2) first (to (B, T, H, D)), then reshape.": x.reshape(
-                    2, 5, 12
-                ),
+                "It looks like you reshaped (B, H, T, D) straight to (B, T, H·D): that mixes "
+                "tokens of different heads, because the heads still come before time in "
+                "memory.": x.reshape(2, 5, 12),
             },
-            "Undo split_heads: x.transpose(1, 2).reshape(B, T, H * D).",
         ),
+        hint="Undo the split in reverse order: bring the time axis back in front of the heads, "
+        "giving (B, T, H, D), then join each token's H blocks of D channels into one row.",
     )
     step("merging heads that were split by the reference")
     y = torch.randn(3, 4, 16)
@@ -261,6 +281,8 @@ def check_merge_heads(merge_heads):
         merge_heads(rearrange(y, "b t (h d) -> b h t d", h=4)),
         y,
         "merge_heads(split(y)) (should give y back)",
+        hint="Merging must exactly undo the split: head h's D channels go back to the h-th "
+        "block of each token.",
     )
 
 
@@ -282,22 +304,26 @@ def _mha_mistakes(module: nn.Module, x: torch.Tensor, mask=None) -> dict:
     heads = rearrange(ref.manual_attention(*scrambled, mask=mask)[0], "b h t d -> b t (h d)")
     single = ref.manual_attention(q, k, v, mask=mask)[0]
     return {
-        "The output must go through self.out_proj after the heads are merged.": rearrange(
+        "The merged heads skip the output projection: the result must go through out_proj "
+        "after the heads are merged.": rearrange(
             ref.manual_attention(
                 *(rearrange(t, "b t (h d) -> b h t d", h=h) for t in (q, k, v)), mask=mask
             )[0],
             "b h t d -> b t (h d)",
         ),
-        "Split the heads with split_heads (view(B, T, H, D).transpose(1, 2)); reshaping "
-        "straight to (B, H, T, D) mixes tokens.": module.out_proj(heads),
-        "Split q, k and v into num_heads heads: this is one big head.": module.out_proj(single),
-        "The mask must be passed on to the attention.": _reference_mha(module, x, None)
+        "It looks like q, k and v were reshaped straight to (B, H, T, D): that mixes "
+        "tokens, where splitting into heads cuts each token's channels.": module.out_proj(heads),
+        "It looks like q, k and v were not split into heads: this is one big head, not "
+        "num_heads small ones.": module.out_proj(single),
+        "The mask was not passed on to the attention: positions see what the mask hides.": (
+            _reference_mha(module, x, None)
+        )
         if mask is not None
         else None,
     }
 
 
-def _compare_modules(mine: nn.Module, x, mask, expected, what, mistakes, default_hint):
+def _compare_modules(mine: nn.Module, x, mask, expected, what, mistakes, hint):
     step(f"calling {what}")
     xg = x.clone().requires_grad_(True)
     got = mine(xg, mask) if mask is not None else mine(xg)
@@ -306,7 +332,8 @@ def _compare_modules(mine: nn.Module, x, mask, expected, what, mistakes, default
         expected,
         what,
         why_shape="the output has the input's shape (B, T, C)",
-        hint=diagnose(got, mistakes, default_hint),
+        diagnosis=diagnose(got, mistakes),
+        hint=hint,
         atol=1e-5,
     )
     step(f"back-propagating through {what}")
@@ -321,7 +348,10 @@ def check_multi_head_attention(MultiHeadAttention):
     step("building MultiHeadAttention(hidden_size=16, num_heads=4)")
     mha = MultiHeadAttention(16, 4)
     if not hasattr(mha, "num_heads"):
-        raise GradingFailure("MultiHeadAttention lost its num_heads attribute (keep __init__).")
+        raise GradingFailure(
+            "MultiHeadAttention lost its num_heads attribute, which the given constructor sets.",
+            "Keep the constructor as it was given and write only the forward pass.",
+        )
     x, T = torch.randn(2, 6, 16), 6
     for mask, label in ((None, "no mask"), (ref.causal_mask(T), "a causal mask (6, 6)")):
         expected = _reference_mha(mha, x, mask)
@@ -332,8 +362,8 @@ def check_multi_head_attention(MultiHeadAttention):
             expected,
             f"MultiHeadAttention(16, 4) on x (2, 6, 16) with {label}",
             _mha_mistakes(mha, x, mask),
-            "q, k, v = split_heads(self.q_proj(x), H), ...; attend; "
-            "self.out_proj(merge_heads(out)).",
+            "Project x to queries, keys and values, split each into heads, attend with the "
+            "mask, merge the heads, then apply the output projection.",
         )
         grad_out = torch.randn_like(expected)
         mha.zero_grad()
@@ -384,21 +414,22 @@ def check_pre_norm_block(PreNormBlock):
             n1, n2 = block.norm1, block.norm2
             attn_out = block.attn(n1(x), mask)
             mistakes = {
-                "This is a post-norm block (norm after the residual add). Pre-norm normalises "
-                "inside each branch: x = x + attn(norm1(x)).": n2(
+                "This is a post-norm block, with the norm after the residual add: pre-norm "
+                "normalises only inside each branch, never the residual stream.": n2(
                     n1(x + block.attn(x, mask)) + block.mlp(n1(x + block.attn(x, mask)))
                 ),
-                "Add the residual: x = x + attn(norm1(x)), then x = x + mlp(norm2(x)).": block.mlp(
-                    n2(attn_out)
-                ),
-                "The residual must add the un-normalised x: x = x + attn(norm1(x)), not "
-                "h = norm1(x); h + attn(h).": (lambda h: h + block.mlp(n2(h)))(n1(x) + attn_out),
-                "Use norm2 before the MLP (the attention branch has norm1).": (
+                "The residual additions are missing: each branch's output must be added to "
+                "the input of that branch.": block.mlp(n2(attn_out)),
+                "Your residual stream carries the normalised x: the stream must carry the "
+                "un-normalised x, and only the branch sees the norm.": (
+                    lambda h: h + block.mlp(n2(h))
+                )(n1(x) + attn_out),
+                "The MLP branch used norm1, the attention's norm: it has its own, norm2.": (
                     lambda h: h + block.mlp(n1(h))
                 )(x + attn_out),
-                "Pass the mask on to self.attn.": (lambda h: h + block.mlp(n2(h)))(
-                    x + block.attn(n1(x), None)
-                )
+                "The mask was not passed on to the attention: positions see what the mask hides.": (
+                    lambda h: h + block.mlp(n2(h))
+                )(x + block.attn(n1(x), None))
                 if mask is not None
                 else None,
             }
@@ -409,7 +440,8 @@ def check_pre_norm_block(PreNormBlock):
             expected,
             f"PreNormBlock(16, 4, 32) on x (2, 6, 16) with {label}",
             mistakes,
-            "x = x + self.attn(self.norm1(x), mask); x = x + self.mlp(self.norm2(x)).",
+            "Two residual branches in turn: add to x the attention of the first norm of x "
+            "(with the mask), then add to the result the MLP of its second norm.",
         )
         grad_out = torch.randn_like(expected)
         (got * grad_out).sum().backward()
@@ -419,7 +451,7 @@ def check_pre_norm_block(PreNormBlock):
             xg.grad,
             x2.grad,
             f"The gradient with respect to x of the block ({label})",
-            hint="Gradients flow through the residual additions: avoid in-place edits of x.",
+            hint="Gradients flow through the residual additions: avoid changing x in place.",
         )
 
 
@@ -443,18 +475,19 @@ def check_grouped_query_attention(grouped_query_attention):
             expected,
             f"grouped_query_attention, {H} query heads over {H_kv} key/value heads",
             why_shape=f"one output per query head: (B, H, T, D) = (2, {H}, 5, 8)",
-            hint=diagnose(
+            diagnosis=diagnose(
                 got,
                 {
                     "Query head 1 read key/value head 1, not 0: the copies of a key/value head "
-                    "must sit next to each other (heads 0..g-1 share kv head 0), and yours "
-                    "take turns round the kv heads.": tiled,
+                    "must sit next to each other (the first H / H_kv query heads share key/value "
+                    "head 0), and yours take turns round the key/value heads.": tiled,
                     "The mask was not applied: a position sees the future.": ref.attention(
                         q, repeat_kv(k, group), repeat_kv(v, group)
                     ),
                 },
-                "Each group of g = H / H_kv consecutive query heads shares one key/value head.",
             ),
+            hint="The H query heads come in H_kv groups of consecutive heads, H / H_kv in each; "
+            "every query head of a group reads the same key/value head.",
         )
     step("calling it with 6 query heads over 4 key/value heads (4 does not divide 6)")
     try:

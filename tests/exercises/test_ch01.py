@@ -37,7 +37,7 @@ def returns_list(v, u):
     "wrong, mentions",
     [
         (no_division, ["divide by u·u", "expected [2., 0.]", "got      [32.,  0.]"]),
-        (divides_by_norm, ["not by |u|"]),
+        (divides_by_norm, ["divided by |u| rather than by u·u"]),
         (onto_v_instead, ["projected u onto v"]),
         (keeps_dim, ["shape (1, 2), expected (2,)", "dimensions of size 1"]),
         (returns_list, ["returned a list, expected a torch.Tensor"]),
@@ -59,7 +59,12 @@ def transposed_formula(A):
 
 
 def test_projection_matrix_rejects(rejects):
-    rejects("ch01.projection_matrix", forgets_inverse, mentions=["(AᵀA)⁻¹", "orthonormal"])
+    rejects(
+        "ch01.projection_matrix",
+        forgets_inverse,
+        mentions=["Your P is A Aᵀ", "orthonormal"],
+        hint_mentions=["inverse of the k x k Gram matrix AᵀA"],
+    )
     rejects(
         "ch01.projection_matrix",
         transposed_formula,
@@ -98,9 +103,24 @@ def elementwise(P, atol=1e-5):
 
 
 def test_projection_properties_rejects(rejects):
-    rejects("ch01.projection_properties", exact_comparison, mentions=["with a tolerance", "atol"])
-    rejects("ch01.projection_properties", idempotent_means_identity, mentions=["not P @ P ≈ I"])
-    rejects("ch01.projection_properties", ignores_atol, mentions=["atol=1e-2", "atol argument"])
+    rejects(
+        "ch01.projection_properties",
+        exact_comparison,
+        mentions=["should be True, got False", "within atol = 1e-05"],
+        hint_mentions=["up to a tolerance", "exact comparison is too strict"],
+    )
+    rejects(
+        "ch01.projection_properties",
+        idempotent_means_identity,
+        mentions=["idempotent should be True", "within atol"],
+        hint_mentions=["P times P is P again (not the identity)"],
+    )
+    rejects(
+        "ch01.projection_properties",
+        ignores_atol,
+        mentions=["atol=1e-2", "within atol = 0.01"],
+        hint_mentions=["atol argument"],
+    )
     rejects("ch01.projection_properties", returns_tuple, mentions=["dict", "got tuple"])
     rejects("ch01.projection_properties", elementwise, mentions=["single True/False"])
 
@@ -117,7 +137,12 @@ def wrong_system(A, b):
 
 
 def test_least_squares_rejects(rejects):
-    rejects("ch01.least_squares", only_right_hand_side, mentions=["solve (AᵀA) x = Aᵀ b"])
+    rejects(
+        "ch01.least_squares",
+        only_right_hand_side,
+        mentions=["Your x is Aᵀ b", "right-hand side of the normal equations"],
+        hint_mentions=["perpendicular to every column of A"],
+    )
     result = rejects("ch01.least_squares", wrong_system, mentions=["Your code raised"])
     # The learner's own line is quoted, with its file.
     assert "return torch.linalg.solve(A.T @ A, b)" in result.message
@@ -147,7 +172,12 @@ def test_fit_linear_map_rejects(rejects):
         mentions=["shape (4, 3), expected (3, 4)", "transposed", "d_in = 3"],
     )
     rejects("ch01.fit_linear_map", fits_y_to_x, mentions=["expected (3, 4)"])
-    rejects("ch01.fit_linear_map", one_gradient_step, mentions=["(XᵀX) W = Xᵀ Y"])
+    rejects(
+        "ch01.fit_linear_map",
+        one_gradient_step,
+        mentions=["is wrong", "W_true itself is the answer"],
+        hint_mentions=["least squares once per output column"],
+    )
 
 
 def test_noisy_fit_reports_the_gradient(rejects):
@@ -155,7 +185,12 @@ def test_noisy_fit_reports_the_gradient(rejects):
         W = torch.linalg.solve(X.T @ X, X.T @ Y)
         return W if torch.allclose(X @ W, Y, atol=1e-4) else 0.9 * W
 
-    rejects("ch01.fit_linear_map", exact_only, mentions=["gradient of ||XW - Y||² is zero"])
+    rejects(
+        "ch01.fit_linear_map",
+        exact_only,
+        mentions=["gradient of the squared error is zero", "at yours its largest entry"],
+        hint_mentions=["normal equations"],
+    )
 
 
 # --- the library agrees with the solutions --------------------------------------------------
@@ -174,3 +209,140 @@ def test_library_agrees_with_solutions():
     torch.testing.assert_close(projector.fit_linear_map(X, Y), solution.fit_linear_map(X, Y))
     for P in (projector.projection_matrix(A), torch.randn(4, 4), 2 * torch.eye(3)):
         assert projector.projection_properties(P) == solution.projection_properties(P)
+
+
+# --- gram_schmidt (stretch) -------------------------------------------------------------------
+
+
+def _columns(A):
+    return [A[:, j] for j in range(A.shape[1])]
+
+
+def gs_not_normalised(A, tol=1e-5):
+    remainders = []
+    for j, a in enumerate(_columns(A)):
+        r = a
+        for p in remainders:
+            r = r - (a @ p) / (p @ p) * p
+        if r.norm() <= tol * a.norm():
+            raise ValueError(f"column {j} depends on the columns before it")
+        remainders.append(r)  # perpendicular to the others, but never divided by its length
+    return torch.stack(remainders, dim=1)
+
+
+def gs_original_columns(A, tol=1e-5):
+    qs = []
+    for j, a in enumerate(_columns(A)):
+        r = a
+        for i in range(j):  # projections onto A's columns, not onto the q's
+            r = r - (a @ A[:, i]) / (A[:, i] @ A[:, i]) * A[:, i]
+        if r.norm() <= tol * a.norm():
+            raise ValueError(f"column {j} depends on the columns before it")
+        qs.append(r / r.norm())
+    return torch.stack(qs, dim=1)
+
+
+def gs_normalised_first(A, tol=1e-5):
+    qs = []
+    for j, a in enumerate(_columns(A)):
+        r = a / a.norm()  # length 1 now, shorter after the subtractions
+        for q in qs:
+            r = r - (r @ q) * q
+        if r.norm() <= tol:
+            raise ValueError(f"column {j} depends on the columns before it")
+        qs.append(r)
+    return torch.stack(qs, dim=1)
+
+
+def gs_never_raises(A, tol=1e-5):
+    qs = []
+    for a in _columns(A):
+        r = a
+        for q in qs:
+            r = r - (r @ q) * q
+        qs.append(r / r.norm())  # rounding noise blown up to length 1
+    return torch.stack(qs, dim=1)
+
+
+def gs_fixed_threshold(A, tol=1e-5):
+    qs = []
+    for j, a in enumerate(_columns(A)):
+        r = a
+        for q in qs:
+            r = r - (r @ q) * q
+        if r.norm() <= tol:  # not relative to the column's length
+            raise ValueError(f"column {j} depends on the columns before it")
+        qs.append(r / r.norm())
+    return torch.stack(qs, dim=1)
+
+
+def gs_counts_from_one(A, tol=1e-5):
+    for j in range(A.shape[1]):
+        try:
+            solution.gram_schmidt(A[:, : j + 1], tol)
+        except ValueError:
+            raise ValueError(f"column {j + 1} depends on the columns before it") from None
+    return solution.gram_schmidt(A, tol)
+
+
+def gs_library_qr(A, tol=1e-5):
+    return torch.linalg.qr(A).Q  # the right space, signs as LAPACK leaves them
+
+
+@pytest.mark.parametrize(
+    "wrong, mentions, hint_mentions",
+    [
+        (
+            gs_not_normalised,
+            ["[[3., 0.]", "never divided by their length"],
+            ["scale what remains to length 1"],
+        ),
+        (
+            gs_original_columns,
+            ["random A (6, 4)", "onto A's own columns rather than onto the q's"],
+            ["every q found so far"],
+        ),
+        (
+            gs_normalised_first,
+            ["only the first has length 1", "normalised each column before subtracting"],
+            ["scale what remains"],
+        ),
+        (
+            gs_never_raises,
+            ["should raise a ValueError naming column 2", "rounding noise"],
+            ["compare that length with the length of the column"],
+        ),
+        (
+            gs_fixed_threshold,
+            ["gram_schmidt(1e-06 A) raised ValueError", "compared with a fixed length"],
+            ["not with a fixed number"],
+        ),
+        (gs_counts_from_one, ["which does not name column 2"], ["counting from 0"]),
+        (gs_library_qr, ["right up to sign", "positive dot product"], []),
+    ],
+    ids=[
+        "not_normalised",
+        "original_columns",
+        "normalised_first",
+        "never_raises",
+        "fixed_threshold",
+        "counts_from_one",
+        "library_qr",
+    ],
+)
+def test_gram_schmidt_rejects(rejects, wrong, mentions, hint_mentions):
+    rejects("ch01.gram_schmidt", wrong, mentions=mentions, hint_mentions=hint_mentions)
+
+
+def test_gram_schmidt_agrees_with_the_projection_matrix_and_qr():
+    """Q Qᵀ is the library's projection matrix, and Q is QR's Q with R's diagonal positive."""
+    torch.manual_seed(0)
+    A = torch.randn(7, 3, dtype=torch.float64)
+    Q = solution.gram_schmidt(A)
+    torch.testing.assert_close(Q @ Q.T, projector.projection_matrix(A))
+    torch.testing.assert_close(Q.T @ Q, torch.eye(3, dtype=torch.float64))
+    Q_qr, R = torch.linalg.qr(A)
+    torch.testing.assert_close(Q, Q_qr * torch.sign(R.diagonal()))
+    A[:, 2] = A[:, 0] - A[:, 1]
+    with pytest.raises(ValueError, match="column 2"):
+        solution.gram_schmidt(A)

@@ -23,14 +23,19 @@ from solutions.ch02_attention import merge_heads, split_heads
     [
         (lambda T: torch.ones(T, T, dtype=torch.bool).tril(-1), ["see itself", "diagonal"]),
         (lambda T: torch.ones(T, T, dtype=torch.bool).triu(), ["upper triangle", "future"]),
-        (lambda T: ~torch.ones(T, T, dtype=torch.bool).tril(), ["inverted"]),
+        (lambda T: ~torch.ones(T, T, dtype=torch.bool).tril(), ["inverted", "forbidden"]),
         (lambda T: torch.ones(T, T).tril(), ["dtype torch.float32, expected torch.bool"]),
     ],
     ids=["off_by_one", "future", "inverted", "float"],
 )
 def test_causal_mask_rejects(rejects, wrong, mentions):
     wrong.__name__ = "causal_mask"
-    rejects("ch02.causal_mask", wrong, mentions=mentions)
+    rejects(
+        "ch02.causal_mask",
+        wrong,
+        mentions=mentions,
+        hint_mentions=["lower triangle", "diagonal included", "booleans"],
+    )
 
 
 # --- scaled_dot_product_attention -----------------------------------------------------------
@@ -58,28 +63,41 @@ def make_attention(scale="sqrt", softmax_dim=-1, mask_mode="fill"):
 @pytest.mark.parametrize(
     "wrong, mentions",
     [
-        (make_attention(scale="none"), ["sqrt(D)", "attention weights", "saturate"]),
-        (make_attention(scale="d"), ["not by D"]),
-        (make_attention(softmax_dim=-2), ["over the keys (dim=-1)"]),
+        (
+            make_attention(scale="none"),
+            ["attention weights", "not divided by the square root", "saturate"],
+        ),
+        (make_attention(scale="d"), ["by D, not by the square root of D", "too flat"]),
+        (make_attention(softmax_dim=-2), ["softmax ran over the queries", "sum to 1"]),
     ],
     ids=["no_scaling", "scale_by_d", "softmax_wrong_axis"],
 )
 def test_attention_rejects(rejects, wrong, mentions):
-    rejects("ch02.attention", wrong, mentions=mentions)
+    rejects(
+        "ch02.attention",
+        wrong,
+        mentions=mentions,
+        hint_mentions=["square root of the head size", "over the keys, the last dimension"],
+    )
 
 
 @pytest.mark.parametrize(
     "wrong, mentions",
     [
-        (make_attention(mask_mode="ignore"), ["not applied"]),
-        (make_attention(mask_mode="inverted"), ["mask is inverted"]),
-        (make_attention(mask_mode="zero"), ["with -inf, not 0"]),
-        (make_attention(mask_mode="after"), ["before the softmax", "sum to 1"]),
+        (make_attention(mask_mode="ignore"), ["not applied", "still get weight"]),
+        (make_attention(mask_mode="inverted"), ["mask is inverted", "keys the mask hides"]),
+        (make_attention(mask_mode="zero"), ["to 0 rather than to minus infinity"]),
+        (make_attention(mask_mode="after"), ["zeroed the weights after the softmax", "sum to 1"]),
     ],
     ids=["mask_ignored", "mask_inverted", "fill_zero", "mask_after_softmax"],
 )
 def test_attention_masks_rejects(rejects, wrong, mentions):
-    rejects("ch02.attention_masks", wrong, mentions=mentions)
+    rejects(
+        "ch02.attention_masks",
+        wrong,
+        mentions=mentions,
+        hint_mentions=["masked scores become minus infinity"],
+    )
     # ... and the unmasked check does not blame the learner for the mask.
     assert solution_like(wrong)
 
@@ -110,7 +128,12 @@ def test_attention_rejects_other_mistakes(rejects):
     result = rejects("ch02.attention", four_dims_only, mentions=["Your code raised"])
     assert "scores = q @ k.transpose(2, 3)" in result.message
     assert "no head dim" in result.message  # what was being checked
-    rejects("ch02.attention", detached, mentions=["autograd", ".detach()"])
+    rejects(
+        "ch02.attention",
+        detached,
+        mentions=["not connected to q, k, v for autograd", "a detach"],
+        hint_mentions=["differentiable"],
+    )
 
 
 # --- split_heads / merge_heads --------------------------------------------------------------
@@ -126,19 +149,40 @@ def split_heads_no_transpose(x, num_heads):
     return x.view(B, T, num_heads, C // num_heads)
 
 
+def split_heads_interleaved(x, num_heads):
+    B, T, C = x.shape
+    return x.view(B, T, C // num_heads, num_heads).permute(0, 3, 1, 2)  # head h: every H-th
+
+
 def merge_heads_no_transpose(x):
     B, H, T, D = x.shape
     return x.reshape(B, T, H * D)
 
 
 def test_head_reshapes_reject(rejects):
-    rejects("ch02.split_heads", split_heads_view, mentions=["cuts the sequence", "transpose(1, 2)"])
+    rejects(
+        "ch02.split_heads",
+        split_heads_view,
+        mentions=["reshaped straight to (B, H, T, D)", "cuts the sequence"],
+        hint_mentions=["contiguous block", "swap the time and head axes"],
+    )
     rejects(
         "ch02.split_heads",
         split_heads_no_transpose,
         mentions=["shape (2, 5, 3, 4), expected (2, 3, 5, 4)", "(B, H, T, D)"],
+        hint_mentions=["swap the time and head axes"],
     )
-    rejects("ch02.merge_heads", merge_heads_no_transpose, mentions=["transpose(1, 2) first"])
+    rejects(
+        "ch02.split_heads",
+        split_heads_interleaved,
+        mentions=["every H-th channel", "contiguous block"],
+    )
+    rejects(
+        "ch02.merge_heads",
+        merge_heads_no_transpose,
+        mentions=["straight to (B, T, H·D)", "mixes tokens of different heads"],
+        hint_mentions=["time axis back in front of the heads"],
+    )
 
 
 # --- MultiHeadAttention ---------------------------------------------------------------------
@@ -184,17 +228,22 @@ class QueriesAsKeys(solution.MultiHeadAttention):
 @pytest.mark.parametrize(
     "wrong, mentions",
     [
-        (NoOutProj, ["self.out_proj"]),
-        (ScrambledHeads, ["mixes tokens"]),
+        (NoOutProj, ["skip the output projection"]),
+        (ScrambledHeads, ["reshaped straight to (B, H, T, D)", "mixes tokens"]),
         (OneHead, ["one big head"]),
-        (IgnoresMask, ["causal mask", "mask must be passed on"]),
+        (IgnoresMask, ["causal mask", "mask was not passed on"]),
         (QueriesAsKeys, ["MultiHeadAttention(16, 4)", "is wrong"]),
     ],
     ids=["no_out_proj", "scrambled_heads", "one_head", "ignores_mask", "queries_as_keys"],
 )
 def test_multi_head_attention_rejects(rejects, wrong, mentions):
     wrong.__name__ = "MultiHeadAttention"
-    rejects("ch02.multi_head_attention", wrong, mentions=mentions)
+    rejects(
+        "ch02.multi_head_attention",
+        wrong,
+        mentions=mentions,
+        hint_mentions=["split each into heads", "output projection"],
+    )
 
 
 # --- PreNormBlock ---------------------------------------------------------------------------
@@ -219,6 +268,12 @@ class NormedResidual(solution.PreNormBlock):
         return x + self.mlp(self.norm2(x))
 
 
+class WrongNorm(solution.PreNormBlock):
+    def forward(self, x, mask=None):
+        x = x + self.attn(self.norm1(x), mask)
+        return x + self.mlp(self.norm1(x))
+
+
 class DropsMask(solution.PreNormBlock):
     def forward(self, x, mask=None):
         return super().forward(x, None)
@@ -227,16 +282,22 @@ class DropsMask(solution.PreNormBlock):
 @pytest.mark.parametrize(
     "wrong, mentions",
     [
-        (PostNorm, ["post-norm"]),
-        (NoResidual, ["Add the residual"]),
-        (NormedResidual, ["un-normalised x"]),
-        (DropsMask, ["Pass the mask on"]),
+        (PostNorm, ["post-norm", "after the residual add"]),
+        (NoResidual, ["residual additions are missing"]),
+        (NormedResidual, ["carries the normalised x", "un-normalised x"]),
+        (WrongNorm, ["used norm1", "norm2"]),
+        (DropsMask, ["mask was not passed on"]),
     ],
-    ids=["post_norm", "no_residual", "normed_residual", "drops_mask"],
+    ids=["post_norm", "no_residual", "normed_residual", "wrong_norm", "drops_mask"],
 )
 def test_pre_norm_block_rejects(rejects, wrong, mentions):
     wrong.__name__ = "PreNormBlock"
-    rejects("ch02.pre_norm_block", wrong, mentions=mentions)
+    rejects(
+        "ch02.pre_norm_block",
+        wrong,
+        mentions=mentions,
+        hint_mentions=["two residual branches", "first norm", "second norm"],
+    )
 
 
 # --- the solutions agree with the library ---------------------------------------------------
@@ -291,9 +352,19 @@ def never_checks(q, k, v, mask=None):
 
 
 def test_grouped_query_attention_rejects(rejects):
-    rejects("ch02.grouped_query_attention", tiled_heads, mentions=["next to each other"])
+    rejects(
+        "ch02.grouped_query_attention",
+        tiled_heads,
+        mentions=["next to each other", "take turns"],
+        hint_mentions=["groups of consecutive heads"],
+    )
     rejects("ch02.grouped_query_attention", mask_dropped, mentions=["mask was not applied"])
-    rejects("ch02.grouped_query_attention", never_checks, mentions=["no ValueError"])
+    rejects(
+        "ch02.grouped_query_attention",
+        never_checks,
+        mentions=["cannot be grouped", "no ValueError"],
+        hint_mentions=["multiple"],
+    )
 
 
 def test_the_decoders_gqa_agrees_with_the_solution():
