@@ -73,3 +73,33 @@ def assistant_mask(ids: list[int], assistant_id: int, eot_id: int) -> list[bool]
     Example (A = assistant_id, E = eot_id): [5, A, 7, 8, E, 9] -> [F, F, T, T, T, F].
     """
     raise NotImplementedError("assistant_mask: your code here (chapter 3)")
+
+
+def train_merges_on_words(
+    word_counts: dict[str, int], num_merges: int
+) -> dict[tuple[int, int], int]:
+    """Stretch: BPE on pre-tokenised words. {word: count} -> {pair: new_id}, in learned order.
+
+    Real tokenizers never run BPE on raw text. GPT-2's regex (PAT_STR in minillava/bpe.py) first
+    cuts the text into words, numbers, punctuation and spaces, and merges never cross those
+    cuts: " red" can become one token, "red." never swallows the full stop. The input here is
+    what that cut leaves, counted: word_counts = {" red": 812, " circle": 540, ":": 97, ...}
+    (a word keeps its leading space). Text repeats itself, so a few megabytes of ShapesWorld hold
+    only a few hundred distinct words: training on the distinct words is also much faster than
+    training on the text.
+
+    The same loop as train_merges, over many short sequences instead of one long one:
+      - each word is its own list of ids (its UTF-8 bytes at first), next to its count;
+      - a pair inside a word counts as many times as the word occurs ({"ab": 1, "cd": 3}: the
+        pair of "cd" counts 3, that of "ab" 1), and no pair spans the end of one word and the
+        start of the next;
+      - the most frequent pair wins, ties to the smallest pair (as in train_merges); the i-th
+        merge gets new_id = 256 + i and is applied inside every word; then count again;
+      - stop early once no word holds a pair (every word is one token).
+
+    The result must be exactly the merges minillava.bpe.train_bpe learns from the texts those
+    words came from. The library goes one step further, which you may too: after a merge only
+    the words that contain the pair change, so it keeps, for every pair, the set of words it
+    occurs in, and updates the counts of those words alone instead of counting everything again.
+    """
+    raise NotImplementedError("train_merges_on_words: your code here (chapter 3, stretch)")

@@ -2,7 +2,8 @@
 
 The four pieces that make a LLaMA-style decoder different from GPT-2, plus how it picks a word:
 RMSNorm, rotary position embeddings (RoPE), the SwiGLU MLP, the sampling distribution
-(temperature, top-k, top-p) and one step of attention with a KV cache. Compare your code with
+(temperature, top-k, top-p) and one step of attention with a KV cache; the stretch drives the
+library's decoder through a whole generation with its KV cache. Compare your code with
 minillava/decoder.py and minillava/generate.py once it passes.
 
 Shapes: B batch, H heads, T positions, D head size, C hidden size, I MLP width, V vocabulary.
@@ -10,7 +11,12 @@ Shapes: B batch, H heads, T positions, D head size, C hidden size, I MLP width, 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from minillava.decoder import Decoder
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
@@ -105,3 +111,43 @@ def attend_with_cache(
     whole sequence at once with a causal mask.
     """
     raise NotImplementedError("attend_with_cache: your code here (chapter 4)")
+
+
+def generate_with_cache(
+    model: Decoder,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    stop_token_id: int | None = None,
+    pad_token_id: int = 0,
+) -> Tensor:
+    """Stretch: greedy generation with the library's KV cache. Returns the new tokens (B, n_new).
+
+    model: a minillava.decoder.Decoder; input_ids (B, T): B prompts of T tokens, no padding.
+    Without a cache, generating n tokens runs the model on T, T + 1, ..., T + n - 1 positions:
+    every step redoes the work of all the steps before it. With the cache, the model runs once
+    on the prompt (the *prefill*), and then on ONE position per step. This is how every real
+    model generates (Hugging Face's generate, vLLM, llama.cpp); attend_with_cache above is the
+    inside of one layer's step, here you drive the whole model:
+
+      1. Prefill: out = model(input_ids=input_ids, use_cache=True). out.logits is (B, T, V) and
+         out.past_key_values is the KVCache, now holding the T prompt positions of every layer.
+         (Or make the cache yourself, minillava.decoder.KVCache(num_layers, max_len), with room
+         for T + max_new_tokens positions, and pass it as past_key_values.)
+      2. The next token of each row is the argmax of the logits at the LAST position (greedy).
+      3. Step: feed only that token, input_ids of shape (B, 1), with past_key_values set to the
+         same cache and use_cache=True. The cache grows by one position per call.
+      4. Positions: RoPE rotates each query and key by its position, and the cached keys keep
+         theirs. The prompt sits at 0 .. T - 1, the first new token is fed at position T, the
+         next at T + 1, and so on. The decoder counts this from the cache's length; if you pass
+         position_ids (B, 1) yourself, they must say the same (the grader checks them).
+      5. Stopping: if stop_token_id is given, a row stops after producing it (the stop token is
+         kept in the output); its later columns are pad_token_id. Stop the loop when every row
+         has stopped, or after max_new_tokens tokens. No forward call is needed after the last.
+
+    The result must be exactly the tokens of minillava.generate.generate(model, input_ids,
+    max_new_tokens, temperature=0, use_cache=False, stop_token_ids=..., pad_token_id=...), which
+    you may compare against, but not call: the grader watches every forward call (how many
+    tokens it was fed, which cache, which positions). Wrap the loop in torch.no_grad(): nothing
+    here needs gradients.
+    """
+    raise NotImplementedError("generate_with_cache: your code here (chapter 4, stretch)")

@@ -2,7 +2,8 @@
 
 The library versions are minillava/bpe.py (training, with pre-tokenisation and incremental
 counts) and minillava/tokenizer.py (the tiktoken Encoding and the chat template). These are the
-plain versions: one text, one loop, easy to follow.
+plain versions: one text, one loop, easy to follow. The stretch, train_merges_on_words, is
+train_bpe's algorithm on words, without its incremental counts.
 """
 
 from __future__ import annotations
@@ -70,3 +71,26 @@ def assistant_mask(ids: list[int], assistant_id: int, eot_id: int) -> list[bool]
             if token == assistant_id:
                 answering = True  # the answer starts at the *next* token
     return mask
+
+
+def train_merges_on_words(
+    word_counts: dict[str, int], num_merges: int
+) -> dict[tuple[int, int], int]:
+    """BPE on pre-tokenised words: {word: count} -> {pair: new_id}, merges never cross words."""
+    kept = {word: n for word, n in word_counts.items() if n > 0}  # a word seen 0 times: no pairs
+    words = [list(word.encode("utf-8")) for word in kept]  # each word as its current ids
+    freqs = list(kept.values())
+    merges: dict[tuple[int, int], int] = {}
+    for i in range(num_merges):
+        # A pair inside a word occurs as often as the word does; no pair spans two words.
+        counts: Counter[tuple[int, int]] = Counter()
+        for symbols, freq in zip(words, freqs, strict=True):
+            for pair in zip(symbols, symbols[1:], strict=False):
+                counts[pair] += freq
+        if not counts:
+            break  # every word is a single token
+        best = min(counts, key=lambda pair: (-counts[pair], pair))  # the tie rule of train_merges
+        new_id = 256 + i
+        words = [merge_pair(symbols, best, new_id) for symbols in words]
+        merges[best] = new_id
+    return merges

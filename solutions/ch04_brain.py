@@ -1,7 +1,8 @@
 """Chapter 4, The Brain: reference solutions. Same names and signatures as exercises/ch04_brain.py.
 
 The library versions live in minillava/decoder.py (RMSNorm, RotaryEmbedding + apply_rotary, MLP,
-KVCache) and minillava/generate.py (sample_next_token, keep_top_k, keep_top_p).
+KVCache) and minillava/generate.py (sample_next_token, keep_top_k, keep_top_p, and generate, whose
+greedy path with use_cache=True is the stretch, generate_with_cache).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minillava.attention import causal_mask
+from minillava.decoder import Decoder, KVCache
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
@@ -78,3 +80,42 @@ def attend_with_cache(
     # The new queries are the last T_new positions: query t sees keys 0 .. T_past + t.
     scores = scores.masked_fill(~causal_mask(t_new, t_total, device=q.device), float("-inf"))
     return scores.softmax(dim=-1) @ v, k, v
+
+
+@torch.no_grad()
+def generate_with_cache(
+    model: Decoder,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    stop_token_id: int | None = None,
+    pad_token_id: int = 0,
+) -> Tensor:
+    """Greedy decoding with a KV cache: the prompt once, then one token per forward call.
+
+    model: a minillava Decoder; input_ids (B, T), no padding. Returns the new tokens (B, n_new).
+    """
+    B, T = input_ids.shape
+    # Room for the prompt and every token that will be fed back (the last one never is).
+    cache = KVCache(model.config.num_layers, max_len=T + max_new_tokens)
+    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits  # prefill
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        next_token = logits[:, -1].argmax(dim=-1)  # (B,): greedy, from the last position
+        new_tokens.append(next_token.masked_fill(finished, pad_token_id))
+        if stop_token_id is not None:
+            finished |= next_token == stop_token_id  # the stop token itself is kept
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break  # no forward pass for a token nobody will read
+        # The token fed now sits right after everything cached: prompt (0..T-1), then step 0 at
+        # T, step 1 at T + 1, ... (the decoder would count the same from the cache's length).
+        positions = torch.full((B, 1), T + step, device=input_ids.device)
+        logits = model(
+            input_ids=next_token[:, None],  # (B, 1): only the new token
+            position_ids=positions,
+            past_key_values=cache,  # the same cache, one position longer after this call
+            use_cache=True,
+        ).logits
+    if not new_tokens:
+        return input_ids.new_empty(B, 0)
+    return torch.stack(new_tokens, dim=1)

@@ -30,16 +30,21 @@ def eps_outside(x, weight, eps=1e-5):
     return x / x.pow(2).mean(-1, keepdim=True).sqrt() * weight + 0 * eps
 
 
+def no_weight(x, weight, eps=1e-5):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
 @pytest.mark.parametrize(
-    "wrong, mentions",
+    "wrong, mentions, hint_mentions",
     [
-        (layer_norm_style, ["LayerNorm"]),
-        (no_sqrt, ["square root"]),
-        (eps_outside, ["inside* the square root"]),
+        (layer_norm_style, ["subtracted the mean", "LayerNorm"], ["nothing is subtracted"]),
+        (no_sqrt, ["not by its square root"], ["root mean square"]),
+        (no_weight, ["weight is missing"], []),
+        (eps_outside, ["divided by 0"], ["inside* the square root"]),
     ],
 )
-def test_rms_norm_rejects(rejects, wrong, mentions):
-    rejects("ch04.rms_norm", wrong, mentions=mentions)
+def test_rms_norm_rejects(rejects, wrong, mentions, hint_mentions):
+    rejects("ch04.rms_norm", wrong, mentions=mentions, hint_mentions=hint_mentions)
 
 
 # --- apply_rotary -------------------------------------------------------------------------------
@@ -62,12 +67,20 @@ def frequencies_without_two(x, positions, theta=10000.0):
     )
 
 
+def rotates_backwards(x, positions, theta=10000.0):
+    return solution.apply_rotary(x, -positions, theta)
+
+
 @pytest.mark.parametrize(
     "wrong, mentions",
-    [(interleaved, ["pairs x[i] with x[i + D/2]"]), (frequencies_without_two, ["frequencies"])],
+    [
+        (interleaved, ["paired neighbours", "feature i with feature i + D/2"]),
+        (frequencies_without_two, ["frequencies fall too slowly"]),
+        (rotates_backwards, ["wrong way"]),
+    ],
 )
 def test_apply_rotary_rejects(rejects, wrong, mentions):
-    rejects("ch04.apply_rotary", wrong, mentions=mentions)
+    rejects("ch04.apply_rotary", wrong, mentions=mentions, hint_mentions=["two halves"])
 
 
 # --- swiglu -------------------------------------------------------------------------------------
@@ -81,12 +94,20 @@ def silu_of_product(x, w_gate, w_up, w_down):
     return F.silu((x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
 
 
+def no_silu(x, w_gate, w_up, w_down):
+    return ((x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+
+
 @pytest.mark.parametrize(
     "wrong, mentions",
-    [(silu_on_up, ["on the *gate*"]), (silu_of_product, ["not silu of the product"])],
+    [
+        (silu_on_up, ["silu to the up projection", "*gate*"]),
+        (silu_of_product, ["silu to the product"]),
+        (no_silu, ["silu is missing"]),
+    ],
 )
 def test_swiglu_rejects(rejects, wrong, mentions):
-    rejects("ch04.swiglu", wrong, mentions=mentions)
+    rejects("ch04.swiglu", wrong, mentions=mentions, hint_mentions=["(out, in)"])
 
 
 # --- next_token_probs ---------------------------------------------------------------------------
@@ -120,17 +141,26 @@ def greedy_as_softmax(logits, temperature=1.0, top_k=None, top_p=None):
     return solution.next_token_probs(logits, max(temperature, 1.0), top_k, top_p)
 
 
+def top_p_before_temperature(logits, temperature=1.0, top_k=None, top_p=None):
+    """Chooses the nucleus at temperature 1, then applies the temperature to what is kept."""
+    if temperature == 0 or top_p is None:
+        return solution.next_token_probs(logits, temperature, top_k, top_p)
+    keep = solution.next_token_probs(logits, 1.0, top_k, top_p) > 0
+    return (logits / temperature).masked_fill(~keep, float("-inf")).softmax(-1)
+
+
 @pytest.mark.parametrize(
     "wrong, mentions",
     [
         (softmax_then_filter, ["softmax before filtering", "sum to 1"]),
         (times_temperature, ["you multiplied"]),
         (drops_crossing_token, ["crosses top_p"]),
-        (greedy_as_softmax, ["greedy"]),
+        (greedy_as_softmax, ["greedy", "one-hot"]),
+        (top_p_before_temperature, ["before the temperature"]),
     ],
 )
 def test_next_token_probs_rejects(rejects, wrong, mentions):
-    rejects("ch04.next_token_probs", wrong, mentions=mentions)
+    rejects("ch04.next_token_probs", wrong, mentions=mentions, hint_mentions=["softmax comes last"])
 
 
 # --- attend_with_cache --------------------------------------------------------------------------
@@ -155,12 +185,18 @@ def new_first(q, k, v, past_k=None, past_v=None):
     return solution.attend_with_cache(q, k, v, past_k, past_v)[0], keys, values
 
 
+def returns_new_keys_only(q, k, v, past_k=None, past_v=None):
+    out, keys, values = solution.attend_with_cache(q, k, v, past_k, past_v)
+    return out, k, values
+
+
 @pytest.mark.parametrize(
     "wrong, mentions",
     [
         (cache_never_read, ["only looked at itself"]),
-        (no_causal_mask, ["causal mask"]),
-        (new_first, ["*after* the cached ones"]),
+        (no_causal_mask, ["no causal mask"]),
+        (new_first, ["in front of the cached ones", "*after* the cached ones"]),
+        (returns_new_keys_only, ["only the new position"]),
     ],
 )
 def test_attend_with_cache_rejects(rejects, wrong, mentions):
@@ -215,3 +251,169 @@ def test_cache_matches_decoder_kv_cache():
     lib_k, lib_v = cache.update(0, k[:, :, 2:3], v[:, :, 2:3])
     assert torch.equal(lib_k, k[:, :, :3]) and torch.equal(lib_v, v[:, :, :3])
     assert math.isclose(float(keys.shape[2]), 5.0)
+
+
+# --- generate_with_cache (stretch) --------------------------------------------------------------
+
+
+def _greedy_loop(model, input_ids, max_new_tokens, stop_token_id, pad_token_id, step_fn):
+    """The solution's loop with one piece swapped: step_fn(model, ids so far, token, cache,
+    step) runs a step and returns (logits, cache)."""
+    out = model(input_ids=input_ids, use_cache=True)
+    logits, cache, ids = out.logits, out.past_key_values, input_ids
+    finished = torch.zeros(len(input_ids), dtype=torch.bool)
+    new = []
+    for step in range(max_new_tokens):
+        token = logits[:, -1].argmax(-1)
+        new.append(token.masked_fill(finished, pad_token_id))
+        if stop_token_id is not None:
+            finished |= token == stop_token_id
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        logits, cache = step_fn(model, ids, token, cache, step)
+    return torch.stack(new, dim=1)
+
+
+@torch.no_grad()
+def refeeds_everything(model, input_ids, max_new_tokens, stop_token_id=None, pad_token_id=0):
+    """No cache: the whole sequence again at every step (right tokens, quadratic work)."""
+
+    def whole(model, ids, token, cache, step):
+        return model(input_ids=ids).logits, None
+
+    return _greedy_loop(model, input_ids, max_new_tokens, stop_token_id, pad_token_id, whole)
+
+
+@torch.no_grad()
+def refeeds_into_the_cache(model, input_ids, max_new_tokens, stop_token_id=None, pad_token_id=0):
+    def whole(model, ids, token, cache, step):
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        return out.logits, out.past_key_values
+
+    return _greedy_loop(model, input_ids, max_new_tokens, stop_token_id, pad_token_id, whole)
+
+
+@torch.no_grad()
+def cache_not_passed_back(model, input_ids, max_new_tokens, stop_token_id=None, pad_token_id=0):
+    def fresh(model, ids, token, cache, step):
+        out = model(input_ids=token[:, None], use_cache=True)
+        return out.logits, out.past_key_values
+
+    return _greedy_loop(model, input_ids, max_new_tokens, stop_token_id, pad_token_id, fresh)
+
+
+@torch.no_grad()
+def positions_off_by_one(model, input_ids, max_new_tokens, stop_token_id=None, pad_token_id=0):
+    """Counts the token being fed among those already placed: one position too far."""
+
+    def shifted(model, ids, token, cache, step):
+        positions = torch.full((len(ids), 1), ids.shape[1])  # T + step + 1
+        out = model(token[:, None], position_ids=positions, past_key_values=cache, use_cache=True)
+        return out.logits, out.past_key_values
+
+    return _greedy_loop(model, input_ids, max_new_tokens, stop_token_id, pad_token_id, shifted)
+
+
+@torch.no_grad()
+def prompt_from_one(model, input_ids, max_new_tokens, stop_token_id=None, pad_token_id=0):
+    """Numbers the prompt from 1, like a person counting tokens."""
+    T = input_ids.shape[1]
+    out = model(input_ids, position_ids=torch.arange(1, T + 1)[None], use_cache=True)
+    new = [out.logits[:, -1].argmax(-1)]
+    for _ in range(max_new_tokens - 1):
+        out = model(new[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
+        new.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(new, dim=1)
+
+
+def ignores_the_stop_token(model, input_ids, max_new_tokens, stop_token_id=None, pad_token_id=0):
+    return solution.generate_with_cache(model, input_ids, max_new_tokens)
+
+
+@torch.no_grad()
+def drops_the_stop_token(model, input_ids, max_new_tokens, stop_token_id=None, pad_token_id=0):
+    """Marks a row finished before writing its token, so the stop token becomes padding."""
+    out = model(input_ids=input_ids, use_cache=True)
+    finished = torch.zeros(len(input_ids), dtype=torch.bool)
+    new = []
+    for _ in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1)
+        if stop_token_id is not None:
+            finished |= token == stop_token_id
+        if finished.all():
+            break
+        new.append(token.masked_fill(finished, pad_token_id))
+        out = model(token[:, None], past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(new, dim=1)
+
+
+def stops_with_the_first_row(model, input_ids, max_new_tokens, stop_token_id=None, pad_token_id=0):
+    new = solution.generate_with_cache(model, input_ids, max_new_tokens, stop_token_id, 0)
+    if stop_token_id is None:
+        return new
+    hits = [i for i in range(new.shape[1]) if bool((new[:, i] == stop_token_id).any())]
+    return new[:, : hits[0] + 1] if hits else new
+
+
+def calls_the_library(model, input_ids, max_new_tokens, stop_token_id=None, pad_token_id=0):
+    stops = () if stop_token_id is None else (stop_token_id,)
+    return generate.generate(
+        model,
+        input_ids,
+        max_new_tokens=max_new_tokens,
+        stop_token_ids=stops,
+        pad_token_id=pad_token_id,
+    )
+
+
+@pytest.mark.parametrize(
+    "wrong, mentions",
+    [
+        (refeeds_everything, ["call 2 fed 6 tokens per row", "whole sequence again"]),
+        (refeeds_into_the_cache, ["whole sequence again"]),
+        (cache_not_passed_back, ["handed no cache", "did not pass the cache back"]),
+        (positions_off_by_one, ["sits at position 5", "off by +1"]),
+        (prompt_from_one, ["the prompt's are [0, 1, 2, 3, 4]", "start at 1, not 0"]),
+        (ignores_the_stop_token, ["stopped kept getting real tokens"]),
+        (drops_the_stop_token, ["stop token is missing"]),
+        (stops_with_the_first_row, ["as soon as one row", "every row has stopped"]),
+        (calls_the_library, ["library's generate"]),
+    ],
+)
+def test_generate_with_cache_rejects(rejects, wrong, mentions):
+    rejects("ch04.generate_with_cache", wrong, mentions=mentions)
+
+
+def test_generate_with_cache_names_the_learners_line(rejects):
+    result = rejects(
+        "ch04.generate_with_cache", cache_not_passed_back, hint_mentions=["same cache"]
+    )
+    assert "test_ch04.py, line" in result.message
+
+
+def test_generate_with_cache_matches_library():
+    """The stretch's loop == minillava.generate.generate (greedy, with and without its cache)."""
+    torch.manual_seed(0)
+    config = decoder.DecoderConfig(
+        vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+        intermediate_size=48, max_seq_len=64,
+    )  # fmt: skip
+    model = decoder.Decoder(config).eval()
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() > 1:
+                weight.normal_(0.0, 0.4)  # tokens that depend on the context, not one repeated
+    prompt = torch.randint(0, 40, (3, 6))
+    free = solution.generate_with_cache(model, prompt, 12)
+    assert len(set(free.flatten().tolist())) > 4
+    stop = int(free[0, 2])
+    for kwargs in ({}, {"stop_token_ids": (stop,), "pad_token_id": 39}):
+        own = {"stop_token_id": stop, "pad_token_id": 39} if kwargs else {}
+        got = solution.generate_with_cache(model, prompt, 12, **own)
+        for use_cache in (True, False):
+            expected = generate.generate(
+                model, prompt, max_new_tokens=12, temperature=0.0, use_cache=use_cache, **kwargs
+            )
+            assert torch.equal(got, expected)
+    assert torch.equal(solution.generate_with_cache(model, prompt, 1), free[:, :1])
