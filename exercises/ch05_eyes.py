@@ -2,7 +2,8 @@
 
 A Vision Transformer reads an image as a sequence of patches. You cut images into patches, put
 the [CLS] token in front and add position embeddings, compute one head of self-attention, and
-measure how similar the learned position embeddings are. Compare with minillava/vit.py.
+measure how similar the learned position embeddings are; the stretch computes positions instead
+of learning them, with sines and cosines. Compare with minillava/vit.py.
 
 Shapes: B batch, C channels (or hidden size), H, W image height and width, p patch size,
 N = (H/p) * (W/p) patches, T tokens, D head size.
@@ -58,3 +59,32 @@ def position_similarity(position_embeddings: Tensor) -> Tensor:
     Hint: torch.nn.functional.normalize(e, dim=-1) makes every row unit length.
     """
     raise NotImplementedError("position_similarity: your code here (chapter 5)")
+
+
+def sincos_2d_positions(grid_h: int, grid_w: int, dim: int) -> Tensor:
+    """Stretch: fixed 2-D sine-cosine position embeddings, one row per patch (grid_h * grid_w, dim).
+
+    CLIP learns its position table; MAE (He et al., 2021) and many ViTs since compute it instead,
+    with no parameters: the transformer paper's sine-cosine code, once for the patch's column and
+    once for its row. Nothing to learn, and a grid of another size gets a code at once.
+
+    The layout (match it exactly, as MAE's reference code lays it out):
+      - rows of the result follow patchify's order, row-major: patch n is at row n // grid_w,
+        column n % grid_w; patch 0 is the top-left one, patch 1 its right neighbour;
+      - channels 0 .. dim/2 - 1 encode the COLUMN (the horizontal position), channels
+        dim/2 .. dim - 1 the ROW;
+      - each half is the 1-D code of one position p in d = dim/2 channels: the d/2 sines, then
+        the d/2 cosines (not interleaved),
+            [sin(p ω_0), ..., sin(p ω_{d/2-1}), cos(p ω_0), ..., cos(p ω_{d/2-1})],
+        with frequencies ω_i = 1 / 10000^(2i / d), i = 0 .. d/2 - 1: the first channel turns
+        once a position (a radian), the last almost not at all;
+      - positions count from 0, so patch 0's code is sin 0 = 0 and cos 0 = 1 throughout.
+    dim must be a multiple of 4 (a sine and a cosine block for each of the two halves): raise
+    ValueError otherwise. Return float32.
+
+    Why it works: the dot product of two codes is a sum of cos(ω_i Δ) terms, so it depends only
+    on the offset (Δrow, Δcol) between two patches, and falls as they move apart. A 1-D code of
+    the flattened index would instead make the last patch of a row a near twin of the first
+    patch of the next row, on the other side of the image.
+    """
+    raise NotImplementedError("sincos_2d_positions: your code here (chapter 5, stretch)")

@@ -80,3 +80,35 @@ def zero_shot_predict(
     over: the classes or the images?
     """
     raise NotImplementedError("zero_shot_predict: your code here (chapter 6)")
+
+
+def contrastive_loss_with_hard_negatives(
+    image_emb: Tensor, text_emb: Tensor, hard_text_emb: Tensor, logit_scale: float | Tensor
+) -> Tensor:
+    """Stretch: CLIP's contrastive loss, with extra captions that match no image of the batch.
+
+    In a random batch, colour and count nearly always tell two captions apart, so CLIP never
+    has to look at shape: it learns what the batch asks of it, and a batch of easy negatives asks
+    little ("bag of words", Yuksekgonul et al., 2023). A *hard negative* caption is almost right:
+    the twin of a true caption with one shape swapped ("a red square" for a red circle's image).
+    NegCLIP (same paper) fine-tunes CLIP with such swapped captions as extra negatives.
+
+    image_emb (B, E), text_emb (B, E): B matching pairs, row i with row i, straight out of the
+        projections: NOT unit length yet.
+    hard_text_emb (M, E): M captions that describe no image of the batch (M may be 0; in the
+        cpu preset's clip stage, one shape-swapped twin per image: M = B). Not unit length.
+    logit_scale: 1 / temperature, a float or a 0-d tensor (CLIP learns it: keep it in the graph).
+    Return a scalar, the average of two cross-entropies:
+
+      image to text: each image scored against the B batch captions followed by the M hard
+          captions, (B, B + M) scaled cosines; image i's target is column i, its own caption;
+      text to image: each batch caption scored against the B images, (B, B); caption i's
+          target is image i. The hard captions take no part: they have no image to pick.
+
+    With M = 0 this is exactly contrastive_loss above (on normalised embeddings, with the
+    temperature 1 / logit_scale). The hard captions can only add to the loss: every one of them
+    is another wrong answer the image has to rank below its own caption.
+    """
+    raise NotImplementedError(
+        "contrastive_loss_with_hard_negatives: your code here (chapter 6, stretch)"
+    )

@@ -1,7 +1,8 @@
 """Chapter 5, The Eyes: reference solutions. Same names and signatures as exercises/ch05_eyes.py.
 
 The library versions live in minillava/vit.py (patchify, VisionEmbeddings, SelfAttention) and
-minillava/attention.py (manual_attention).
+minillava/attention.py (manual_attention). The stretch, sincos_2d_positions, has no library twin:
+minillava's ViT learns its positions, as CLIP does.
 """
 
 from __future__ import annotations
@@ -42,3 +43,20 @@ def position_similarity(position_embeddings: Tensor) -> Tensor:
     """Cosine similarity of every pair of position embeddings: (N, C) -> (N, N)."""
     unit = F.normalize(position_embeddings, dim=-1)  # each row to length 1
     return unit @ unit.T
+
+
+def _sincos_1d(positions: Tensor, width: int) -> Tensor:
+    """(P,) positions -> (P, width): width/2 sines, then the cosines; ω_i = 10000^(-2i/width)."""
+    omega = 1.0 / 10000 ** (torch.arange(width // 2, dtype=torch.float64) * 2 / width)
+    angles = positions.double()[:, None] * omega[None]  # (P, width/2): position times frequency
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_2d_positions(grid_h: int, grid_w: int, dim: int) -> Tensor:
+    """(grid_h * grid_w, dim): the column's 1-D code in the first half, the row's in the second."""
+    if dim % 4 != 0:
+        raise ValueError(f"dim must be a multiple of 4 (two halves, sines and cosines), got {dim}")
+    index = torch.arange(grid_h * grid_w)  # row-major, as patchify orders the patches
+    rows, cols = index // grid_w, index % grid_w
+    code = torch.cat([_sincos_1d(cols, dim // 2), _sincos_1d(rows, dim // 2)], dim=1)
+    return code.float()  # computed in float64: float32 angles lose digits at large positions

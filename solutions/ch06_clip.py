@@ -36,3 +36,20 @@ def zero_shot_predict(
     logits = similarity_matrix(image_embeds, class_embeds, logit_scale)  # (B, K)
     probs = logits.softmax(dim=-1)  # each image: a distribution over the K classes
     return probs.argmax(dim=-1), probs
+
+
+def contrastive_loss_with_hard_negatives(
+    image_emb: Tensor, text_emb: Tensor, hard_text_emb: Tensor, logit_scale: float | Tensor
+) -> Tensor:
+    """(B, E) images, (B, E) captions, (M, E) hard captions (none unit length) -> a scalar."""
+    image = F.normalize(image_emb, dim=-1)
+    text = F.normalize(text_emb, dim=-1)
+    hard = F.normalize(hard_text_emb, dim=-1)
+    B = image.shape[0]
+    targets = torch.arange(B, device=image.device)
+    # Image to text: the batch's captions first, so image i's own caption stays column i.
+    logits = logit_scale * image @ torch.cat([text, hard]).T  # (B, B + M)
+    image_to_text = F.cross_entropy(logits, targets)
+    # Text to image: only the B batch captions have an image to pick.
+    text_to_image = F.cross_entropy(logits[:, :B].T, targets)  # (B, B)
+    return (image_to_text + text_to_image) / 2
