@@ -9,9 +9,9 @@ notebooks/07_bridge.ipynb explains each idea before you write it. Use torch oper
 
 from __future__ import annotations
 
-import torch  # noqa: F401 - you will need it
+import torch
 import torch.nn.functional as F  # noqa: F401
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def linear_projector(image_features: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -74,3 +74,80 @@ def nearest_text_tokens(projected: Tensor, token_embeddings: Tensor, k: int = 5)
     would favour tokens whose embeddings are long, not those pointing the same way.
     """
     raise NotImplementedError("nearest_text_tokens: your code here (chapter 7)")
+
+
+class PerceiverResampler(nn.Module):
+    """Stretch exercise: Flamingo's Perceiver Resampler, (B, P, C_vision) -> (B, M, C_text).
+
+    LLaVA's projector turns P patches into P tokens. A resampler turns them into a FIXED number
+    M of tokens, whatever P is: M learned vectors, the *latents* (the same for every image),
+    read the patches through attention, and each comes out as a summary of the image. Flamingo
+    (Alayrac et al., 2022) hands 64 of them to its LLM, BLIP-2's Q-Former 32, where LLaVA-1.5
+    hands 576 patch tokens; IDEFICS2 and others project them into the LLM's input as LLaVA does.
+
+    The constructor is given: it makes exactly the parameters of the library's
+    minillava.resampler.PerceiverResampler (same names), so the grader loads the library's
+    weights into yours and compares the outputs. Write `forward`:
+
+        media   = input_proj(patch_features)                       (B, P, D)
+        latents = the learned latents, one copy per image            (B, M, D)
+        for each layer:
+            x  = norm_latents(latents)                               (B, M, D)
+            kv = [norm_media(media); x], joined along the tokens      (B, P + M, D)
+            latents = latents + attention(queries from x, keys and values from kv)
+            latents = latents + ff(norm_ff(latents))
+        return output_proj(norm(latents))                            (B, M, C_text)
+
+    The attention is multi-head attention written out (chapter 2), with the layer's own
+    projections: layer["attn"]["q_proj"] makes the queries from x, "k_proj" and "v_proj" the keys
+    and values from kv, and "out_proj" maps the merged heads back; num_heads heads of
+    D / num_heads channels, scores scaled by 1 / sqrt(D / num_heads), no mask (every latent may
+    read every patch and every latent). Flamingo's trick is the concatenation: the latents'
+    own keys and values next to the patches' let one attention do the work of a
+    cross-attention and a self-attention. The residuals keep what the latents held before.
+
+    Think about which axis the softmax normalises (each latent's weights over what it reads),
+    and what decides the number of output tokens.
+    """
+
+    def __init__(
+        self,
+        vision_dim: int,
+        text_dim: int,
+        hidden_size: int = 128,
+        num_latents: int = 16,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        intermediate_size: int = 512,
+        eps: float = 1e-5,
+    ):
+        super().__init__()
+        d = hidden_size
+        self.num_heads = num_heads
+        self.latents = nn.Parameter(torch.randn(num_latents, d) * d**-0.5)  # (M, D)
+        self.input_proj = nn.Linear(vision_dim, d)  # the patches to the latents' width
+        self.layers = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "norm_media": nn.LayerNorm(d, eps=eps),
+                    "norm_latents": nn.LayerNorm(d, eps=eps),
+                    "attn": nn.ModuleDict(
+                        {
+                            name: nn.Linear(d, d)
+                            for name in ("q_proj", "k_proj", "v_proj", "out_proj")
+                        }
+                    ),
+                    "norm_ff": nn.LayerNorm(d, eps=eps),
+                    "ff": nn.Sequential(
+                        nn.Linear(d, intermediate_size), nn.GELU(), nn.Linear(intermediate_size, d)
+                    ),
+                }
+            )
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d, eps=eps)
+        self.output_proj = nn.Linear(d, text_dim)
+
+    def forward(self, patch_features: Tensor) -> Tensor:
+        """patch_features (B, P, C_vision) -> (B, M, C_text): M tokens per image, whatever P."""
+        raise NotImplementedError("PerceiverResampler.forward: your code here (chapter 7, stretch)")

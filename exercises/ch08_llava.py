@@ -86,3 +86,45 @@ def freeze_for_alignment(model: nn.Module) -> None:
     Hint: module.requires_grad_(False) sets it for every parameter of a module.
     """
     raise NotImplementedError
+
+
+def splice_batch(
+    input_ids: Tensor,
+    token_embeds: Tensor,
+    image_features: Tensor,
+    image_token_id: int,
+    attention_mask: Tensor,
+    labels: Tensor,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Stretch exercise: splice a whole batch, rows with any number of images (0, 1, 2, ...).
+
+    Multi-image LLaVA variants (LLaVA-NeXT-Interleave, LLaVA-OneVision) train on conversations
+    like "<image> and <image>: which one has more circles?", and a batch mixes them with
+    text-only rows. This is what the library's splice_image_tokens does for training:
+
+    input_ids (B, T), token_embeds (B, T, C): the prompts, right-padded to the longest.
+    image_features (N_img, P, C): every image of the batch, in the order their <image> tokens
+        appear, row 0 first: row 0's images, then row 1's, and so on (a row without an
+        <image> takes none).
+    attention_mask (B, T): 1 on real tokens, 0 on padding.
+    labels (B, T): each token's target, ignore_index where it is not scored.
+
+    Returns (inputs_embeds (B, T', C), attention_mask (B, T'), labels (B, T')):
+        - in each row, every <image> replaced by its image's P vectors, as splice_image does;
+        - each row then padded on the RIGHT to T', the longest spliced row: zero vectors,
+          attention mask 0 (long), label ignore_index;
+        - labels: a text position keeps its token's label; each image position and each
+          padding position gets ignore_index, whatever the incoming labels held at the
+          <image> token or at the padding (labels copied from the ids hold ids there).
+
+        row 0  [s0 <image> q0 A0]        ->  [s0 i0 i0 q0 A0 ·]    mask [1 1 1 1 1 0]
+        row 1  [s0 q0 A0 pad]            ->  [s0 q0 A0 · · ·]      mask [1 1 1 0 0 0]
+        row 2  [<image> q0 <image> A0]   ->  [i1 i1 q0 i2 i2 A0]   mask [1 1 1 1 1 1]
+        (P = 2; iN: a vector of image N; ·: padding; T' = 6, the longest spliced row)
+
+    Raise a ValueError naming both numbers when the <image> tokens of the real positions and
+    the images do not match in number. Keep gradients flowing to image_features: the projector
+    learns through them.
+    """
+    raise NotImplementedError("splice_batch: your code here (chapter 8, stretch)")

@@ -1,13 +1,14 @@
 """Chapter 8, LLaVA: reference solutions. Same names and signatures as exercises/ch08_llava.py.
 
 The library versions live in minillava/llava.py: `splice_image_tokens` (a whole batch, any number
-of images per row, padding), `Llava.encode_images` (the penultimate layer without [CLS]) and
-`Llava.freeze_vision` / `freeze_language` (the stages).
+of images per row, padding: what the stretch `splice_batch` does), `Llava.encode_images` (the
+penultimate layer without [CLS]) and `Llava.freeze_vision` / `freeze_language` (the stages).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -50,3 +51,44 @@ def freeze_for_alignment(model: nn.Module) -> None:
     model.vision_tower.requires_grad_(False)
     model.language_model.requires_grad_(False)
     model.projector.requires_grad_(True)
+
+
+def splice_batch(
+    input_ids: Tensor,
+    token_embeds: Tensor,
+    image_features: Tensor,
+    image_token_id: int,
+    attention_mask: Tensor,
+    labels: Tensor,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A batch, any number of images a row: (B, T) ids, (B, T, C) embeds, (N_img, P, C) images,
+    (B, T) mask and labels -> embeds (B, T', C), mask (B, T'), labels (B, T'), right-padded."""
+    real = attention_mask.bool()
+    n_tokens = int(((input_ids == image_token_id) & real).sum())
+    if n_tokens != len(image_features):
+        raise ValueError(
+            f"the batch holds {n_tokens} <image> tokens but {len(image_features)} images were "
+            "given: each image needs exactly one <image>"
+        )
+    P = image_features.shape[1]
+    rows_embeds, rows_labels, next_image = [], [], 0
+    for b in range(input_ids.shape[0]):
+        ids = input_ids[b][real[b]]  # (T_b,): the padding is dropped, and added back below
+        embeds, targets = token_embeds[b][real[b]], labels[b][real[b]]
+        pieces, label_pieces, start = [], [], 0
+        for pos in (ids == image_token_id).nonzero().flatten().tolist():
+            pieces += [embeds[start:pos], image_features[next_image]]  # the text, then the image
+            label_pieces += [targets[start:pos], targets.new_full((P,), ignore_index)]
+            next_image += 1  # images are consumed in order over the whole batch
+            start = pos + 1  # the placeholder itself is dropped
+        rows_embeds.append(torch.cat(pieces + [embeds[start:]]))  # (T_b + n_b (P - 1), C)
+        rows_labels.append(torch.cat(label_pieces + [targets[start:]]))
+    length = max(len(row) for row in rows_embeds)
+    out_embeds, out_mask, out_labels = [], [], []
+    for row_embeds, row_labels in zip(rows_embeds, rows_labels, strict=True):
+        n_pad = length - len(row_embeds)  # padding on the right: rows start at position 0
+        out_embeds.append(F.pad(row_embeds, (0, 0, 0, n_pad)))  # zero vectors
+        out_mask.append(F.pad(input_ids.new_ones(len(row_embeds)), (0, n_pad)))
+        out_labels.append(F.pad(row_labels, (0, n_pad), value=ignore_index))
+    return torch.stack(out_embeds), torch.stack(out_mask), torch.stack(out_labels)
