@@ -55,6 +55,36 @@ def merge_lora_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, alpha: flo
     raise NotImplementedError
 
 
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Stretch exercise: fold every LoRA adapter of a model into its weight, and take LoRA out.
+
+    `model` went through minillava.lora.apply_lora: some of its nn.Linear layers are now
+    LoRALinear modules, each holding the frozen layer as `.base` (weight W (out, in), bias b or
+    None), the factors `.lora_A` (r, in) and `.lora_B` (out, r), `.alpha`, and a `.dropout`
+    used in training only. Replace every LoRALinear, in the module that holds it, by a plain
+    nn.Linear with the weight W' = W + (alpha / r) B A (merge_lora_weight above) and the same
+    bias, and return `model` itself. Afterwards:
+    - the model gives the outputs the adapted one gave (in eval mode, to float rounding);
+    - no LoRA module is left; the state_dict has exactly the names of the model before
+      apply_lora ("layers.0.self_attn.q_proj.weight", not "...q_proj.base.weight") and as
+      many parameters, so the merged model loads wherever the original did;
+    - each new layer has the dtype and device of the weight it replaces (a bfloat16 model
+      merged into float32 layers doubles in size, and breaks at its first matrix product).
+
+    Change the model's structure, not the tensors it holds: write W' into a new layer and leave
+    W, A and B as they were (the grader checks). The caller may still hold the adapted layers,
+    to keep training them or to try another merge; minillava.lora.merge_lora, by contrast,
+    adds the update into W itself, which is why LoRALinear also has an `unmerge`.
+
+    Why: PEFT's merge_and_unload and LLaVA's merge script do this before a LoRA model is shipped:
+    inference then costs exactly what it cost before LoRA. Think about how to reach the module
+    that holds a layer (named_modules gives dotted names such as "layers.0.self_attn.q_proj"),
+    why the LoRA layers are best collected before any is replaced, and what a new linear layer
+    holds before you fill it.
+    """
+    raise NotImplementedError("merge_lora: your code here (chapter 9, stretch)")
+
+
 def assistant_labels(
     input_ids: Tensor, assistant_id: int, eot_id: int, ignore_index: int = -100
 ) -> Tensor:

@@ -74,6 +74,40 @@ def greedy_generate(decoder, input_ids: Tensor, max_new_tokens: int) -> Tensor:
     raise NotImplementedError("greedy_generate: your code here (chapter 10)")
 
 
+@torch.no_grad()
+def greedy_generate_batch(
+    decoder, prompts: list[list[int]], max_new_tokens: int, eot_id: int, pad_id: int
+) -> Tensor:
+    """Stretch exercise: answer prompts of different lengths in one batch, each row stopping
+    at its own end token, as minillava.generate.generate does for `minillava eval`.
+
+    prompts: B lists of token ids, of different lengths (at least one token each). Returns a
+    LongTensor (B, n_new) of new tokens, with n_new <= max_new_tokens:
+
+      1. Pad on the *left*: one (B, T) tensor, T the longest prompt, pad_id before the shorter
+         prompts, and an attention mask (B, T), 1 on real tokens and 0 on padding. On the left,
+         every row's last position is its last real token: its logits predict the row's first
+         new token, and the new tokens line up in one column per step. The decoder keeps the
+         padding out of attention and numbers each row's positions from its first real token,
+         so a padded prompt gets exactly the answer it gets alone.
+      2. Prefill the whole batch once, with the mask and use_cache=True.
+      3. Each step: every row's greedy token. A row *finishes* when it writes eot_id; the end
+         token is kept in its row, and from the next step on the row gets pad_id. Stop as soon
+         as every row has finished, or after max_new_tokens steps: no model call whose logits
+         nobody reads.
+      4. Feed the new tokens, shape (B, 1), back with the cache, and with the mask grown by a
+         column of ones: the mask covers every key the model sees, the cached ones too.
+
+        prompts [[5, 8, 2], [7]], eot_id 0, pad_id 9; say row 0 writes 4 0 ... and row 1 3 6 0
+        input_ids [[5, 8, 2], [9, 9, 7]]     mask [[1, 1, 1], [0, 0, 1]]
+        result    [[4, 0, 9], [3, 6, 0]]     (3 columns: both rows have finished)
+
+    Why: evaluation asks hundreds of questions; one at a time, a small model spends its time
+    on overheads, and answers differ in length, so a batch must let each row end on its own.
+    """
+    raise NotImplementedError("greedy_generate_batch: your code here (chapter 10, stretch)")
+
+
 def majority_baseline(train_records: list[dict], test_records: list[dict]) -> dict[str, float]:
     """Accuracy of a 'model' that never looks: it gives each question type's most common answer.
 

@@ -1,8 +1,8 @@
 """Chapter 9, visual instruction tuning: reference solutions. Same names and signatures as
 exercises/ch09_instruct.py.
 
-The library versions live in minillava/lora.py (LoRALinear: its init, forward and merge),
-minillava/tokenizer.py (Tokenizer.render's answer mask) and minillava/llava.py
+The library versions live in minillava/lora.py (LoRALinear: its init, forward and merge; and
+merge_lora), minillava/tokenizer.py (Tokenizer.render's answer mask) and minillava/llava.py
 (Llava.count_parameters).
 """
 
@@ -36,6 +36,34 @@ def lora_forward(
 def merge_lora_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, alpha: float) -> Tensor:
     """W' = W + (alpha / r) B A, shape (out, in): one plain matrix, same outputs."""
     return weight + (alpha / lora_A.shape[0]) * (lora_B @ lora_A)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear of `model` by a plain nn.Linear with W + (alpha / r) B A and the
+    same bias, in its parent module; the LoRA layers' tensors are left as they were."""
+    from minillava.lora import LoRALinear
+
+    # Collect first, then replace: replacing modules while walking them is asking for trouble.
+    adapted = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for name, adapter in adapted:
+        base = adapter.base
+        merged = nn.Linear(
+            base.in_features,
+            base.out_features,
+            bias=base.bias is not None,
+            device=base.weight.device,
+            dtype=base.weight.dtype,
+        )
+        with torch.no_grad():  # fresh tensors: nothing the caller holds is written
+            weight = merge_lora_weight(base.weight, adapter.lora_A, adapter.lora_B, adapter.alpha)
+            merged.weight.copy_(weight)
+            if base.bias is not None:
+                merged.bias.copy_(base.bias)
+        merged.requires_grad_(base.weight.requires_grad)  # as frozen as the layer it replaces
+        parent_name, _, child = name.rpartition(".")  # "layers.0.self_attn", "q_proj"
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, merged)
+    return model
 
 
 def assistant_labels(

@@ -55,6 +55,39 @@ def greedy_generate(decoder, input_ids: Tensor, max_new_tokens: int) -> Tensor:
     return torch.stack(new_tokens, dim=1)  # (B, max_new_tokens)
 
 
+@torch.no_grad()
+def greedy_generate_batch(
+    decoder, prompts: list[list[int]], max_new_tokens: int, eot_id: int, pad_id: int
+) -> Tensor:
+    """Greedy answers to prompts of different lengths in one batch, each row stopping at its
+    own end token: (B, n_new) new tokens, n_new <= max_new_tokens, padding after a row's end."""
+    B, T = len(prompts), max(len(p) for p in prompts)
+    device = decoder.embed_tokens.weight.device
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros(B, T, dtype=torch.long, device=device)
+    for i, prompt in enumerate(prompts):  # on the left: every row ends with its last real token
+        input_ids[i, T - len(prompt) :] = torch.tensor(prompt, device=device)
+        attention_mask[i, T - len(prompt) :] = 1
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        next_token = out.logits[:, -1].argmax(dim=-1)  # (B,)
+        new_tokens.append(next_token.masked_fill(finished, pad_id))  # done rows: padding
+        finished |= next_token == eot_id  # the end token itself is kept
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break  # no call whose logits nobody would read
+        # The mask covers every key, the cached ones too: one more real column per step.
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+        out = decoder(
+            input_ids=next_token[:, None],
+            attention_mask=attention_mask,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+    return torch.stack(new_tokens, dim=1)  # (B, n_new)
+
+
 def majority_baseline(train_records: list[dict], test_records: list[dict]) -> dict[str, float]:
     """Per-type accuracy on test of always answering the type's most common training answer."""
     by_type: dict[str, Counter[str]] = {}

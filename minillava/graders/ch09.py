@@ -2,12 +2,17 @@
 
 LoRA checks compare with minillava.lora.LoRALinear on random layers (square ones too, where a
 transposed update has the right shape and only its values betray it); the label check renders
-real conversations with the course tokenizer and compares with Tokenizer.render's mask.
+real conversations with the course tokenizer and compares with Tokenizer.render's mask. A
+failure says what is wrong (and, where a known mistake reproduces the learner's result, which
+one); the hint, shown on request, says where to look, in words.
 """
+
+import copy
 
 import torch
 from torch import nn
 
+from minillava import lora
 from minillava.decoder import Decoder, DecoderConfig
 from minillava.grading import (
     GradingFailure,
@@ -16,6 +21,7 @@ from minillava.grading import (
     assert_shape,
     assert_tensor,
     diagnose,
+    fail,
     grader,
     step,
 )
@@ -41,30 +47,41 @@ def check_init_lora_factors(init_lora_factors):
     in_f, out_f, r = 12, 10, 4
     step(f"calling init_lora_factors({in_f}, {out_f}, rank={r})")
     A, B = _factors(init_lora_factors(in_f, out_f, r), "init_lora_factors(12, 10, 4)")
-    assert_shape(A, (r, in_f), "lora_A", why="A maps the input (in = 12) down to r = 4 numbers")
-    assert_shape(B, (out_f, r), "lora_B", why="B maps r = 4 numbers up to the output (out = 10)")
+    layout = (
+        "Both factors are laid out like a linear layer's weight, (out, in): A takes the input "
+        "down to the rank, B takes the rank back up to the output."
+    )
+    assert_shape(
+        A, (r, in_f), "lora_A", why="A maps the input (in = 12) down to r = 4 numbers", hint=layout
+    )
+    assert_shape(
+        B, (out_f, r), "lora_B", why="B maps r = 4 numbers up to the output (out = 10)", hint=layout
+    )
     if not torch.all(B == 0):
         if torch.all(A == 0):
             raise GradingFailure(
                 "A is zero and B is random: B A = 0, but the convention is the other way round.",
-                "LoRA starts with A random and B zero (the paper, peft and minillava.lora).",
+                "LoRA starts with A random and B zero (the paper, peft and minillava.lora): swap "
+                "which of the two factors you fill with random values.",
             )
         raise GradingFailure(
             "B is not zero, so B A ≠ 0: the adapted layer does not start equal to the "
             "pretrained one (fine-tuning would begin by damaging the model).",
-            "Initialise lora_B with torch.zeros(out_features, rank).",
+            "B is the factor that starts at zero, every entry of it: then B A is zero whatever "
+            "A holds. A is the one that stays random.",
         )
     if torch.all(A == 0) or float(A.float().std()) < 1e-4:
         raise GradingFailure(
             "A and B are both zero: then the gradient of B (which goes through x Aᵀ) and the "
             "gradient of A (which goes through B) are zero too, and the adapter never learns.",
-            "Make A random: torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5)) or torch.randn "
-            "scaled down (e.g. * 0.01 or / sqrt(in)).",
+            "Give A random values: the initialisation a linear layer gives its own weight "
+            "(Kaiming uniform), or small Gaussian values, scaled down by the input size.",
         )
     if float(A.abs().max()) > 10:
         raise GradingFailure(
             f"A's entries reach {float(A.abs().max()):.3g}: far too large for an init.",
-            "Use nn.Linear's init (kaiming_uniform_ with a=sqrt(5)) or small Gaussian values.",
+            "Scale A like a linear layer's own weight at initialisation (Kaiming uniform), or "
+            "use small Gaussian values: entries well below 1.",
         )
     step("checking that B A = 0 and that a gradient reaches B")
     A = A.detach().clone().float().requires_grad_(True)
@@ -74,7 +91,11 @@ def check_init_lora_factors(init_lora_factors):
     assert_close(update, torch.zeros(3, out_f), "x Aᵀ Bᵀ at initialisation")
     update.square().add(update).sum().backward()
     if B.grad is None or float(B.grad.abs().max()) == 0:
-        raise GradingFailure("No gradient reaches B at initialisation: is A all zeros?")
+        raise GradingFailure(
+            "No gradient reaches B at initialisation: the gradient of B flows through x Aᵀ, "
+            "which is zero here.",
+            "A must hold random values, so that x Aᵀ is not zero.",
+        )
 
 
 def _reference_lora(x, weight, bias, A, B, alpha):
@@ -108,20 +129,25 @@ def check_lora_forward(lora_forward):
         _reference_lora(x, W, b, A, B, alpha),
         f"lora_forward(x, W, b, A, B, alpha=16) with rank {r}",
         why_shape=f"(..., out) = (2, 3, {out_f}): same leading dimensions as x",
-        hint=diagnose(
+        diagnosis=diagnose(
             got,
             {
-                "The update is not scaled: multiply x Aᵀ Bᵀ by alpha / r.": base + delta,
-                "Scale by alpha / r, not by alpha alone (r = lora_A.shape[0]).": base
-                + alpha * delta,
-                "Scale by alpha / r, not r / alpha.": base + (r / alpha) * delta,
-                "The pretrained layer is missing: add x Wᵀ + b.": (alpha / r) * delta,
-                "The bias is missing: y = x Wᵀ + b + (alpha / r) x Aᵀ Bᵀ.": base
+                "The update is not scaled: x Aᵀ Bᵀ was added without its factor alpha / r, so "
+                "its size would change with the rank.": base + delta,
+                "The update is scaled by alpha alone, not by alpha / r: it is r times too large "
+                "(here the rank is 2).": base + alpha * delta,
+                "The update is scaled by r / alpha, the factor upside down: it should be "
+                "alpha / r.": base + (r / alpha) * delta,
+                "The pretrained layer is missing: your output is the low-rank update alone, "
+                "without x Wᵀ + b.": (alpha / r) * delta,
+                "The bias is missing: the pretrained layer's b was not added.": base
                 - b
                 + (alpha / r) * delta,
             },
-            "y = x Wᵀ + b + (alpha / r) · x Aᵀ Bᵀ, with r = lora_A.shape[0].",
         ),
+        hint="Two terms: the pretrained layer's output (the input times the weight transposed, "
+        "plus the bias) and the low-rank update, the input through A then through B, scaled "
+        "by alpha over the rank; the rank is the number of rows of lora_A.",
     )
     step("calling lora_forward with bias=None and alpha=8, rank 3")
     A3, B3 = torch.randn(3, in_f), torch.randn(out_f, 3)
@@ -129,13 +155,16 @@ def check_lora_forward(lora_forward):
         lora_forward(x, W, None, A3, B3, 8.0),
         _reference_lora(x, W, None, A3, B3, 8.0),
         "lora_forward(x, W, None, A, B, alpha=8) with rank 3",
-        hint="bias may be None (layers without bias, like the decoder's projections).",
+        hint="The bias may be None: the decoder's projections have none. Add it only when there "
+        "is one; and read the rank from lora_A, here 3.",
     )
     step("calling lora_forward with B = 0 (an adapter fresh from init)")
     assert_close(
         lora_forward(x, W, b, A, torch.zeros(out_f, r), alpha),
         x @ W.T + b,
         "lora_forward with B = 0 (should equal the pretrained layer)",
+        hint="With B all zero the update vanishes, and the layer must give exactly what the "
+        "pretrained layer gives.",
     )
 
 
@@ -160,8 +189,11 @@ def check_merge_lora_weight(merge_lora_weight):
             layer.base.weight.detach(),
             f"merge_lora_weight(W ({out_f}, {in_f}), A, B, alpha={alpha:g}) with rank {r}",
             why_shape=f"W' replaces W, so it has W's shape (out, in) = ({out_f}, {in_f}); B A "
-            "is (out, r) @ (r, in)",
-            hint=diagnose(got, _merge_mistakes(W, A, B, alpha), "W' = W + (alpha / r) · B @ A."),
+            "is (out, r) times (r, in)",
+            diagnosis=diagnose(got, _merge_mistakes(W, A, B, alpha)),
+            hint="The merged weight is the pretrained weight plus the update, scaled by alpha "
+            "over the rank; the update is B times A, in that order, which has the weight's "
+            "shape (out, in).",
         )
         x = torch.randn(3, in_f)
         with torch.no_grad():
@@ -172,13 +204,18 @@ def check_merge_lora_weight(merge_lora_weight):
 def _merge_mistakes(W, A, B, alpha) -> dict:
     scale = alpha / A.shape[0]
     mistakes = {
-        "The update is not scaled: W' = W + (alpha / r) B A.": W + B @ A,
-        "Scale by alpha / r, not by alpha alone.": W + alpha * (B @ A),
-        "You returned the update only: add it to W.": scale * (B @ A),
+        "The update is not scaled: B A was added without its factor alpha / r.": W + B @ A,
+        "The update is scaled by alpha alone, not by alpha / r: it is r times too large.": W
+        + alpha * (B @ A),
+        "You returned the update only, without the pretrained weight W that it corrects.": scale
+        * (B @ A),
     }
     if W.shape[0] == W.shape[1]:  # a transposed update only fits a square layer
-        transposed = "The update is transposed: use B @ A (out, in), not A.T @ B.T (in, out), "
-        transposed += "which has the right shape only when the layer is square."
+        transposed = (
+            "The update is transposed: you added Aᵀ Bᵀ, shape (in, out), where B A, shape "
+            "(out, in), belongs. The two shapes agree only when the layer is square, so there "
+            "the mistake passes silently."
+        )
         mistakes[transposed] = W + scale * (A.T @ B.T)
     return mistakes
 
@@ -190,8 +227,15 @@ def _render(tok, conversation):
     return ids, labels
 
 
-def _wrong_labels(ids, assistant_id, eot_id, include_role=False, with_eot=True, last_only=False):
+def _wrong_labels(
+    ids, assistant_id, eot_id, include_role=False, with_eot=True, last_only=False, to_end=False
+):
+    """Labels as a known mistake writes them (the flags switch one step off each)."""
     labels = torch.full_like(ids, -100)
+    if to_end:  # from the first answer on, everything: the answers never end
+        first = int((ids == assistant_id).nonzero().flatten()[0])
+        labels[first + 1 :] = ids[first + 1 :]
+        return labels
     starts = (ids == assistant_id).nonzero().flatten().tolist()
     for start in starts[-1:] if last_only else starts:
         t = start if include_role else start + 1
@@ -229,11 +273,15 @@ def check_assistant_labels(assistant_labels):
         expected,
         "assistant_labels on a 3-turn conversation (3 answers: 'red', '3', a sentence)",
         why_shape="one label per input token",
-        hint=diagnose(
+        diagnosis=diagnose(
             got,
             {
                 "Only the last answer is labelled: every assistant turn is scored.": _wrong_labels(
                     ids, a, e, last_only=True
+                ),
+                "Everything after the first <|assistant|> is labelled: an answer ends with its "
+                "<|endoftext|>, and the user's next turn must not be scored.": _wrong_labels(
+                    ids, a, e, to_end=True
                 ),
                 "The <|assistant|> token itself is labelled: it is part of the prompt (the "
                 "model is told the assistant speaks now), start after it.": _wrong_labels(
@@ -244,9 +292,10 @@ def check_assistant_labels(assistant_labels):
                 "Everything is labelled: only the answers are scored, the system line and the "
                 "user's turns get -100.": ids,
             },
-            "Labels: the id inside each answer (after <|assistant|>, up to and including "
-            "<|endoftext|>), -100 everywhere else.",
         ),
+        hint="Walk the ids once, remembering whether you are inside an answer: an answer starts "
+        "after each <|assistant|> and ends with the <|endoftext|> that closes it, which is "
+        "labelled too. Everything else gets the ignore index.",
     )
     cut = len(ids) - 6  # inside the last answer: no <|endoftext|> at the end
     step("calling assistant_labels on the same conversation cut inside its last answer")
@@ -254,7 +303,8 @@ def check_assistant_labels(assistant_labels):
         assistant_labels(ids[:cut], tok.assistant_id, tok.eot_id),
         expected[:cut],
         "assistant_labels on a conversation cut inside its last answer",
-        hint="A cut answer (no closing <|endoftext|>) is still an answer: label it to the end.",
+        hint="A cut answer, with no closing <|endoftext|>, is still an answer: label its tokens "
+        "up to the end of the input, as you pass them.",
     )
     padded = torch.cat([ids, torch.full((4,), tok.pad_id)])
     step("calling assistant_labels on the conversation followed by 4 padding tokens")
@@ -262,7 +312,8 @@ def check_assistant_labels(assistant_labels):
         assistant_labels(padded, tok.assistant_id, tok.eot_id),
         torch.cat([expected, torch.full((4,), -100)]),
         "assistant_labels on a right-padded conversation",
-        hint="After an answer's <|endoftext|>, nothing is scored until the next <|assistant|>.",
+        hint="After an answer's <|endoftext|>, nothing is scored until the next <|assistant|>: "
+        "padding included.",
     )
 
 
@@ -295,20 +346,24 @@ def check_count_parameters(count_parameters):
     step("calling count_parameters on a small decoder with its first layer frozen")
     got = _as_pair(count_parameters(model), "count_parameters(model)")
     if got != (trainable, total):
-        hints = {
-            (total, trainable): "The order is (trainable, total).",
-            (total, total): "Only parameters with requires_grad=True are trainable.",
+        diagnoses = {
+            (total, trainable): "The two numbers are swapped: the order is (trainable, total).",
+            (total, total): "You counted every parameter as trainable: the frozen ones (those "
+            "that do not require gradients) are not.",
             (state_total - (total - trainable), state_total): "You counted the state_dict: "
             "it lists the tied embedding twice (embed_tokens and lm_head) and includes buffers.",
-            (sum(p.requires_grad for p in params), len(params)): "You counted tensors; count "
-            "their elements with p.numel().",
+            (sum(p.requires_grad for p in params), len(params)): "You counted tensors, not "
+            "numbers: a (16, 16) weight is 256 parameters, not one.",
         }
-        raise GradingFailure(
+        message = (
             f"count_parameters(model) returned {got}, expected (trainable, total) = "
-            f"{(trainable, total)}.",
-            hints.get(
-                got, "Sum p.numel() over model.parameters(), and over those that require grad."
-            ),
+            f"{(trainable, total)}."
+        )
+        fail(
+            message + (f"\n{diagnoses[got]}" if got in diagnoses else ""),
+            "Go over the model's parameters, each once (a tied tensor is one set of numbers), "
+            "adding up their numbers of elements; the trainable count adds only those that "
+            "require gradients.",
         )
     for p in model.parameters():
         p.requires_grad_(True)
@@ -318,11 +373,20 @@ def check_count_parameters(count_parameters):
     got = _as_pair(count_parameters(model), "count_parameters(LoRA model)")
     expected = (lora, total + lora)
     if got != expected:
-        raise GradingFailure(
+        diagnoses = {
+            (total + lora, total + lora): "You counted the frozen base weights as trainable: "
+            "apply_lora froze them.",
+            (lora, total): "The total left out the adapters: they are parameters of the model too.",
+        }
+        message = (
             f"With LoRA adapters on {len(wrapped)} layers: got {got}, expected {expected} "
             "(r (in + out) = 2 (16 + 16) trainable numbers per adapted layer, everything else "
-            "frozen).",
-            "Count what requires grad; LoRA's base weights are frozen.",
+            "frozen)."
+        )
+        fail(
+            message + (f"\n{diagnoses[got]}" if got in diagnoses else ""),
+            "Count what requires gradients: after apply_lora only the adapters' A and B do; "
+            "the total counts every parameter, the adapters included.",
         )
 
 
@@ -412,7 +476,8 @@ def check_instruction_samples(instruction_samples):
         got = len(samples) if isinstance(samples, list) else type(samples).__name__
         raise GradingFailure(
             f"instruction_samples() should return a list of {len(SAMPLE_SCENES)} records, one "
-            f"per scene of SAMPLE_SCENES, got {got}."
+            f"per scene of SAMPLE_SCENES, got {got}.",
+            "Return a list with one record (a dict) per scene, in the order of SAMPLE_SCENES.",
         )
     world = ShapesWorld("train", max(SAMPLE_SCENES) + 1)
     kinds = set()
@@ -431,14 +496,18 @@ def check_instruction_samples(instruction_samples):
         if record["image"] != expected_image:
             raise GradingFailure(
                 f"{where}: 'image' is {record['image']!r}; this scene's file is "
-                f"{expected_image!r} (the name `minillava data export` gives it)."
+                f"{expected_image!r} (the name minillava data export gives it).",
+                "Each sample names its own scene's image file, as the export writes it: the "
+                "split, an underscore, the scene's index in six digits, then the extension.",
             )
         turns = record["conversations"]
         if len(turns) < 4:
             raise GradingFailure(
                 f"{where} has {len(turns) // 2} round(s) of question and answer; write at least "
                 "two: LLaVA's data are conversations, and a later question must be answerable "
-                "from the image as well as the first."
+                "from the image as well as the first.",
+                "Add a second question about the same image, and its answer: the turns "
+                "alternate human and gpt, and only the first human turn holds the image.",
             )
         kinds |= {question_kind(t["value"]) for t in turns[0::2]}
 
@@ -468,4 +537,266 @@ def check_instruction_samples(instruction_samples):
             f"ask at least {MIN_KINDS}.",
             "Kinds: " + ", ".join(kind for kind, _ in QUESTION_KINDS) + ". Variety is what makes "
             "an instruction set teach more than one skill.",
+        )
+
+
+# --- merge_lora (stretch): the whole model, not one matrix ------------------------------------
+
+
+class _Block(nn.Module):
+    """A residual block with a square layer, a widening one and a narrowing one without bias."""
+
+    def __init__(self, width: int = 6, hidden: int = 10):
+        super().__init__()
+        self.mix = nn.Linear(width, width)  # square: a transposed update fits it
+        self.up = nn.Linear(width, hidden)
+        self.down = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., width) -> (..., width)
+        return x + self.down(torch.tanh(self.up(torch.tanh(self.mix(x)))))
+
+
+class _Net(nn.Module):
+    """Two blocks in a ModuleList (so the layers sit two levels down) and a head LoRA skips."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., 6) -> (..., 4)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _adapted(model: nn.Module, targets, rank: int, alpha: float) -> list[str]:
+    """apply_lora with dropout, then random adapters (B = 0 would hide every merging mistake)."""
+    names = apply_lora(model, targets, rank=rank, alpha=alpha, dropout=0.1)
+    with torch.no_grad():
+        for name in names:
+            model.get_submodule(name).lora_B.normal_()
+    return names
+
+
+def _lora_left(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, LoRALinear) or "lora" in n]
+
+
+def _check_layer(model: nn.Module, name: str, W, b, A, B, alpha) -> None:
+    """One adapted layer after merge_lora: a plain nn.Linear with W + (alpha / r) B A and b."""
+    layer = model.get_submodule(name)
+    scale = alpha / A.shape[0]
+    merged = W + scale * (B @ A)
+    if isinstance(layer, LoRALinear) or hasattr(layer, "lora_A"):
+        inside = isinstance(getattr(layer, "base", None), nn.Linear) and torch.allclose(
+            layer.base.weight.detach().to(merged.dtype), merged, atol=1e-6
+        )
+        fail(
+            f"After merge_lora, {name} is still a {type(layer).__name__}."
+            + (
+                "\nThe merged layer was put inside the LoRA wrapper, as its base, instead of "
+                "in the wrapper's place: the wrapper is still there and adds its update a "
+                "second time."
+                if inside
+                else ""
+            ),
+            "Replace the whole LoRA layer, in the module that holds it, by the new plain "
+            "linear layer: set it on its parent under its own last name.",
+        )
+    if type(layer) is not nn.Linear:
+        fail(
+            f"After merge_lora, {name} is a {type(layer).__name__}, expected a plain nn.Linear.",
+            "Each LoRA layer becomes an ordinary linear layer, nothing around it.",
+        )
+    out_f, in_f = W.shape
+    mistakes = {
+        "The update is not scaled: B A was added without its factor alpha / r.": W + B @ A,
+        "The update is scaled by alpha alone, not by alpha / r: it is r times too large.": W
+        + alpha * (B @ A),
+        "The update was not added: the weight is still the pretrained W.": W,
+        "You kept the update only, without the pretrained weight W that it corrects.": scale
+        * (B @ A),
+    }
+    if out_f == in_f:
+        mistakes[
+            "The update is transposed: you added Aᵀ Bᵀ, shape (in, out), where B A, shape "
+            "(out, in), belongs. On this square layer the shapes agree, so nothing failed."
+        ] = W + scale * (A.T @ B.T)
+    assert_close(
+        layer.weight,
+        merged,
+        f"the weight of the merged {name} ({out_f}, {in_f})",
+        why_shape=f"it replaces the pretrained layer: (out, in) = ({out_f}, {in_f})",
+        diagnosis=diagnose(layer.weight, mistakes),
+        hint="Each merged weight is what merge_lora_weight returns for that layer: its base "
+        "layer's weight, its two factors and its alpha (the rank is the number of rows of A).",
+    )
+    if layer.weight.dtype != W.dtype:
+        fail(
+            f"The weight of the merged {name} is {layer.weight.dtype}; the model's weights are "
+            f"{W.dtype}. A model in half precision merged into float32 layers doubles in size, "
+            "and its first matrix product with a mismatched input fails.",
+            "Create the new layer with the dtype (and the device) of the weight it replaces.",
+        )
+    if b is None and layer.bias is not None:
+        fail(
+            f"{name} had no bias, and the merged layer has one: a new linear layer gets a "
+            "random bias unless it is told not to have one, and it is added to every output.",
+            "Give the new layer a bias exactly when the layer it replaces has one.",
+        )
+    if b is not None:
+        if layer.bias is None:
+            fail(
+                f"The bias of {name} is missing: the merged layer has none, and the pretrained "
+                "layer's b is no longer added.",
+                "LoRA changes the weight only: the bias goes over to the merged layer as it was.",
+            )
+        assert_close(
+            layer.bias,
+            b,
+            f"the bias of the merged {name}",
+            diagnosis="It is not the pretrained layer's bias: it looks like the new layer kept "
+            "the random bias it was created with.",
+            hint="LoRA changes the weight only: copy the bias over as it was.",
+        )
+
+
+@grader("merge_lora", points=3)
+def check_merge_lora(merge_lora):
+    """Stretch: every LoRA layer of two adapted models becomes a plain nn.Linear, same outputs.
+
+    A two-level model in float64 (square, widening and bias-free layers, one left alone) and a
+    Decoder, each wrapped by apply_lora with dropout and given random adapters: every LoRALinear
+    must become a plain nn.Linear with W + (alpha / r) B A, its bias and its dtype, in its own
+    parent; the outputs, the state_dict names and the parameter count are the model's before
+    LoRA; the same object is returned; the Decoder agrees with minillava.lora.merge_lora. The
+    adapters' own tensors must be left as they were (the grader's guard compares them).
+    """
+    model = _Net().double()
+    names_before = list(model.state_dict())
+    count_before = sum(p.numel() for p in model.parameters())
+    rank, alpha = 2, 6.0
+    names = _adapted(model, ("mix", "up", "down"), rank, alpha)
+    layers = {name: model.get_submodule(name) for name in names}
+    saved = {
+        name: (
+            m.base.weight.detach().clone(),
+            None if m.base.bias is None else m.base.bias.detach().clone(),
+            m.lora_A.detach().clone(),
+            m.lora_B.detach().clone(),
+        )
+        for name, m in layers.items()
+    }
+    x = torch.randn(5, 6, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    step(
+        "calling merge_lora on a float64 model whose blocks.0/1.mix (6, 6), up (10, 6) and "
+        "down (6, 10, no bias) were wrapped by apply_lora(rank=2, alpha=6, dropout=0.1)"
+    )
+    got = merge_lora(model)
+    if got is None:
+        fail(
+            "merge_lora returned None; it should return the model it was given, merged.",
+            "Change the model in place, then return it (so that a call can be chained).",
+        )
+    if got is not model:
+        fail(
+            f"merge_lora returned a different {type(got).__name__} object: the model it was "
+            "given still holds its LoRA layers.",
+            "Replace the layers inside the model you were handed, and return that same model.",
+        )
+    dotted = [
+        (parent or "the model", key)
+        for parent, module in model.named_modules()
+        for key in module._modules
+        if "." in key
+    ]
+    if dotted:
+        parent, key = dotted[0]
+        fail(
+            f"A module was registered on {parent} under the dotted name {key!r}: setting an "
+            "attribute with a full dotted name does not reach into the submodules, it adds a "
+            "new module beside them, and the LoRA layer is still in place.",
+            "Split each dotted name into the parent's path and the last part; find the parent "
+            "module, and replace the child there.",
+        )
+    for name in names:
+        step(f"checking {name} after merge_lora")
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            fail(
+                f"After merge_lora the model has no module {name!r} any more.",
+                "Each LoRA layer is replaced under the same name, in the same parent.",
+            )
+        _check_layer(model, name, *saved[name], alpha)
+    left = _lora_left(model)
+    if left:
+        fail(
+            f"LoRA modules are left in the model after merge_lora: {left}.",
+            "Replace every LoRA layer, not only some; collect them all first, then replace.",
+        )
+    if set(model.state_dict()) != set(names_before):
+        missing = sorted(set(names_before) - set(model.state_dict()))
+        extra = sorted(set(model.state_dict()) - set(names_before))
+        fail(
+            f"The merged model's state_dict names differ from the model's before apply_lora: "
+            f"missing {missing}, extra {extra}.",
+            "Replace each LoRA layer under its own name, and keep nothing else beside it.",
+        )
+    count = sum(p.numel() for p in model.parameters())
+    if count != count_before:
+        fail(
+            f"The merged model has {count} parameters; before apply_lora it had "
+            f"{count_before}. Merging should leave exactly the original layers' numbers.",
+            "Nothing of the adapters stays: only the merged weights and the biases.",
+        )
+    step("running the merged model on the same input")
+    with torch.no_grad():
+        assert_close(
+            model(x),
+            expected,
+            "the merged model's output (against the LoRA model's, in eval mode)",
+            hint="Every layer that LoRA wrapped must compute what its LoRA layer computed.",
+        )
+
+    step("calling merge_lora on a Decoder adapted on q_proj, v_proj and gate_proj (rank 4)")
+    decoder = _tiny_decoder()
+    names_before = list(decoder.state_dict())
+    _adapted(decoder, ("q_proj", "v_proj", "gate_proj"), 4, 8.0)
+    ids = torch.randint(0, decoder.config.vocab_size, (2, 7))
+    decoder.eval()
+    with torch.no_grad():
+        expected = decoder(ids).logits
+    reference = lora.merge_lora(copy.deepcopy(decoder))
+    merged = merge_lora(decoder)
+    if merged is not decoder or _lora_left(decoder):
+        fail(
+            "On a Decoder, merge_lora left LoRA modules in place "
+            f"({_lora_left(decoder)[:3]}) or returned another object.",
+            "Find the LoRA layers wherever they sit, however deep, and replace each in its "
+            "own parent.",
+        )
+    assert list(reference.state_dict()) == names_before  # the library's merge, for comparison
+    if set(decoder.state_dict()) != set(names_before):
+        fail(
+            "On a Decoder, the merged state_dict names differ from the decoder's own: "
+            f"{sorted(set(decoder.state_dict()) ^ set(names_before))[:4]}.",
+            "Replace each LoRA layer under its own name.",
+        )
+    for key, value in reference.state_dict().items():
+        assert_close(
+            decoder.state_dict()[key],
+            value,
+            f"{key} of the merged Decoder (against minillava.lora.merge_lora)",
+        )
+    with torch.no_grad():
+        assert_close(
+            decoder(ids).logits,
+            expected,
+            "the merged Decoder's logits (against the LoRA decoder's, in eval mode)",
+            atol=1e-5,
         )

@@ -4,6 +4,7 @@ Also: the library (minillava.lora, Tokenizer.render, Llava.count_parameters) agr
 solutions/ch09_instruct.py, so the chapter, the notebook and the reference cannot drift apart.
 """
 
+import pytest
 import torch
 from torch import nn
 
@@ -33,10 +34,25 @@ def transposed_shapes(in_features, out_features, rank):
 
 
 def test_init_lora_factors_rejects(rejects):
-    rejects("ch09.init_lora_factors", both_random, mentions=["B is not zero", "pretrained"])
-    rejects("ch09.init_lora_factors", both_zero, mentions=["both zero", "never learns"])
+    rejects(
+        "ch09.init_lora_factors",
+        both_random,
+        mentions=["B is not zero", "pretrained"],
+        hint_mentions=["starts at zero"],
+    )
+    rejects(
+        "ch09.init_lora_factors",
+        both_zero,
+        mentions=["both zero", "never learns"],
+        hint_mentions=["random values"],
+    )
     rejects("ch09.init_lora_factors", swapped_roles, mentions=["other way round"])
-    rejects("ch09.init_lora_factors", transposed_shapes, mentions=["lora_A has shape (12, 4)"])
+    rejects(
+        "ch09.init_lora_factors",
+        transposed_shapes,
+        mentions=["lora_A has shape (12, 4)"],
+        hint_mentions=["laid out like a linear layer's weight"],
+    )
 
 
 # --- lora_forward ---------------------------------------------------------------------------
@@ -64,10 +80,19 @@ def ignores_none_bias(x, weight, bias, lora_A, lora_B, alpha):
 
 
 def test_lora_forward_rejects(rejects):
-    rejects("ch09.lora_forward", no_scaling, mentions=["not scaled", "alpha / r"])
-    rejects("ch09.lora_forward", alpha_only, mentions=["not by alpha alone"])
+    rejects(
+        "ch09.lora_forward",
+        no_scaling,
+        mentions=["not scaled", "alpha / r"],
+        hint_mentions=["alpha over the rank"],
+    )
+    rejects("ch09.lora_forward", alpha_only, mentions=["scaled by alpha alone", "r times"])
     rejects("ch09.lora_forward", update_only, mentions=["pretrained layer is missing"])
-    rejects("ch09.lora_forward", ignores_none_bias, mentions=["Your code raised", "bias=None"])
+    rejects(
+        "ch09.lora_forward",
+        ignores_none_bias,
+        mentions=["Your code raised", "bias=None"],
+    )
 
 
 # --- merge_lora_weight ----------------------------------------------------------------------
@@ -91,7 +116,12 @@ def merge_transposed_shape(weight, lora_A, lora_B, alpha):
 
 def test_merge_lora_weight_rejects(rejects):
     rejects("ch09.merge_lora_weight", transposed_update, mentions=["transposed", "square"])
-    rejects("ch09.merge_lora_weight", merge_unscaled, mentions=["not scaled"])
+    rejects(
+        "ch09.merge_lora_weight",
+        merge_unscaled,
+        mentions=["not scaled", "alpha / r"],
+        hint_mentions=["B times A"],
+    )
     rejects(
         "ch09.merge_lora_weight",
         merge_transposed_shape,
@@ -142,7 +172,12 @@ def test_assistant_labels_rejects(rejects):
     rejects("ch09.assistant_labels", last_answer_only, mentions=["Only the last answer"])
     rejects("ch09.assistant_labels", labels_role_token, mentions=["<|assistant|> token itself"])
     rejects("ch09.assistant_labels", forgets_eot, mentions=["learns to stop"])
-    rejects("ch09.assistant_labels", never_stops, mentions=["3-turn conversation"])
+    rejects(
+        "ch09.assistant_labels",
+        never_stops,
+        mentions=["3-turn conversation", "everything after the first <|assistant|>"],
+        hint_mentions=["closes it"],
+    )
 
 
 # --- count_parameters -----------------------------------------------------------------------
@@ -167,8 +202,18 @@ def everything_trainable(model):
 
 def test_count_parameters_rejects(rejects):
     rejects("ch09.count_parameters", from_state_dict, mentions=["tied embedding twice"])
-    rejects("ch09.count_parameters", counts_tensors, mentions=["p.numel()"])
-    rejects("ch09.count_parameters", everything_trainable, mentions=["requires_grad=True"])
+    rejects(
+        "ch09.count_parameters",
+        counts_tensors,
+        mentions=["counted tensors, not numbers"],
+        hint_mentions=["numbers of elements"],
+    )
+    rejects(
+        "ch09.count_parameters",
+        everything_trainable,
+        mentions=["every parameter as trainable"],
+        hint_mentions=["require gradients"],
+    )
 
 
 # --- no drift: the library does what the solutions do ---------------------------------------
@@ -288,7 +333,12 @@ def test_instruction_samples_name_the_false_fact(rejects):
     wrong_colour = _samples_with(
         _set_answer(1, 1, "There is a large red cross in the middle right.")
     )
-    rejects("ch09.instruction_samples", wrong_colour, mentions=["sample 1", "red cross"])
+    rejects(
+        "ch09.instruction_samples",
+        wrong_colour,
+        mentions=["sample 1", "red cross"],
+        hint_mentions=["the scene holds"],
+    )
     wrong_cell = _samples_with(_set_answer(1, 1, "There is a large blue cross in the top left."))
     rejects("ch09.instruction_samples", wrong_cell, mentions=["wrong cell", "top left"])
     invented = _samples_with(_set_answer(2, 1, "There is a small green circle in the center."))
@@ -300,7 +350,7 @@ def test_instruction_samples_name_the_false_fact(rejects):
     miscounted = _samples_with(_set_answer(1, 0, "There are three shapes."))
     rejects("ch09.instruction_samples", miscounted, mentions=["number of shapes", "there are 2"])
     misread = _samples_with(_set_answer(0, 1, "The letter K is written in the middle right."))
-    rejects("ch09.instruction_samples", misread, mentions=["'K'", "the letter L"])
+    rejects("ch09.instruction_samples", misread, mentions=["'K'"], hint_mentions=["the letter L"])
 
 
 def test_instruction_samples_reject_bad_format_and_thin_data(rejects):
@@ -342,3 +392,137 @@ def test_instruction_samples_scenes_agree_with_the_grader():
     from minillava.graders import ch09
 
     assert exercise.SAMPLE_SCENES == solution.SAMPLE_SCENES == ch09.SAMPLE_SCENES
+
+
+# --- merge_lora (stretch) -------------------------------------------------------------------
+
+
+def _merged_linear(adapter, weight, bias=True, dtype=True):
+    """A new nn.Linear holding `weight`, with the adapter's bias (or a fresh one, or none)."""
+    base = adapter.base
+    factory = {"dtype": base.weight.dtype} if dtype else {}
+    has_bias = base.bias is not None if bias is True else bias
+    layer = nn.Linear(base.in_features, base.out_features, bias=has_bias, **factory)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is True and base.bias is not None:
+            layer.bias.copy_(base.bias)
+    return layer
+
+
+def _walk(model, make, place="parent"):
+    """Replace each LoRALinear by make(adapter), at `place`: its parent, the model, the wrapper."""
+    adapted = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for name, adapter in adapted:
+        new = make(adapter)
+        parent_name, _, child = name.rpartition(".")
+        if place == "parent":
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        elif place == "model":
+            setattr(model, name, new)  # a dotted name: a new module beside the old one
+        else:
+            adapter.base = new  # inside the wrapper, which stays
+    return model
+
+
+def _weight(adapter, scale=None, transposed=False):
+    A, B = adapter.lora_A.detach(), adapter.lora_B.detach()
+    update = A.T @ B.T if transposed else B @ A
+    if update.shape != adapter.base.weight.shape:  # "fixed" with a transpose, as learners do
+        update = update.T
+    scale = adapter.alpha / adapter.rank if scale is None else scale
+    return adapter.base.weight.detach() + scale * update
+
+
+def merge_model_unscaled(model):
+    return _walk(model, lambda a: _merged_linear(a, _weight(a, scale=1.0)))
+
+
+def merge_update_transposed(model):
+    return _walk(model, lambda a: _merged_linear(a, _weight(a, transposed=True)))
+
+
+def merge_drops_bias(model):
+    return _walk(model, lambda a: _merged_linear(a, _weight(a), bias=False))
+
+
+def merge_random_bias(model):
+    return _walk(model, lambda a: _merged_linear(a, _weight(a), bias="fresh"))
+
+
+def merge_float32_layers(model):
+    return _walk(model, lambda a: _merged_linear(a, _weight(a), dtype=False))
+
+
+def merge_inside_wrapper(model):
+    return _walk(model, lambda a: _merged_linear(a, _weight(a)), place="wrapper")
+
+
+def merge_dotted_setattr(model):
+    return _walk(model, lambda a: _merged_linear(a, _weight(a)), place="model")
+
+
+def merge_in_place(model):
+    return merge_lora(model)  # the library's: it adds the update into W itself
+
+
+def merge_forgets_return(model):
+    solution.merge_lora(model)
+
+
+def merge_into_a_copy(model):
+    import copy
+
+    return solution.merge_lora(copy.deepcopy(model))
+
+
+@pytest.mark.parametrize(
+    "wrong, mentions, hint_mentions",
+    [
+        (merge_model_unscaled, ["blocks.0.mix", "not scaled", "alpha / r"], ["merge_lora_weight"]),
+        (merge_update_transposed, ["transposed", "square layer"], []),
+        (merge_drops_bias, ["bias of blocks.0.mix is missing"], ["as it was"]),
+        (merge_random_bias, ["bias of the merged blocks.0.mix", "random bias"], ["copy"]),
+        (merge_float32_layers, ["torch.float32", "torch.float64"], ["dtype"]),
+        (merge_inside_wrapper, ["still a LoRALinear", "inside the LoRA wrapper"], ["parent"]),
+        (merge_dotted_setattr, ["dotted name", "'blocks.0.mix'"], ["parent"]),
+        (
+            merge_in_place,
+            ["changed the weights of its argument `model` in place", "base.weight"],
+            [],
+        ),
+        (merge_forgets_return, ["returned None"], ["return"]),
+        (merge_into_a_copy, ["different _Net object", "still holds its LoRA layers"], []),
+    ],
+)
+def test_merge_lora_rejects(rejects, wrong, mentions, hint_mentions):
+    rejects("ch09.merge_lora", wrong, mentions=mentions, hint_mentions=hint_mentions)
+
+
+def test_merge_lora_agrees_with_the_library():
+    import copy
+
+    torch.manual_seed(0)
+    config = DecoderConfig(
+        vocab_size=40, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
+    )
+    decoder = Decoder(config)
+    apply_lora(decoder, ("q_proj", "o_proj", "down_proj"), rank=3, alpha=5.0, dropout=0.1)
+    with torch.no_grad():
+        for p in lora_parameters(decoder):
+            p.normal_()
+    adapters = {n: m for n, m in decoder.named_modules() if isinstance(m, LoRALinear)}
+    kept = {
+        n: (m.base.weight.clone(), m.lora_A.clone(), m.lora_B.clone()) for n, m in adapters.items()
+    }
+    library = merge_lora(copy.deepcopy(decoder))
+    ours = solution.merge_lora(decoder)
+    assert ours is decoder
+    assert list(ours.state_dict()) == list(library.state_dict())
+    for key, value in library.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value)
+    for name, (W, A, B) in kept.items():  # the adapters are as they were
+        adapter = adapters[name]
+        assert torch.equal(adapter.base.weight, W) and not adapter.merged
+        assert torch.equal(adapter.lora_A, A) and torch.equal(adapter.lora_B, B)
+    assert not any(isinstance(m, LoRALinear) for m in ours.modules())

@@ -44,18 +44,22 @@ def prints_instead(text):
 
 
 @pytest.mark.parametrize(
-    "wrong, mentions",
+    "wrong, mentions, hint_mentions",
     [
-        (no_lower, ["normalise_answer('Red') returned 'Red', expected 'red'", "lower-case"]),
-        (strip_only, ["'top   left'", "collapse every run of whitespace"]),
-        (strips_all_punctuation, ["'topleft'", "inside the answer"]),
-        (only_full_stop, ["'no!'", ". ! ? , ; :"]),
-        (forgets_uncovered_space, ["'circle '", "space it uncovers"]),
-        (prints_instead, ["returned None", "return"]),
+        (
+            no_lower,
+            ["normalise_answer('Red') returned 'Red', expected 'red'", "lower-case"],
+            ["before the other two rules"],
+        ),
+        (strip_only, ["'top   left'", "collapse every run of whitespace"], ["joining the words"]),
+        (strips_all_punctuation, ["'topleft'", "inside the answer"], ["right end"]),
+        (only_full_stop, ["'no!'", ". ! ? , ; :"], ["whole set of characters"]),
+        (forgets_uncovered_space, ["'circle '", "space it uncovers"], ["once more"]),
+        (prints_instead, ["returned None", "return"], ["printing it is not returning"]),
     ],
 )
-def test_normalise_answer_rejects(rejects, wrong, mentions):
-    rejects("ch10.normalise_answer", wrong, mentions=mentions)
+def test_normalise_answer_rejects(rejects, wrong, mentions, hint_mentions):
+    rejects("ch10.normalise_answer", wrong, mentions=mentions, hint_mentions=hint_mentions)
 
 
 # --- accuracy_by_type -----------------------------------------------------------------------
@@ -90,9 +94,18 @@ def only_two_values(records):
 
 
 def test_accuracy_by_type_rejects(rejects):
-    rejects("ch10.accuracy_by_type", macro_average, mentions=["mean of the per-type accuracies"])
+    rejects(
+        "ch10.accuracy_by_type",
+        macro_average,
+        mentions=["mean of the per-type accuracies"],
+        hint_mentions=["all types together"],
+    )
     rejects("ch10.accuracy_by_type", unsorted_keys, mentions=["sorted order"])
-    rejects("ch10.accuracy_by_type", correct_counts_not_fractions, mentions=["per_type is wrong"])
+    rejects(
+        "ch10.accuracy_by_type",
+        correct_counts_not_fractions,
+        mentions=["per_type is wrong", "numbers of correct records, not fractions"],
+    )
     rejects("ch10.accuracy_by_type", divides_by_zero, mentions=["counts is wrong"])
     rejects("ch10.accuracy_by_type", only_two_values, mentions=["tuple of length 2"])
 
@@ -108,7 +121,12 @@ def test_accuracy_by_type_wants_value_error_on_empty(rejects):
         overall, per_type, counts = solution.accuracy_by_type(records) if n else (0, {}, {})
         return sum(r["correct"] for r in records) / n, per_type, counts
 
-    rejects("ch10.accuracy_by_type", no_guard, mentions=["raise ValueError"])
+    rejects(
+        "ch10.accuracy_by_type",
+        no_guard,
+        mentions=["raise ValueError"],
+        hint_mentions=["empty list"],
+    )
     rejects("ch10.accuracy_by_type", zero_division, mentions=["ZeroDivisionError", "ValueError"])
 
 
@@ -190,19 +208,23 @@ def returns_list(decoder, input_ids, max_new_tokens):
 
 
 @pytest.mark.parametrize(
-    "wrong, mentions",
+    "wrong, mentions, hint_mentions",
     [
-        (no_cache_recompute, ["Your tokens are right", "past_key_values=out.past_key_values"]),
-        (forgets_cache, ["without the cache", "forgotten the prompt"]),
-        (refeeds_everything, ["feed only the new token"]),
-        (position_zero, ["Do not pass position_ids", "cache length"]),
-        (feeds_last_prompt_token, ["feed each new token back in"]),
-        (first_position_logits, ["logits at the last position"]),
-        (returns_list, ["returned a list, expected a torch.Tensor"]),
+        (
+            no_cache_recompute,
+            ["Your tokens are right", "recomputes the whole sequence"],
+            ["hand the cache"],
+        ),
+        (forgets_cache, ["without the cache", "forgotten the prompt"], ["hand it back"]),
+        (refeeds_everything, ["more than the new token", "counts them twice"], ["only the token"]),
+        (position_zero, ["passed position ids", "cache length"], ["leave the positions"]),
+        (feeds_last_prompt_token, ["must be fed back in"], ["chose at the step before"]),
+        (first_position_logits, ["first position", "logits at the last position"], ["largest"]),
+        (returns_list, ["returned a list, expected a torch.Tensor"], ["one column per step"]),
     ],
 )
-def test_greedy_generate_rejects(rejects, wrong, mentions):
-    rejects("ch10.greedy_generate", wrong, mentions=mentions)
+def test_greedy_generate_rejects(rejects, wrong, mentions, hint_mentions):
+    rejects("ch10.greedy_generate", wrong, mentions=mentions, hint_mentions=hint_mentions)
 
 
 # --- majority_baseline ----------------------------------------------------------------------
@@ -249,9 +271,23 @@ def unnormalised_test(train_records, test_records):
 
 
 def test_majority_baseline_rejects(rejects):
-    rejects("ch10.majority_baseline", unnormalised, mentions=["Normalise the training answers"])
-    rejects("ch10.majority_baseline", unnormalised_test, mentions=["Normalise the test answers"])
-    rejects("ch10.majority_baseline", global_majority, mentions=["of each type separately"])
+    rejects(
+        "ch10.majority_baseline",
+        unnormalised,
+        mentions=["training answers without normalising"],
+        hint_mentions=["normalise every answer"],
+    )
+    rejects(
+        "ch10.majority_baseline",
+        unnormalised_test,
+        mentions=["test answers without normalising"],
+    )
+    rejects(
+        "ch10.majority_baseline",
+        global_majority,
+        mentions=["one most common answer for all types"],
+        hint_mentions=["group the training answers by type", "on its own"],
+    )
     rejects("ch10.majority_baseline", skips_unseen_types, mentions=["missing ['shape']"])
 
 
@@ -288,3 +324,138 @@ def test_greedy_generate_agrees_with_library_generate():
     input_ids = torch.randint(0, 40, (3, 6))
     expected = generate(decoder, input_ids, max_new_tokens=10, temperature=0.0, use_cache=False)
     torch.testing.assert_close(solution.greedy_generate(decoder, input_ids, 10), expected)
+
+
+# --- greedy_generate_batch (stretch) --------------------------------------------------------
+
+
+def _padded(prompts, pad_id, left=True):
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        where = slice(T - len(prompt), T) if left else slice(0, len(prompt))
+        ids[i, where] = torch.tensor(prompt)
+        mask[i, where] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def _batch_loop(decoder, prompts, n, eot_id, pad_id, left=True, step_mask=True, prefill_mask=True,
+                keep_eot=True, pad_finished=True, stop_on_first=False, end_early=True):  # fmt: skip
+    """The solution's loop, with one step switched off or done wrong by each flag."""
+    ids, mask = _padded(prompts, pad_id, left)
+    out = decoder(input_ids=ids, attention_mask=mask if prefill_mask else None, use_cache=True)
+    finished, new = torch.zeros(len(prompts), dtype=torch.bool), []
+    for step in range(n):
+        token = out.logits[:, -1].argmax(-1)
+        done_now = finished | (token == eot_id) if not keep_eot else finished
+        new.append(token.masked_fill(done_now, pad_id) if pad_finished else token)
+        finished |= token == eot_id
+        if step == n - 1 or (end_early and bool(finished.all())):
+            break
+        if stop_on_first and bool(finished.any()):
+            break
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        out = decoder(
+            input_ids=token[:, None],
+            attention_mask=mask if step_mask and prefill_mask else None,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+    return torch.stack(new, 1)
+
+
+def right_padded(decoder, prompts, n, eot_id, pad_id):
+    return _batch_loop(decoder, prompts, n, eot_id, pad_id, left=False)
+
+
+def no_mask(decoder, prompts, n, eot_id, pad_id):
+    return _batch_loop(decoder, prompts, n, eot_id, pad_id, prefill_mask=False)
+
+
+def mask_in_prefill_only(decoder, prompts, n, eot_id, pad_id):
+    return _batch_loop(decoder, prompts, n, eot_id, pad_id, step_mask=False)
+
+
+def drops_eot(decoder, prompts, n, eot_id, pad_id):
+    return _batch_loop(decoder, prompts, n, eot_id, pad_id, keep_eot=False)
+
+
+def never_pads(decoder, prompts, n, eot_id, pad_id):
+    return _batch_loop(decoder, prompts, n, eot_id, pad_id, pad_finished=False)
+
+
+def stops_at_first_eot(decoder, prompts, n, eot_id, pad_id):
+    return _batch_loop(decoder, prompts, n, eot_id, pad_id, stop_on_first=True)
+
+
+def never_ends_early(decoder, prompts, n, eot_id, pad_id):
+    return _batch_loop(decoder, prompts, n, eot_id, pad_id, end_early=False)
+
+
+def trims_after_the_fact(decoder, prompts, n, eot_id, pad_id):
+    tokens = _batch_loop(decoder, prompts, n, eot_id, pad_id, end_early=False)
+    while tokens.shape[1] > 1 and bool((tokens[:, -1] == pad_id).all()):
+        tokens = tokens[:, :-1]  # right tokens, but the model ran every step
+    return tokens
+
+
+@torch.no_grad()
+def mask_not_grown(decoder, prompts, n, eot_id, pad_id):
+    ids, mask = _padded(prompts, pad_id)
+    out, new = decoder(input_ids=ids, attention_mask=mask, use_cache=True), []
+    for _ in range(n):
+        new.append(out.logits[:, -1].argmax(-1))
+        out = decoder(input_ids=new[-1][:, None], attention_mask=mask,
+                      past_key_values=out.past_key_values, use_cache=True)  # fmt: skip
+    return torch.stack(new, 1)
+
+
+def one_prompt_at_a_time(decoder, prompts, n, eot_id, pad_id):
+    rows = [solution.greedy_generate_batch(decoder, [p], n, eot_id, pad_id)[0] for p in prompts]
+    width = max(len(r) for r in rows)
+    return torch.stack([torch.cat([r, torch.full((width - len(r),), pad_id)]) for r in rows])
+
+
+@pytest.mark.parametrize(
+    "wrong, mentions, hint_mentions",
+    [
+        (right_padded, ["padded on the right", "last position"], ["before each shorter prompt"]),
+        (no_mask, ["no attention mask", "padding was read"], ["mask of ones"]),
+        (mask_in_prefill_only, ["after the prefill ran without the attention mask"], ["grown"]),
+        (drops_eot, ["end token is missing", "keeps it"], ["step after the end token"]),
+        (never_pads, ["went on writing tokens", "padding token"], ["flag per row"]),
+        (
+            stops_at_first_eot,
+            ["stopped the whole batch when the first row finished"],
+            ["every row"],
+        ),
+        (never_ends_early, ["went on after every row had finished"], ["stop there"]),
+        (trims_after_the_fact, ["Your tokens are right", "nobody read"], ["before calling"]),
+        (mask_not_grown, ["Your code raised", "attention_mask has shape"], []),
+        (one_prompt_at_a_time, ["Your tokens are right", "one batch"], ["one prefill call"]),
+    ],
+)
+def test_greedy_generate_batch_rejects(rejects, wrong, mentions, hint_mentions):
+    rejects("ch10.greedy_generate_batch", wrong, mentions=mentions, hint_mentions=hint_mentions)
+
+
+def test_greedy_generate_batch_agrees_with_library_generate():
+    torch.manual_seed(0)
+    config = DecoderConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=2,
+                           num_kv_heads=1, intermediate_size=64, max_seq_len=64)  # fmt: skip
+    decoder = Decoder(config).eval()
+    prompts = [torch.randint(1, 40, (n,)).tolist() for n in (6, 2, 9, 4)]
+    ids, mask = _padded(prompts, 0)
+    free = generate(decoder, ids, attention_mask=mask, max_new_tokens=12, temperature=0.0)
+    eot_id = int(free[0, 3])  # row 0 stops at its 4th token at the latest
+    expected = generate(decoder, ids, attention_mask=mask, max_new_tokens=12, temperature=0.0,
+                        stop_token_ids=(eot_id,), pad_token_id=0)  # fmt: skip
+    got = solution.greedy_generate_batch(decoder, prompts, 12, eot_id, 0)
+    torch.testing.assert_close(got, expected)
+    for i, prompt in enumerate(prompts):  # each row as the prompt would get it alone
+        alone = generate(decoder, torch.tensor([prompt]), max_new_tokens=12, temperature=0.0,
+                         stop_token_ids=(eot_id,), pad_token_id=0)[0]  # fmt: skip
+        torch.testing.assert_close(got[i, : len(alone)], alone)
+        assert bool((got[i, len(alone) :] == 0).all())
