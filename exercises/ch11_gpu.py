@@ -3,7 +3,9 @@
 
 The arithmetic of a training run (how many FLOPs a token costs, how much of the GPU you use)
 and three pieces of the training loop in minillava/train.py: the learning-rate schedule,
-gradient accumulation and the weight-decay parameter groups. None needs a GPU.
+gradient accumulation and the weight-decay parameter groups. The stretch exercise averages the
+gradients of several GPUs as DistributedDataParallel does, with a ring all-reduce simulated in
+one process. None needs a GPU.
 """
 
 from __future__ import annotations
@@ -98,3 +100,46 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     Pass the list to torch.optim.AdamW(groups, lr=...).
     """
     raise NotImplementedError("decay_groups: your code here (chapter 11)")
+
+
+def ring_all_reduce(
+    grads: Sequence[Tensor], send: Callable[[int, int, Tensor], Tensor]
+) -> list[Tensor]:
+    """Stretch exercise: average N ranks' gradients with a ring all-reduce, in one process.
+
+    Data parallelism (DDP, section 8 of the chapter) runs one copy of the model per GPU, a
+    *rank*, each on its own share of the batch. After backward every rank holds its own
+    gradients; before the optimizer step all of them must hold the same average, or the copies
+    drift apart. That averaging is an *all-reduce*, and how it moves the data decides whether
+    more GPUs pay off.
+
+    grads[r] is rank r's gradient: N tensors of one shape (any shape, M values each; DDP
+    flattens its gradients into 1-D buckets first). Rank r talks only to its right neighbour,
+    rank (r + 1) % N (the last rank's neighbour is rank 0), and only through send(src, dst,
+    chunk): it carries a tensor from rank src to rank dst and returns what dst receives, a copy.
+    Return a list of N new tensors, one per rank in rank order, each the *mean* of the N
+    gradients in their shape. Leave the inputs unchanged (a real all-reduce works in place on
+    each rank's buffer; here the grader compares your inputs after the call).
+
+    The ring. Flatten each rank's tensor and cut it into N chunks (M need not be a multiple of
+    N: torch.tensor_split makes exactly N chunks whose sizes differ by at most one).
+      1. Reduce-scatter, N - 1 steps. At each step every rank sends one chunk to its neighbour,
+         which adds it into its own copy of that chunk. Choose the indices so that each chunk
+         travels one hop per step and picks up one more rank's share at each hop: after N - 1
+         steps every rank holds one chunk summed over all N ranks, each rank a different one.
+      2. All-gather, N - 1 steps. The same round again, but a rank passes on a complete chunk
+         and the receiver replaces its copy with it: after N - 1 steps every rank has them all.
+    Then divide by N: the ring sums, and DDP wants the mean (it divides each gradient by the
+    number of ranks, then sums).
+
+    The point is the traffic. Each rank sends 2(N - 1) chunks of about M / N values, 2(N - 1)/N
+    of its tensor: less than twice the tensor however many ranks there are, and every link of
+    the ring is busy at every step. A naive all-to-all (each rank sends its whole tensor to
+    every other) gets the same mean for (N - 1) M values per rank, a cost that grows with N.
+    The grader counts the values each rank sends, and to whom.
+
+        copy = lambda src, dst, chunk: chunk.clone()   # a network that only carries data
+        ring_all_reduce([torch.tensor([1., 2.]), torch.tensor([3., 6.])], copy)
+        -> [tensor([2., 4.]), tensor([2., 4.])]
+    """
+    raise NotImplementedError("ring_all_reduce: your code here (chapter 11, stretch)")

@@ -1,8 +1,9 @@
 """Chapter 11, Training on one GPU: reference solutions. Same names and signatures as
 exercises/ch11_gpu.py.
 
-The library versions of the last three live in minillava/train.py (lr_at, the gradient
-accumulation inside train_stage, param_groups).
+The library versions of cosine_lr, accumulate_gradients and decay_groups live in
+minillava/train.py (lr_at, the gradient accumulation inside train_stage, param_groups); the
+all-reduce that ring_all_reduce simulates is torch.distributed's, which DDP calls.
 """
 
 from __future__ import annotations
@@ -59,3 +60,32 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def ring_all_reduce(
+    grads: Sequence[Tensor], send: Callable[[int, int, Tensor], Tensor]
+) -> list[Tensor]:
+    """Reduce-scatter then all-gather round the ring, one chunk per rank per step; then / N."""
+    n = len(grads)
+    flat = [g.detach().reshape(-1).clone() for g in grads]  # each rank's own buffer
+    chunks = [list(f.tensor_split(n)) for f in flat]  # views: writing a chunk writes the buffer
+    right = [(r + 1) % n for r in range(n)]
+
+    # Reduce-scatter: at step s rank r passes on chunk (r - s) % n, the one it has just added to
+    # (at step 0, its own), and its neighbour adds it in. After n - 1 steps chunk c is complete
+    # on rank (c - 1) % n, that is rank r holds the complete chunk (r + 1) % n.
+    for s in range(n - 1):
+        index = [(r - s) % n for r in range(n)]
+        arriving = [send(r, right[r], chunks[r][index[r]]) for r in range(n)]  # all at once
+        for r in range(n):
+            chunks[right[r]][index[r]].add_(arriving[r])
+
+    # All-gather: at step s rank r passes on the complete chunk (r + 1 - s) % n (at step 0 its
+    # own, then the one it has just received), and its neighbour replaces its copy with it.
+    for s in range(n - 1):
+        index = [(r + 1 - s) % n for r in range(n)]
+        arriving = [send(r, right[r], chunks[r][index[r]]) for r in range(n)]
+        for r in range(n):
+            chunks[right[r]][index[r]].copy_(arriving[r])
+
+    return [f.div_(n).reshape(g.shape) for f, g in zip(flat, grads, strict=True)]
