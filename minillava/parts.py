@@ -51,6 +51,11 @@ samples; training and the evaluation decode greedily), greedy_generate (ch10: no
 padding, no stop tokens), attend_with_cache (ch04: the library's cache is preallocated),
 select_patch_features (ch08: the library stops the ViT at that layer instead of computing every
 hidden state), pool_at_eot (ch06: right padding only) and the single-head attention_head (ch05).
+The stretch exercises, each chapter's last, are left out too: they build what the cpu preset's
+model does not use (grouped-query attention, a Perceiver resampler, 2-D sine-cosine positions,
+hard negatives, a ring all-reduce), what runs after training (merge_lora, generation with a cache,
+batched generation) or what the library computes its own way (BPE on counted words, Gram-Schmidt,
+the batch splice, which the ch08 seam already covers row by row).
 
 A part runs with the device of its first tensor as the default one (`_on_device`), and your
 file is imported into the training process, which `minillava grade` never does: a file that
