@@ -85,6 +85,9 @@ def summarise(
         "follow_ups": (results.get("follow_ups", {}).get("per_turn") or [None, None])[1],
         "false_premises": results.get("false_premises", {}).get("honest"),
         "description_f1": descriptions.get("f1"),
+        "description_f1_second_turn": results.get("descriptions_second_turn", {})
+        .get("totals", {})
+        .get("f1"),
         "hallucination_rate": descriptions.get("hallucination_rate"),
     }
 
@@ -98,6 +101,7 @@ CHAT_FIGURES = {  # name -> how to read it from a `summarise` dict
     "follow-ups by pronoun": lambda r: r.get("follow_ups"),
     "false premises": lambda r: r["false_premises"],
     "description F1": lambda r: r["description_f1"],
+    "description F1, 2nd turn": lambda r: r.get("description_f1_second_turn"),
     "hallucinated objects": lambda r: r["hallucination_rate"],
 }
 
@@ -112,7 +116,7 @@ def chat_table(runs: dict[str, dict]) -> str:
         values = [read(run) for run in runs.values()]
         if any(v is None for v in values):
             continue
-        show = (lambda v: f"{v:.3f}") if figure == "description F1" else _pct
+        show = (lambda v: f"{v:.3f}") if figure.startswith("description F1") else _pct
         mean = sum(values) / len(values)
         cells = [*(show(v) for v in values), show(mean), f"{show(min(values))}-{show(max(values))}"]
         lines.append(f"| {figure} | " + " | ".join(cells) + " |")

@@ -471,18 +471,33 @@ DESCRIBE = "Describe the image."  # as a person would ask it
 
 def evaluate_descriptions(
     model, tokenizer, samples: Sequence, question: str = DESCRIBE, batch_size: int = 32,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = 128, earlier: Sequence[str] | None = None,
 ) -> dict:  # fmt: skip
     """Ask for a description of each sample (ShapesWorld `Sample`s: scene and pixels) and score
     it against the scene annotation (`judge.score_description`): objects named right in cell,
     size, colour and shape (precision, recall, F1), hallucinated and repeated mentions, the
-    text. Returns the totals (`judge.aggregate`) and every description with its score."""
+    text. Returns the totals (`judge.aggregate`) and every description with its score.
+
+    `earlier`: one question per sample, asked first as a person might open the chat ("What
+    colour is the circle?"), the model's answer kept in the history; the description is then
+    the second turn, as `evaluate_turns` asks later questions."""
     records, scores = [], []
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
         pixel_values = torch.stack([s.pixel_values for s in batch])
-        answers = generate_answers(model, tokenizer, [question] * len(batch), pixel_values,
-                                   max_new_tokens)  # fmt: skip
+        if earlier is None:
+            answers = generate_answers(model, tokenizer, [question] * len(batch), pixel_values,
+                                       max_new_tokens)  # fmt: skip
+        else:
+            opened = [next_question([], q, True) for q in earlier[start : start + len(batch)]]
+            first = reply(model, tokenizer, opened, pixel_values, max_new_tokens=24)
+            asked = []
+            for turns, said in zip(opened, first, strict=True):
+                history = [*turns, {"from": "gpt", "value": said}]
+                conversation = next_question(history, question, with_image=True)
+                asked.append(fit_to_context(model, tokenizer, conversation, True, max_new_tokens))
+            described = reply(model, tokenizer, asked, pixel_values, max_new_tokens)
+            answers = [text.strip() for text in described]
         for sample, text in zip(batch, answers, strict=True):
             result = score_description(sample.scene, text)
             scores.append(result)

@@ -168,6 +168,14 @@ def format_descriptions(totals: Mapping, false_premises: Mapping | None = None) 
     return "\n".join(lines)
 
 
+def format_second_turn_descriptions(totals: Mapping) -> str:
+    """One line: "Describe the image." asked after a short question, in the same chat."""
+    return (
+        f'"{DESCRIBE}" as a second turn, after a short question ({totals["n"]} images): F1 '
+        f"{totals['f1']:.3f}, hallucinated {totals['hallucination_rate']:.1%} of objects named"
+    )
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
@@ -524,10 +532,16 @@ def talk_about(model, tokenizer, split, out_dir, print_fn, batch_size, image_siz
     scenes = ShapesWorld(split, n_descriptions, config, seed=seed)
     samples = [scenes[i] for i in range(len(scenes))]
     descriptions = evaluate_descriptions(model, tokenizer, samples, batch_size=batch_size)
+    openers = VQADataset(split, n_descriptions, config, seed)  # the same scenes' first questions
+    earlier = [openers.qa(i)[1].question for i in range(len(samples))]
+    second = evaluate_descriptions(
+        model, tokenizer, samples, batch_size=batch_size, earlier=earlier
+    )
     print_fn("")
     print_fn(format_turns(by_turn))
     print_fn(format_follow_ups(follow_ups))
     print_fn(format_descriptions(descriptions["totals"], false_premises))
+    print_fn(format_second_turn_descriptions(second["totals"]))
     plot_description_gallery(samples, descriptions["records"],
                              out_dir / f"descriptions_{split}.png")  # fmt: skip
     described = [{"index": r["index"], "description": r["description"],
@@ -537,6 +551,12 @@ def talk_about(model, tokenizer, split, out_dir, print_fn, batch_size, image_siz
         "follow_ups": follow_ups.to_dict(),
         "false_premises": false_premises,
         "descriptions": {"totals": descriptions["totals"], "records": described},
+        "descriptions_second_turn": {
+            "totals": second["totals"],
+            "records": [
+                {"index": r["index"], "description": r["description"]} for r in second["records"]
+            ],
+        },  # fmt: skip
     }
 
 

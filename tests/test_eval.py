@@ -249,6 +249,8 @@ def test_report_prints_tables_and_writes_plots_and_json(tiny_model, tokenizer, t
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["splits"]["test"]["model"]["n"] == 8
     assert len(saved["splits"]["test"]["follow_ups"]["per_turn"]) == 2
+    assert "f1" in saved["splits"]["test"]["descriptions_second_turn"]["totals"]
+    assert '"Describe the image." as a second turn' in text
     assert summary["splits"]["test"]["blind"]["blind"] is True
     # Both baselines by default: a grey image first (the bars' and "blind"), then no image.
     assert summary["splits"]["test"]["blind"]["blind_mode"] == "blank"
@@ -355,7 +357,7 @@ def test_turns_false_premises_and_descriptions_are_judged_by_meaning(
             elif question == "Describe the image.":
                 match = [s for s in samples if torch.equal(s.pixel_values, pixels)][0]
                 out.append(" " + make_description(match.scene))
-                described[match.index] = True
+                described[match.index] = [t["value"] for t in conv if t["from"] == "human"]
             else:
                 out.append(" There is no such thing in the image.")
         return out
@@ -367,6 +369,14 @@ def test_turns_false_premises_and_descriptions_are_judged_by_meaning(
     assert evaluate_false_premises(tiny_model, tokenizer, premises)["honest"] == 1.0
     descriptions = evaluate_descriptions(tiny_model, tokenizer, samples, batch_size=3)
     assert descriptions["totals"]["f1"] == 1.0 and len(described) == 4
+    # As the second turn of a chat: the opener asked first, its answer kept in the history.
+    opener = "Is there a pink hexagon?"
+    second = evaluate_descriptions(
+        tiny_model, tokenizer, samples, batch_size=3, earlier=[opener] * 4
+    )
+    assert second["totals"]["f1"] == 1.0
+    assert all(asked == [f"{opener}\n<image>", "Describe the image.\n<image>"]
+               for asked in described.values())  # fmt: skip
 
     monkeypatch.setattr(
         "minillava.eval.reply", lambda model, tok, convs, *a, **k: [" red"] * len(convs)
