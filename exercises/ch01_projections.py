@@ -20,18 +20,18 @@ def project_onto_vector(v: Tensor, u: Tensor) -> Tensor:
 
     Example: v = [2., 3.], u = [4., 0.] -> [2., 0.]
     """
-    # Hint: `v @ u` is the dot product of two 1-D tensors.
+    # Hint: PyTorch's matrix product, applied to two 1-D tensors, is their dot product.
     raise NotImplementedError("project_onto_vector: your code here (chapter 1)")
 
 
 def projection_matrix(A: Tensor) -> Tensor:
     """The (m, m) matrix P = A (AᵀA)⁻¹ Aᵀ that projects onto the span of A's columns.
 
-    A: (m, k) with k <= m independent columns. For any v of length m, P @ v is the point of
+    A: (m, k) with k <= m independent columns. For any v of length m, P v is the point of
     the column space closest to v.
 
-    Use torch.linalg.solve(M, B) (which computes M⁻¹ B) rather than torch.linalg.inv:
-    it is cheaper and more accurate.
+    Use torch.linalg.solve (given a matrix M and a right-hand side B, it computes M⁻¹ B) rather
+    than torch.linalg.inv: it is cheaper and more accurate.
     """
     raise NotImplementedError("projection_matrix: your code here (chapter 1)")
 
@@ -40,10 +40,10 @@ def projection_properties(P: Tensor, atol: float = 1e-5) -> dict[str, bool]:
     """Test the two properties of an orthogonal projection matrix P (m, m).
 
     Returns {"idempotent": bool, "symmetric": bool}:
-      idempotent: P @ P equals P (projecting a second time changes nothing),
-      symmetric:  P equals its transpose P.T.
+      idempotent: P P equals P (projecting a second time changes nothing),
+      symmetric:  P equals its transpose Pᵀ.
     Compare up to the absolute tolerance `atol` (floating-point results are never exact):
-    torch.allclose(a, b, atol=atol) does that.
+    torch.allclose does that, given the tolerance as its own atol argument.
     """
     raise NotImplementedError("projection_properties: your code here (chapter 1)")
 

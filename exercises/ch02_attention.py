@@ -27,7 +27,8 @@ def causal_mask(T: int) -> Tensor:
          [True, True,  False],
          [True, True,  True ]]
 
-    Hint: torch.ones(T, T, dtype=torch.bool) and torch.tril.
+    Hint: start from a square boolean matrix that is True everywhere, then keep only its lower
+    triangle, the diagonal included: that is what torch.tril does.
     """
     raise NotImplementedError("causal_mask: your code here (chapter 2)")
 
@@ -41,12 +42,14 @@ def scaled_dot_product_attention(
     dimensions, e.g. (B, H). mask: None, or a bool tensor broadcastable to (..., Tq, Tk), True
     where query i may look at key j.
 
-    1. scores = q @ kᵀ / sqrt(D)          (..., Tq, Tk): how well each query matches each key
-       (transpose only the last two dimensions of k: k.transpose(-2, -1))
-    2. where mask is False, set the score to -inf (scores.masked_fill(~mask, float("-inf")))
-       so that softmax gives that key exactly 0 weight
+    1. scores = q kᵀ / sqrt(D)            (..., Tq, Tk): how well each query matches each key
+       (transpose only the last two dimensions of k, so that the batch dimensions in front
+       stay where they are)
+    2. where mask is False, set the score to -inf, so that softmax gives that key exactly 0
+       weight (masked_fill fills where its mask is True: the mask here says where attention
+       is *allowed*, so fill where it is not)
     3. weights = softmax over the keys (the last dimension): each row sums to 1
-    4. output = weights @ v                (..., Tq, Dv)
+    4. output = weights v                  (..., Tq, Dv)
     """
     raise NotImplementedError("scaled_dot_product_attention: your code here (chapter 2)")
 
@@ -54,7 +57,7 @@ def scaled_dot_product_attention(
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
     """(B, T, C) -> (B, H, T, D) with H = num_heads and D = C // H.
 
-    Head h gets channels h*D .. (h+1)*D - 1 of every token: out[b, h, t] = x[b, t, h*D:(h+1)*D].
+    Head h gets channels h*D .. (h+1)*D - 1 of every token, the h-th block of D channels.
     Reshape to (B, T, H, D) first (that splits the channels), then swap the T and H dimensions.
     """
     raise NotImplementedError("split_heads: your code here (chapter 2)")

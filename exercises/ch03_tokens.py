@@ -14,7 +14,8 @@ def count_pairs(ids: list[int]) -> dict[tuple[int, int], int]:
     Example: [1, 2, 1, 2] -> {(1, 2): 2, (2, 1): 1}. Pairs overlap: [7, 7, 7] has the pair
     (7, 7) twice (positions 0-1 and 1-2). A list with fewer than two ids has no pairs: {}.
 
-    Hint: zip(ids, ids[1:]) walks over the adjacent pairs; collections.Counter counts them.
+    Hint: pair each id with the one after it (zip, given the list and the list shifted by one,
+    walks over the adjacent pairs); collections.Counter then counts them.
     """
     raise NotImplementedError("count_pairs: your code here (chapter 3)")
 
@@ -22,9 +23,10 @@ def count_pairs(ids: list[int]) -> dict[tuple[int, int], int]:
 def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     """Replace every occurrence of `pair` in `ids` by the single id `new_id`; return a new list.
 
-    Scan left to right. When ids[i], ids[i + 1] equals the pair, emit new_id and jump over both
-    ids; otherwise emit ids[i] and move one step. Example: merge_pair([1, 2, 3, 1, 2], (1, 2), 256)
-    -> [256, 3, 256]; merge_pair([7, 7, 7], (7, 7), 256) -> [256, 7] (the left pair wins).
+    Scan left to right. When the id at position i and the next one form the pair, emit new_id
+    and jump over both ids; otherwise emit ids[i] and move one step.
+    Example: merge_pair([1, 2, 3, 1, 2], (1, 2), 256) -> [256, 3, 256];
+    merge_pair([7, 7, 7], (7, 7), 256) -> [256, 7] (the left pair wins).
     """
     raise NotImplementedError("merge_pair: your code here (chapter 3)")
 
@@ -32,13 +34,13 @@ def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
 def train_merges(text: str, num_merges: int) -> dict[tuple[int, int], int]:
     """Learn up to `num_merges` BPE merges from `text`. Returns {pair: new_id}, in learned order.
 
-    1. ids = list(text.encode("utf-8"))          (bytes: every id is in 0..255)
+    1. start from the text's UTF-8 bytes, as a list of ints (every id is in 0..255);
     2. repeat num_merges times:
          count the pairs of the *current* ids; stop early if there are none;
-         best = the most frequent pair; on a tie, the smallest pair (compare the tuples), so
-                the result is deterministic: min(counts, key=lambda p: (-counts[p], p));
-         the i-th merge (i = 0, 1, ...) gets new_id = 256 + i;
-         ids = merge_pair(ids, best, new_id) and record merges[best] = new_id.
+         take the most frequent pair; on a tie, the smaller pair wins, comparing first ids
+                then second ids (as tuples compare), so that the result is deterministic;
+         the i-th merge (i = 0, 1, ...) gets the id 256 + i;
+         merge that pair everywhere with merge_pair, and record it with its new id.
 
     Counting again after each merge matters: merged tokens form new pairs ((b"t", b"he") can only
     be counted once b"he" exists).
@@ -54,8 +56,10 @@ def encode(text: str, merges: dict[tuple[int, int], int]) -> list[int]:
     present is in `merges`. This replays training in order, so the same text gives the same
     tokens as during training. (tiktoken does the same thing, in Rust.)
 
-    Hint: min(pairs, key=lambda p: merges.get(p, float("inf"))) finds the earliest-learned pair.
-    Do not pick the pair most frequent in *this* text: that is not how the merges were learned.
+    Hint: give every pair present a rank, its new id in the merges, and a pair that was never
+    learned a rank larger than any; the pair of smallest rank is the one learned first (min,
+    with a key function, finds it in one pass). Do not pick the pair most frequent in *this*
+    text: that is not how the merges were learned.
     """
     raise NotImplementedError("encode: your code here (chapter 3)")
 
@@ -94,7 +98,7 @@ def train_merges_on_words(
         pair of "cd" counts 3, that of "ab" 1), and no pair spans the end of one word and the
         start of the next;
       - the most frequent pair wins, ties to the smallest pair (as in train_merges); the i-th
-        merge gets new_id = 256 + i and is applied inside every word; then count again;
+        merge gets the id 256 + i and is applied inside every word; then count again;
       - stop early once no word holds a pair (every word is one token).
 
     The result must be exactly the merges minillava.bpe.train_bpe learns from the texts those

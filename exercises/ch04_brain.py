@@ -26,8 +26,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
         out = x / rms * weight
 
     Unlike LayerNorm there is no mean subtracted and no bias: only the vector's length is fixed.
-    Hint: x.pow(2).mean(dim=-1, keepdim=True) keeps the dim so the division broadcasts;
-    torch.rsqrt(a) is 1 / sqrt(a).
+    Hint: take the mean over the last dimension but keep that dimension, of size 1, so that the
+    division broadcasts over the C features of each vector; torch.rsqrt gives one over the square
+    root in one step.
     """
     raise NotImplementedError("rms_norm: your code here (chapter 4)")
 
@@ -39,14 +40,15 @@ def apply_rotary(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor
     Dimension i is paired with dimension i + D/2 (the two halves of the last dim, NOT neighbours
     2i and 2i+1). Pair i of the token at position m is rotated by the angle
 
-        angle[m, i] = m * theta ** (-2i / D)          i = 0 .. D/2 - 1
+        angle[m, i] = m · theta^(-2i / D)             i = 0 .. D/2 - 1
 
     so pair 0 turns fastest (one radian per position) and the last pair slowest. Rotating the
     pair (a, b) by angle t gives (a cos t - b sin t, a sin t + b cos t).
 
-    Hint: inv_freq = theta ** (-torch.arange(0, D, 2).float() / D) gives the D/2 frequencies;
-    angles = positions.float()[:, None] * inv_freq is (T, D/2) and broadcasts against
-    x1 = x[..., :D // 2] and x2 = x[..., D // 2:].
+    Hint: compute the D/2 frequencies once, as a vector over i (torch.arange counts the even
+    numbers 0, 2, ... below D for you). An outer product of the positions with the frequencies
+    is a (T, D/2) table of angles, and it broadcasts against the two halves of x's last
+    dimension, each (B, H, T, D/2). Work in float: integer positions would round the angles.
     """
     raise NotImplementedError("apply_rotary: your code here (chapter 4)")
 
@@ -54,10 +56,12 @@ def apply_rotary(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor
 def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
     """The LLaMA MLP: down(silu(gate(x)) * up(x)), with bias-free linear maps.
 
-    x (..., C); w_gate and w_up (I, C); w_down (C, I): nn.Linear's (out, in) layout, so
-    gate(x) = x @ w_gate.T. The silu of the *gate* multiplies the *up* projection elementwise:
-    the gate decides how much of each of the I hidden units passes. Returns (..., C).
-    Hint: torch.nn.functional.silu(z) = z * sigmoid(z).
+    x (..., C); w_gate and w_up (I, C); w_down (C, I): nn.Linear's (out, in) layout, so gate
+    multiplies x by the transpose of w_gate. The silu of the *gate* multiplies the *up*
+    projection elementwise: the gate decides how much of each of the I hidden units passes.
+    Returns (..., C).
+    Hint: torch.nn.functional.silu is SiLU, its input times the sigmoid of that input: no need
+    to write it yourself.
     """
     raise NotImplementedError("swiglu: your code here (chapter 4)")
 
@@ -71,7 +75,7 @@ def next_token_probs(
     """The distribution the next token is drawn from: logits (B, V) -> probabilities (B, V).
 
     In this order:
-      1. temperature == 0: greedy. Return a one-hot row: 1.0 at the argmax, 0 elsewhere.
+      1. a temperature of 0: greedy. Return a one-hot row: 1.0 at the argmax, 0 elsewhere.
       2. divide the logits by the temperature (< 1 sharpens, > 1 flattens);
       3. top_k (if not None): keep the k largest logits per row, set the others to -inf;
       4. top_p (if not None): sort the (filtered) probabilities in decreasing order and keep
@@ -80,9 +84,11 @@ def next_token_probs(
       5. softmax over what is left. Each row sums to 1, removed tokens get exactly 0.
 
     Filter the *logits* and take the softmax last. (Softmax first, then zeroing tokens, leaves
-    rows that no longer sum to 1.) Then torch.multinomial(probs, 1) draws a token.
-    Hint: logits.masked_fill(mask, float("-inf")); logits.sort(dim=-1, descending=True) returns
-    (values, indices); tensor.scatter(-1, indices, values) puts sorted values back in place.
+    rows that no longer sum to 1.) torch.multinomial then draws one token from each row.
+    Hint: masked_fill sets the removed logits to minus infinity. For top-p, sort each row in
+    decreasing order: sort returns the sorted values and the indices they came from, and
+    scatter, given those indices, puts what you computed in sorted order back where each
+    token was.
     """
     raise NotImplementedError("next_token_probs: your code here (chapter 4)")
 
@@ -102,11 +108,11 @@ def attend_with_cache(
     values are the cache to pass to the next call.
 
     1. Append the new keys/values after the cached ones (torch.cat along dim 2, the positions).
-    2. scores = q @ keys^T / sqrt(D), shape (B, H, T_new, T_total).
+    2. scores = q keysᵀ / sqrt(D), shape (B, H, T_new, T_total).
     3. Causal mask: the new queries are the *last* T_new positions, so new query t may see keys
-       0 .. T_past + t. minillava.attention.causal_mask(T_new, T_total) builds exactly that
-       (True = allowed); masked scores become -inf.
-    4. out = softmax(scores) @ values.
+       0 .. T_past + t. minillava.attention.causal_mask, given the number of queries and the
+       number of keys, builds exactly that (True = allowed); masked scores become -inf.
+    4. out = softmax(scores) values.
     Generating one token at a time (T_new = 1) must give the same outputs as attending over the
     whole sequence at once with a causal mask.
     """
@@ -129,13 +135,14 @@ def generate_with_cache(
     model generates (Hugging Face's generate, vLLM, llama.cpp); attend_with_cache above is the
     inside of one layer's step, here you drive the whole model:
 
-      1. Prefill: out = model(input_ids=input_ids, use_cache=True). out.logits is (B, T, V) and
-         out.past_key_values is the KVCache, now holding the T prompt positions of every layer.
-         (Or make the cache yourself, minillava.decoder.KVCache(num_layers, max_len), with room
-         for T + max_new_tokens positions, and pass it as past_key_values.)
+      1. Prefill: run the model once on the whole prompt, with use_cache on. Its output's
+         logits are (B, T, V) and its past_key_values is the KVCache, now holding the T prompt
+         positions of every layer. (Or make the cache yourself, a minillava.decoder.KVCache
+         with the model's number of layers and room for T + max_new_tokens positions, and pass
+         it in as past_key_values.)
       2. The next token of each row is the argmax of the logits at the LAST position (greedy).
       3. Step: feed only that token, input_ids of shape (B, 1), with past_key_values set to the
-         same cache and use_cache=True. The cache grows by one position per call.
+         same cache and use_cache on. The cache grows by one position per call.
       4. Positions: RoPE rotates each query and key by its position, and the cached keys keep
          theirs. The prompt sits at 0 .. T - 1, the first new token is fed at position T, the
          next at T + 1, and so on. The decoder counts this from the cache's length; if you pass
@@ -144,10 +151,10 @@ def generate_with_cache(
          kept in the output); its later columns are pad_token_id. Stop the loop when every row
          has stopped, or after max_new_tokens tokens. No forward call is needed after the last.
 
-    The result must be exactly the tokens of minillava.generate.generate(model, input_ids,
-    max_new_tokens, temperature=0, use_cache=False, stop_token_ids=..., pad_token_id=...), which
-    you may compare against, but not call: the grader watches every forward call (how many
-    tokens it was fed, which cache, which positions). Wrap the loop in torch.no_grad(): nothing
-    here needs gradients.
+    The result must be exactly the tokens that minillava.generate.generate gives for the same
+    model, prompts, number of tokens, stop token and pad token, greedy (temperature 0) and
+    without the cache. You may compare against it, but not call it: the grader watches every
+    forward call (how many tokens it was fed, which cache, which positions). Run the loop under
+    torch.no_grad: nothing here needs gradients.
     """
     raise NotImplementedError("generate_with_cache: your code here (chapter 4, stretch)")

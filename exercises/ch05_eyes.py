@@ -21,8 +21,10 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
     its right neighbour, patch W/p starts the second row.
     Order inside a patch vector: the patch's pixels row by row, and for each pixel its C channel
     values together: (p1, p2, c), channels innermost (the ViT paper's order).
-    Hint: einops.rearrange(images, "b c (gh p1) (gw p2) -> b (gh gw) (p1 p2 c)", p1=p, p2=p)
-    says all of that in one line. Try it without einops too: view + permute + reshape.
+    Hint: einops.rearrange says all of that in one line: split the height into (grid row, row
+    in the patch) and the width into (grid column, column in the patch), then group the two grid
+    axes into the patch index and the two in-patch axes, followed by the channels, into the
+    vector. Try it without einops too: view, then permute, then reshape.
     """
     raise NotImplementedError("patchify: your code here (chapter 5)")
 
@@ -35,7 +37,9 @@ def add_cls_and_positions(
     patch_tokens (B, N, C): the embedded patches. cls_token (C,): one learned vector, the same for
     every image. position_embeddings (N + 1, C): row 0 is the [CLS] slot's, row i is patch i's.
     Returns (B, N + 1, C): [CLS, patch_1, ..., patch_N], each plus its position embedding.
-    Hint: cls_token.expand(B, 1, -1) makes a (B, 1, C) view; torch.cat along dim 1.
+    Hint: expand gives every image a (B, 1, C) view of the same [CLS] vector, without copying
+    it; torch.cat then puts it in front of the patches, along the token dimension. The position
+    embeddings (N + 1, C) broadcast over the batch.
     """
     raise NotImplementedError("add_cls_and_positions: your code here (chapter 5)")
 
@@ -43,9 +47,9 @@ def add_cls_and_positions(
 def attention_head(x: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor) -> tuple[Tensor, Tensor]:
     """One head of (unmasked) self-attention. x (B, T, C); w_q, w_k, w_v (D, C), nn.Linear layout.
 
-    q = x @ w_q.T, k = x @ w_k.T, v = x @ w_v.T               (B, T, D) each
-    weights = softmax(q @ k^T / sqrt(D)) over the keys       (B, T, T): row t = where token t looks
-    out = weights @ v                                        (B, T, D)
+    q = x W_qᵀ, k = x W_kᵀ, v = x W_vᵀ                        (B, T, D) each
+    weights = softmax(q kᵀ / sqrt(D)) over the keys          (B, T, T): row t = where token t looks
+    out = weights v                                          (B, T, D)
     Return (out, weights). Every row of weights sums to 1.
     """
     raise NotImplementedError("attention_head: your code here (chapter 5)")
@@ -56,7 +60,8 @@ def position_similarity(position_embeddings: Tensor) -> Tensor:
 
     sim[i, j] = <e_i, e_j> / (|e_i| |e_j|), in [-1, 1]; the diagonal is 1. Plot row i as a
     (grid x grid) image to see which positions patch i's embedding resembles.
-    Hint: torch.nn.functional.normalize(e, dim=-1) makes every row unit length.
+    Hint: torch.nn.functional.normalize makes every row unit length (normalise along the
+    features, the last dimension); after that, one matrix product gives every pair's cosine.
     """
     raise NotImplementedError("position_similarity: your code here (chapter 5)")
 

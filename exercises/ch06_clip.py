@@ -20,8 +20,9 @@ def similarity_matrix(image_features: Tensor, text_features: Tensor, logit_scale
     logit_scale * cos(image i, text j).
 
     Steps:
-      1. divide every row of each input by its L2 norm (`x.norm(dim=-1, keepdim=True)`), so that
-         a dot product between rows is a cosine in [-1, 1];
+      1. divide every row of each input by its L2 norm (taken over the last dimension and kept
+         as a dimension of size 1, so the division broadcasts), so that a dot product between
+         rows is a cosine in [-1, 1];
       2. one matrix product gives all B_img x B_txt cosines at once;
       3. multiply by logit_scale (= 1 / temperature; CLIP learns it, starting at 1 / 0.07).
 
@@ -36,11 +37,11 @@ def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, temperature: flo
     image_embeds (B, E) and text_embeds (B, E) are already unit length; row i of one belongs with
     row i of the other. Return a scalar:
 
-      logits = image_embeds @ text_embeds.T / temperature    (B, B), true pairs on the diagonal
+      logits = image_embeds text_embedsᵀ / temperature      (B, B), true pairs on the diagonal
       loss   = ( cross_entropy(logits, targets)               each image picks its caption
-               + cross_entropy(logits.T, targets) ) / 2       each caption picks its image
+               + cross_entropy(logitsᵀ, targets) ) / 2        each caption picks its image
 
-    with targets = [0, 1, ..., B-1] (`torch.arange(B)`): "the right answer for row i is column i".
+    with targets = [0, 1, ..., B-1]: "the right answer for row i is column i".
 
     Hint: both directions matter. One direction alone lets several captions collapse onto one
     image. And the temperature is not optional: cosines only span [-1, 1], so without dividing by
@@ -58,9 +59,10 @@ def pool_at_eot(token_states: Tensor, attention_mask: Tensor) -> Tensor:
     Return (B, C): row b is token_states[b, last_b].
 
     Hint: in a causal encoder only the last real token has read the whole caption, and its
-    position differs from row to row. `token_states[:, -1]` is padding for every caption but the
-    longest. The count of ones in a row tells you where it ends; then index with
-    `token_states[torch.arange(B), last]`.
+    position differs from row to row. The last position of every row is padding for every
+    caption but the longest. The count of ones in a row tells you where it ends; then pick one
+    position per row with two index tensors side by side: the row numbers 0 .. B-1, and each
+    row's last position.
     """
     raise NotImplementedError("pool_at_eot: your code here (chapter 6)")
 
@@ -76,7 +78,7 @@ def zero_shot_predict(
     Return (predicted (B,) long, probs (B, K)): probs[b] is a softmax over the K classes of
     logit_scale * cos(image b, class k), predicted[b] its argmax.
 
-    Hint: `similarity_matrix` above does most of the work. Which dimension does the softmax run
+    Hint: similarity_matrix above does most of the work. Which dimension does the softmax run
     over: the classes or the images?
     """
     raise NotImplementedError("zero_shot_predict: your code here (chapter 6)")

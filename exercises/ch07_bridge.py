@@ -22,7 +22,7 @@ def linear_projector(image_features: Tensor, weight: Tensor, bias: Tensor) -> Te
     Return (B, P, C_t): every patch vector x becomes W x + b, a vector in the decoder's space.
 
     Hint: a matrix product with the last dimension of image_features broadcasts over B and P.
-    Which of `weight` and `weight.T` has shape (C_v, C_t)?
+    Which of the weight and its transpose has shape (C_v, C_t)?
     """
     raise NotImplementedError("linear_projector: your code here (chapter 7)")
 
@@ -38,7 +38,8 @@ def mlp_projector(
         hidden = GELU(W1 x + b1)        (B, P, C_t)
         out    = W2 hidden + b2         (B, P, C_t)
 
-    Use the exact GELU, `F.gelu(x)` (what nn.GELU() and transformers' "gelu" compute).
+    Use the exact GELU, F.gelu with its default (what nn.GELU and transformers' "gelu"
+    compute), not the tanh approximation.
 
     Hint: the activation goes BETWEEN the two layers, and only there. Without it, two linear
     layers are just one linear layer (W2 W1 x + ...), and after the last layer it would cut off
@@ -56,7 +57,8 @@ def projector_num_parameters(kind: str, vision_dim: int, text_dim: int) -> int:
 
     Example: projector_num_parameters("linear", 3, 2) == 8 (a 2 x 3 weight and 2 biases).
 
-    Hint: nn.Linear(n_in, n_out) holds n_in * n_out weights AND n_out biases; GELU has none.
+    Hint: a linear layer from n_in to n_out features holds a weight for every (input, output)
+    pair AND a bias for every output; GELU holds no parameters at all.
     """
     raise NotImplementedError("projector_num_parameters: your code here (chapter 7)")
 
@@ -69,9 +71,10 @@ def nearest_text_tokens(projected: Tensor, token_embeddings: Tensor, k: int = 5)
     Return (similarities (N, k), token_ids (N, k)): for each row of `projected`, the k tokens
     with the highest COSINE similarity, best first, and those cosines.
 
-    Hint: normalise both to unit length (F.normalize(x, dim=-1)), one (N, V) matrix product,
-    then `tensor.topk(k, dim=-1)` returns (values, indices) already sorted. A raw dot product
-    would favour tokens whose embeddings are long, not those pointing the same way.
+    Hint: normalise both to unit length along the features (F.normalize), then one (N, V)
+    matrix product gives every cosine, and topk over the vocabulary, the last dimension,
+    returns the values and their indices, already sorted. A raw dot product would favour
+    tokens whose embeddings are long, not those pointing the same way.
     """
     raise NotImplementedError("nearest_text_tokens: your code here (chapter 7)")
 

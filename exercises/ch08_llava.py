@@ -28,9 +28,10 @@ def splice_image(
         ids     [s0 s1 <image> q0 q1]        P = 3
         out     [s0 s1 i0 i1 i2 q0 q1]       5 - 1 + 3 = 7 rows
 
-    Hint: pos = (input_ids == image_token_id).nonzero().item(); torch.cat three pieces. Watch the
-    slice bounds: token_embeds[:pos] stops before the placeholder, token_embeds[pos + 1:] starts
-    after it.
+    Hint: first find the placeholder's position (compare the ids with image_token_id, then ask
+    where that comparison holds: nonzero). Then torch.cat three pieces: the rows before the
+    placeholder, the image, the rows after it. Watch the bounds: the placeholder's own row
+    belongs to neither piece of text.
     """
     raise NotImplementedError
 
@@ -81,9 +82,10 @@ def freeze_for_alignment(model: nn.Module) -> None:
     and every parameter of the other two parts requires_grad=False (whatever they were before).
     Return nothing: change the model in place.
 
-    Careful: model.eval() does not freeze anything (it switches dropout and the like), and
-    torch.no_grad() only lasts for a `with` block.
-    Hint: module.requires_grad_(False) sets it for every parameter of a module.
+    Careful: model.eval does not freeze anything (it switches dropout and the like), and
+    torch.no_grad only lasts as long as its `with` block.
+    Hint: a module's requires_grad_ method sets the flag of every parameter it holds at once,
+    its submodules' included.
     """
     raise NotImplementedError
 

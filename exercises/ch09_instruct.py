@@ -19,12 +19,13 @@ def init_lora_factors(in_features: int, out_features: int, rank: int) -> tuple[T
     """Create LoRA's two factors for a layer with weight W (out_features, in_features).
 
     Returns (lora_A (rank, in_features), lora_B (out_features, rank)) such that:
-    - B A == 0 exactly: the adapted layer starts out identical to the pretrained one, so
+    - B A is exactly 0: the adapted layer starts out identical to the pretrained one, so
       fine-tuning begins from the model you had, not from a randomly perturbed one;
     - training can still move: the gradient of the loss with respect to B is (roughly)
       (x Aᵀ)ᵀ · grad_out, which is zero if A is zero too. So A must be random.
-    Hint: A like nn.Linear's init, e.g. torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5)) or
-    small Gaussian values; B = torch.zeros(...).
+    Hint: initialise A the way nn.Linear initialises its weight (torch.nn.init.kaiming_uniform_,
+    as nn.Linear's reset_parameters calls it), or with small Gaussian values; B starts as all
+    zeros.
     """
     raise NotImplementedError
 
@@ -34,12 +35,13 @@ def lora_forward(
 ) -> Tensor:
     """A linear layer plus its low-rank update: (..., in) -> (..., out).
 
-        y = x Wᵀ + b + (alpha / r) · x Aᵀ Bᵀ          r = lora_A.shape[0]
+        y = x Wᵀ + b + (alpha / r) · x Aᵀ Bᵀ          r: the rank, lora_A's number of rows
 
     weight (out, in), bias (out,) or None, lora_A (r, in), lora_B (out, r).
     The factor alpha / r keeps the update's size about the same when you change the rank, so a
     learning rate tuned at r = 8 still works at r = 16.
-    Hint: compute x @ A.T first ((..., r): thin), then @ B.T; never build the (out, in) matrix.
+    Hint: multiply x by Aᵀ first, which gives a thin (..., r) tensor, and only then by Bᵀ;
+    never build the (out, in) matrix B A.
     """
     raise NotImplementedError
 
@@ -49,8 +51,8 @@ def merge_lora_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, alpha: flo
 
     After merging, a plain linear layer with W' gives exactly what lora_forward gives, at no
     extra cost: nothing of LoRA is left at inference time.
-    Careful with the order: B (out, r) @ A (r, in) is (out, in). A.T @ B.T is its transpose,
-    which has the right shape only when out == in, and is then silently wrong.
+    Careful with the order: B (out, r) times A (r, in) is (out, in). Aᵀ Bᵀ is its transpose,
+    which has the right shape only when out equals in, and is then silently wrong.
     """
     raise NotImplementedError
 
@@ -114,9 +116,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable counts the parameters with requires_grad=True. A tensor shared by two modules
     (the decoder ties its embedding table and its output layer) counts once: it is one set of
     numbers. Buffers (e.g. RoPE's cos/sin tables) are not parameters.
-    Hint: model.parameters() yields each parameter once; p.numel() is its number of elements.
-    model.state_dict() is the wrong tool here: it lists a tied tensor under both its names and
-    includes the buffers.
+    Hint: a module's parameters method yields each parameter once, a shared one too; numel is
+    a tensor's number of elements. The state_dict is the wrong tool here: it lists a tied
+    tensor under both its names and includes the buffers.
     """
     raise NotImplementedError
 

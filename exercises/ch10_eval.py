@@ -29,8 +29,9 @@ def normalise_answer(text: str) -> str:
       3. strip punctuation from the *end* only: any of the characters . ! ? , ; : (several in a
          row too, "yes?!" -> "yes"), then any space that this uncovers.
     Punctuation inside an answer is kept: "top-left" stays "top-left".
-    Hint: " ".join(text.split()) collapses whitespace; str.rstrip(".!?,;:") strips a set of
-    characters from the end.
+    Hint: split with no argument cuts at every run of whitespace and drops the ends, and join
+    puts single spaces back; rstrip, given a string of characters, strips any of them from the
+    end, however many there are.
     """
     raise NotImplementedError("normalise_answer: your code here (chapter 10)")
 
@@ -43,7 +44,7 @@ def accuracy_by_type(records: list[dict]) -> tuple[float, dict[str, float], dict
       overall   fraction of *all* records that are correct (a float in [0, 1]);
       per_type  {type: fraction correct among the records of that type};
       counts    {type: number of records of that type}.
-    Both dicts have their keys in sorted order (sorted(types)).
+    Both dicts have their keys in sorted order (the types sorted by name).
 
     Careful: `overall` is not the mean of the per-type accuracies. With 90 colour questions
     (all right) and 10 count questions (all wrong), overall is 90 / 100 = 0.9, not
@@ -56,16 +57,17 @@ def accuracy_by_type(records: list[dict]) -> tuple[float, dict[str, float], dict
 def greedy_generate(decoder, input_ids: Tensor, max_new_tokens: int) -> Tensor:
     """Greedy decoding with the KV cache: input_ids (B, T) -> new tokens (B, max_new_tokens).
 
-    `decoder` is a minillava Decoder: decoder(input_ids=ids, past_key_values=cache,
-    use_cache=True) returns an object with .logits (B, T_in, V) and .past_key_values (the cache
-    holding every position seen so far). No padding here: every row has T real tokens.
+    `decoder` is a minillava Decoder: called with input_ids, past_key_values (a cache, or
+    None) and use_cache on, it returns an object with .logits (B, T_in, V) and .past_key_values
+    (the cache holding every position seen so far). No padding here: every row has T real
+    tokens.
 
       1. Prefill: run the whole prompt once with use_cache=True.
       2. Repeat max_new_tokens times:
          - the next token of each row is the argmax of the logits at the *last* position;
          - append it to the output;
-         - run the model on that one new token only, shape (B, 1), passing the cache back in
-           (past_key_values=out.past_key_values, use_cache=True). The decoder places it at
+         - run the model on that one new token only, shape (B, 1), passing the cache it
+           returned back in as past_key_values, use_cache still on. The decoder places it at
            position cache length (T, T + 1, ...) by itself: do not pass position_ids.
     You may skip the model call after the last token (nothing would use it).
     The result must equal re-running the whole sequence every step, with T + t positions of
@@ -119,6 +121,8 @@ def majority_baseline(train_records: list[dict], test_records: list[dict]) -> di
     Returns {type: accuracy on test} for every type present in test_records, keys sorted; a type
     never seen in training scores 0.0. This is the answer prior: what a blind model can reach by
     learning, per type, which answer comes up most.
-    Hint: collections.Counter(answers).most_common(1)[0][0].
+    Hint: a collections.Counter of each type's normalised answers counts them; its most_common
+    method lists them most frequent first and, among equal counts, in the order they were first
+    seen: the tie rule above.
     """
     raise NotImplementedError("majority_baseline: your code here (chapter 10)")

@@ -81,7 +81,8 @@ def accumulate_gradients(
     Call backward once per micro-batch (so only one micro-batch's activations are in memory at a
     time) and scale each loss first: the mean over the whole batch is the average of the
     micro-batch means. Return that mean loss of the whole batch as a Python float.
-    Hint: backward() *adds* into .grad; loss.item() is a float.
+    Hint: backward *adds* into each parameter's .grad instead of overwriting it, which is what
+    makes accumulation work; item turns a one-element tensor into a Python float.
     """
     raise NotImplementedError("accumulate_gradients: your code here (chapter 11)")
 
@@ -97,7 +98,7 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     Returns [{"params": [matrices...], "weight_decay": weight_decay},
              {"params": [vectors...], "weight_decay": 0.0}]
     with the parameters in model.parameters() order; the second group only if it is non-empty.
-    Pass the list to torch.optim.AdamW(groups, lr=...).
+    torch.optim.AdamW takes this list where it would take the parameters.
     """
     raise NotImplementedError("decay_groups: your code here (chapter 11)")
 

@@ -140,3 +140,93 @@ def test_a_passing_check_has_no_hint():
 
     result = grading.run_check("ch01.project_onto_vector", solution.project_onto_vector)
     assert result.passed and result.hint == "" and torch.is_tensor(torch.zeros(1))
+
+
+# --- the exercise stubs: their hints are words too --------------------------------------------
+
+EXERCISES = Path(__file__).resolve().parents[2] / "exercises"
+EXERCISE_FILES = sorted(EXERCISES.glob("ch[0-9][0-9]_*.py"))
+HINT_LABEL = re.compile(r"\bhint:", re.IGNORECASE)
+
+# A stub's docstring may name a tool for the learner to look up, by its bare name (torch.tril,
+# F.normalize, einops.rearrange); the call written out with its arguments is still caught, by
+# the patterns for a function call and a method call.
+DOCSTRING_CODE = {what: pattern for what, pattern in CODE.items() if what != "a torch call"}
+
+
+def _hint_paragraphs(lines: list[str], first_line: int) -> list[tuple[int, str]]:
+    """(line, text) of each hint in `lines`: from a "Hint:" label to the next blank line."""
+    found = []
+    for i, line in enumerate(lines):
+        label = HINT_LABEL.search(line)
+        if not label:
+            continue
+        paragraph = [line[label.start() :].strip()]
+        for following in lines[i + 1 :]:
+            if not following.strip() or HINT_LABEL.search(following):
+                break
+            paragraph.append(following.strip())
+        found.append((first_line + i, " ".join(paragraph)))
+    return found
+
+
+def _docstring_hints(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every hint in the docstrings of a file's functions, classes and methods,
+    and in its comments."""
+    source = path.read_text()
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and node.body:
+            first = node.body[0]
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                found += _hint_paragraphs(first.value.value.split("\n"), first.value.lineno)
+    # Comments: a "# Hint:" line and the comment lines that continue it.
+    comments = [
+        line.strip()[1:] if line.strip().startswith("#") else "" for line in source.split("\n")
+    ]
+    found += _hint_paragraphs(comments, 1)
+    return found
+
+
+def test_the_scan_finds_the_stubs_hints():
+    """The scan reads the hints the stubs give (not an empty list that passes anything)."""
+    assert len(EXERCISE_FILES) >= 11
+    assert sum(len(_docstring_hints(path)) for path in EXERCISE_FILES) >= 20
+
+
+@pytest.mark.parametrize("path", EXERCISE_FILES, ids=lambda p: p.stem)
+def test_no_code_in_the_stubs_hints(path):
+    offenders = []
+    for line, text in _docstring_hints(path):
+        for what, pattern in DOCSTRING_CODE.items():
+            match = re.search(pattern, text)
+            if match:
+                offenders.append(f"line {line}: {what} ({match.group(0)!r}) in {text!r}")
+                break
+    assert not offenders, f"exercises/{path.name}: code in hints:\n" + "\n".join(offenders)
+
+
+def test_the_docstring_patterns_allow_a_tool_name_but_not_its_call():
+    def has_code(text):
+        return any(re.search(p, text) for p in DOCSTRING_CODE.values())
+
+    for code in (
+        "Hint: torch.tril(torch.ones(T, T)) keeps the lower triangle.",
+        "Hint: min(counts, key=lambda p: (-counts[p], p)).",
+        "Hint: F.normalize(e, dim=-1) makes every row unit length.",
+        "Hint: inv_freq = theta ** (-torch.arange(0, D, 2).float() / D).",
+    ):
+        assert has_code(code), code
+    for words in (
+        "Hint: torch.tril keeps the lower triangle of a square matrix of ones.",
+        "Hint: F.normalize makes every row unit length; then one matrix product.",
+        "Hint: on a tie, the smaller pair wins, comparing first ids then second ids.",
+    ):
+        assert not has_code(words), words
+
+    lines = ["Args and so on.", "Hint: the first line", "  and its next line.", "", "Not a hint."]
+    assert _hint_paragraphs(lines, 10) == [(11, "Hint: the first line and its next line.")]
