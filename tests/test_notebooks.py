@@ -7,6 +7,8 @@ the test with the cell's source and traceback. New chapters are picked up by the
 """
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -50,6 +52,54 @@ def test_notebook_runs_in_fast_mode(path, kernel_name, monkeypatch):
         resources={"metadata": {"path": str(path.parent)}},
     )
     client.execute()  # raises CellExecutionError naming the cell that failed
+
+
+@pytest.fixture
+def every_exercise_finished(tmp_path, monkeypatch) -> Path:
+    """An exercises/ package holding the reference solutions, first on the kernel's path: the
+    notebooks then run as they do for a learner who has finished every exercise."""
+    package = tmp_path / "finished" / "exercises"
+    package.mkdir(parents=True)
+    for source in (ROOT / "solutions").glob("*.py"):
+        shutil.copy(source, package / source.name)
+    paths = [str(package.parent), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))
+    return package
+
+
+def _stream_text(cell) -> str:
+    return "".join(out.get("text", "") for out in cell.get("outputs", []))
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_notebook_runs_with_every_exercise_finished(
+    path, kernel_name, monkeypatch, every_exercise_finished
+):
+    """Run with the solutions in exercises/, every check passes and the notebook's model runs the
+    learner's parts (where the notebook builds one from them), not the library's."""
+    monkeypatch.setenv("MINILLAVA_FAST", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(
+        notebook,
+        timeout=CELL_TIMEOUT,
+        kernel_name=kernel_name,
+        resources={"metadata": {"path": str(path.parent)}},
+    ).execute()
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    checks = [cell for cell in code if "check(" in cell.source]
+    assert checks, f"{path.name}: no check(...) cell"
+    for cell in checks:
+        text = _stream_text(cell)
+        assert "PASS" in text and "TODO" not in text and "FAIL" not in text, (
+            f"{path.name}: with every exercise finished, a check cell printed:\n{text}"
+        )
+    if any("use_your_parts" in cell.source for cell in code):
+        said = "".join(_stream_text(cell) for cell in code)
+        assert "The model below runs your" in said, f"{path.name}: the library's parts ran"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
