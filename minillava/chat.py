@@ -57,6 +57,11 @@ from minillava.data.shapes import ShapesWorld
 from minillava.device import autocast, device_from_flag
 from minillava.presets import ModelSizes
 
+# The longest answer a chat writes unless told otherwise: room for a whole description of four
+# objects (73 tokens of the course's tokenizer, the longest of 2,000 test scenes; half of them
+# take 50). A shorter limit cut the longest descriptions off mid-sentence.
+ANSWER_TOKENS = 96
+
 
 def decode_answer(tokenizer, ids: Sequence[int], strip: bool = True) -> str:
     """New token ids -> the answer's text, cut at the first stop (or padding) token.
@@ -127,7 +132,7 @@ def reply(
     tokenizer,
     conversations: Sequence[list[dict]],
     pixel_values: torch.Tensor | None,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = ANSWER_TOKENS,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -185,7 +190,7 @@ class ChatSession:
         model,
         tokenizer,
         pixel_values: torch.Tensor | None = None,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = ANSWER_TOKENS,
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -400,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-new-tokens",
         type=positive_int,
-        default=64,
-        help="longest answer, in tokens (prompt and answer share the model's context)",
+        default=ANSWER_TOKENS,
+        help=f"longest answer, in tokens (default {ANSWER_TOKENS}; prompt and answer share the "
+        "model's context)",
     )
     parser.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     parser.add_argument("--device", default="auto")

@@ -418,7 +418,7 @@ def chat_samples(
     for i in range(n):
         sample = scenes[i]
         question = questions[i % len(questions)]
-        answer = ask(model, tokenizer, sample.pixel_values, question, max_new_tokens=48)
+        answer = ask(model, tokenizer, sample.pixel_values, question)
         samples.append({"scene": sample.captions[0], "question": question, "answer": answer})
     return samples
 

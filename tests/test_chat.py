@@ -186,3 +186,14 @@ def test_an_unreadable_checkpoint_falls_back_to_the_cpu_preset_size(tmp_path, ca
     assert main(["--sample-image", str(tmp_path / "s.png"), "--checkpoint", str(broken)]) == 0
     assert Image.open(tmp_path / "s.png").size == (48, 48)
     assert "could not read" in capsys.readouterr().out
+
+
+def test_the_default_answer_length_holds_a_whole_description():
+    """ "Describe the image." must not be cut off mid-sentence at the chat's default length."""
+    from minillava.chat import ANSWER_TOKENS
+    from minillava.data.shapes import ShapesWorld, WorldConfig, make_description
+    from minillava.tokenizer import get_tokenizer
+
+    tokenizer, world = get_tokenizer(), ShapesWorld("test", 2000, WorldConfig(image_size=48))
+    longest = max(len(tokenizer.encode(make_description(world.scene(i)))) for i in range(2000))
+    assert longest + 1 <= ANSWER_TOKENS  # the description, then its end token
