@@ -82,6 +82,10 @@ class DataSizes:
     # object by pronoun ("What colour is the circle?" then "Where is it?"): a person chats this
     # way, and only the conversation says what "it" is.
     follow_up_share: float = 0.2
+    # Share of `instruct`'s detailed descriptions asked after a short question about the same
+    # image: trained only as a first turn, "Describe the image." asked second got an F1 of
+    # 0.33 against 0.73 first (docs/results.md). Instruct only: `lm` keeps its text as it was.
+    describe_later_share: float = 0.5
     # `clip` stage: half of each batch are shape-swapped twins of the other half (hard
     # negatives, stages.CaptionBatches), so that CLIP must see shape, not only colour.
     clip_hard_negatives: bool = True

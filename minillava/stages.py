@@ -246,13 +246,13 @@ def check_instruct_mix(preset: Preset) -> list[tuple[int, dict]]:
     fails before lm, clip and align spend their minutes.
 
     Raises ValueError if the phases are malformed or leave no step of instruct for the whole
-    mix, or if data.read_text_weight, data.questions_per_image, data.false_premise_share or
-    data.follow_up_share is out of range.
+    mix, or if data.read_text_weight, data.questions_per_image or one of the data shares
+    (false premises, follow-ups, descriptions later) is out of range.
     """
     data = preset.data
     if data.questions_per_image < 1:
         raise ValueError(f"data.questions_per_image must be >= 1; got {data.questions_per_image}")
-    for name in ("false_premise_share", "follow_up_share"):
+    for name in ("false_premise_share", "follow_up_share", "describe_later_share"):
         if not 0.0 <= getattr(data, name) <= 1.0:
             raise ValueError(f"data.{name} must be in [0, 1]; got {getattr(data, name)}")
     if data.read_text_weight is not None and data.read_text_weight < 0:
@@ -513,11 +513,12 @@ def build_align(preset: Preset, tokenizer, out_dir: Path, dist: dict) -> StagePl
 def instruct_mix(data: DataSizes) -> dict:
     """The instruct stage's mixture, as `ConversationBatches` takes it: the share of short-answer
     rows, questions a row, false premises, follow-ups, question-type weights, how often text is
-    read."""
+    read, how often a description comes second."""
     return {
         "vqa_fraction": data.vqa_fraction, "questions": data.questions_per_image,
         "false_premise_share": data.false_premise_share, "type_weights": data.vqa_type_weights,
         "text_weight": data.read_text_weight, "follow_up_share": data.follow_up_share,
+        "describe_later_share": data.describe_later_share,
     }  # fmt: skip
 
 

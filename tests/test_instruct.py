@@ -409,3 +409,26 @@ def test_follow_up_share_asks_by_pronoun_in_training():
                 if previous.query["op"] in ASKED:  # it named one object: a follow-up may come
                     follow_ups.append(bool(qa.query.get("follow_up")))
         assert low <= sum(follow_ups) / len(follow_ups) <= high, share
+
+
+def test_a_description_may_come_after_a_short_question_in_training():
+    from minillava.data.instruct import DETAIL_PROMPTS
+    from minillava.data.mixture import scene_turns
+    from minillava.data.shapes import make_description
+
+    world = ShapesWorld("train", 60, SMALL)
+    for share in (0.0, 1.0):
+        rng, seconds = random.Random(0), 0
+        for i in range(len(world)):
+            scene = world.scene(i)
+            turns = scene_turns(
+                scene, [], rng, SMALL, kinds=("detail",), describe_later_share=share
+            )
+            humans, answers = turns[0::2], [t["value"].strip() for t in turns[1::2]]
+            assert all(h["value"].endswith("\n<image>") for h in humans)  # the image every time
+            assert answers[-1] == make_description(scene)
+            assert humans[-1]["value"].removesuffix("\n<image>") in DETAIL_PROMPTS
+            if len(turns) == 4:  # a short question first, its answer true of the scene
+                seconds += 1
+                assert len(answers[0].split()) <= 2
+        assert seconds == (len(world) if share else 0)

@@ -455,9 +455,10 @@ def test_false_premise_share_asks_about_absent_objects_in_training():
     preset = apply_overrides(get_preset("tiny"), ["data.false_premise_share=1.5"])
     with pytest.raises(ValueError, match="data.false_premise_share must be in"):
         check_mix(preset)
-    preset = apply_overrides(get_preset("tiny"), ["data.follow_up_share=-0.1"])
-    with pytest.raises(ValueError, match="data.follow_up_share must be in"):
-        check_mix(preset)
+    for share in ("follow_up_share", "describe_later_share"):
+        preset = apply_overrides(get_preset("tiny"), [f"data.{share}=-0.1"])
+        with pytest.raises(ValueError, match=f"data.{share} must be in"):
+            check_mix(preset)
     preset = apply_overrides(get_preset("tiny"), ["data.questions_per_image=0"])
     with pytest.raises(ValueError, match="data.questions_per_image must be >= 1"):
         check_mix(preset)

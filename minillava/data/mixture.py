@@ -41,17 +41,26 @@ def scene_turns(
     questions: int = 3,
     false_premise_share: float = 0.0,
     follow_up_share: float = 0.0,
+    describe_later_share: float = 0.0,
 ) -> list[dict]:
     """One training conversation about `scene`, the image after every question.
 
     `vqa=True`: `questions` short-answer questions (`vqa_turns`, with `type_weights`,
     `text_weight`, `false_premise_share` and `follow_up_share`). Otherwise: a conversation of
-    one of the data engine's `kinds` (conversation, detail, reasoning, caption).
+    one of the data engine's `kinds` (conversation, detail, reasoning, caption); a detailed
+    description comes, with probability `describe_later_share`, after a short question about
+    the same image, as a chat often goes ("What colour is the circle?", then "Describe the
+    image.").
     """
     if vqa:
         weights = (type_weights, text_weight, false_premise_share, follow_up_share)
         return vqa_turns(scene, rng, config, questions, *weights)[0]
-    conversation = make_conversation(scene, captions, rng, rng.choice(kinds), config=config)
+    kind = rng.choice(kinds)
+    conversation = make_conversation(scene, captions, rng, kind, config=config)
+    if kind == "detail" and describe_later_share and rng.random() < describe_later_share:
+        qa = make_question(scene, rng.choice(QUESTION_TYPES), rng, config)
+        opener = [{"from": "human", "value": qa.question}, {"from": "gpt", "value": qa.answer}]
+        conversation = opener + conversation
     return space_answers(image_with_every_question(conversation))
 
 
