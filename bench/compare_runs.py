@@ -1,6 +1,6 @@
 """Put several runs' evaluations side by side: is a change better than run-to-run noise?
 
-Three runs of the cpu preset, differing only in seed, scored 71.0 to 86.4% on the same 2,000
+Three runs of the cpu preset, differing only in seed, scored 77.1 to 84.9% on the same 2,000
 test questions (docs/results.md): one run of a change says little unless its
 figure is compared with the spread of runs without it. This script reads the eval.json that
 `make train` and `minillava eval` write and prints one markdown row per run: overall accuracy
