@@ -387,6 +387,27 @@ class TurnResult:
                 "per_turn_type": self.per_turn_type, "records": self.records}  # fmt: skip
 
 
+def ask_next(
+    model, tokenizer, histories: Sequence[list[dict]], questions: Sequence[str],
+    pixel_values: torch.Tensor, max_new_tokens: int,
+) -> tuple[list[list[dict]], list[str]]:  # fmt: skip
+    """Ask each conversation its next question, as `ChatSession.ask` does (the image after the
+    question, the oldest turns dropped if they no longer fit): (each conversation with the
+    question and the model's answer added, the answers as written)."""
+    asked = [
+        next_question(h, q, with_image=True) for h, q in zip(histories, questions, strict=True)
+    ]
+    conversations = [
+        fit_to_context(model, tokenizer, turns, True, max_new_tokens) for turns in asked
+    ]
+    answers = reply(model, tokenizer, conversations, pixel_values, max_new_tokens)
+    said = [
+        turns + [{"from": "gpt", "value": a}]
+        for turns, a in zip(conversations, answers, strict=True)
+    ]
+    return said, answers
+
+
 def evaluate_turns(
     model, tokenizer, items: Sequence[dict], split: str = "test", batch_size: int = 32,
     max_new_tokens: int = 24,
@@ -402,16 +423,11 @@ def evaluate_turns(
         rows = [{"questions": [], "answers": [], "predictions": [], "types": [], "correct": []}
                 for _ in batch]  # fmt: skip
         for k in range(len(batch[0]["turns"])):
-            # As ChatSession.ask builds them, the oldest turns dropped if they no longer fit.
-            asked = [next_question(h, item["turns"][k]["question"], with_image=True)
-                     for h, item in zip(histories, batch, strict=True)]  # fmt: skip
-            conversations = [
-                fit_to_context(model, tokenizer, turns, True, max_new_tokens) for turns in asked
-            ]
-            answers = reply(model, tokenizer, conversations, pixel_values, max_new_tokens)
+            questions = [item["turns"][k]["question"] for item in batch]
+            histories, answers = ask_next(model, tokenizer, histories, questions, pixel_values,
+                                          max_new_tokens)  # fmt: skip
             for i, (item, answer) in enumerate(zip(batch, answers, strict=True)):
                 turn = item["turns"][k]
-                histories[i] = conversations[i] + [{"from": "gpt", "value": answer}]
                 row = rows[i]
                 row["questions"].append(turn["question"])
                 row["answers"].append(turn["answer"])
@@ -489,14 +505,10 @@ def evaluate_descriptions(
             answers = generate_answers(model, tokenizer, [question] * len(batch), pixel_values,
                                        max_new_tokens)  # fmt: skip
         else:
-            opened = [next_question([], q, True) for q in earlier[start : start + len(batch)]]
-            first = reply(model, tokenizer, opened, pixel_values, max_new_tokens=24)
-            asked = []
-            for turns, said in zip(opened, first, strict=True):
-                history = [*turns, {"from": "gpt", "value": said}]
-                conversation = next_question(history, question, with_image=True)
-                asked.append(fit_to_context(model, tokenizer, conversation, True, max_new_tokens))
-            described = reply(model, tokenizer, asked, pixel_values, max_new_tokens)
+            openers = earlier[start : start + len(batch)]
+            histories, _ = ask_next(model, tokenizer, [[]] * len(batch), openers, pixel_values, 24)
+            _, described = ask_next(model, tokenizer, histories, [question] * len(batch),
+                                    pixel_values, max_new_tokens)  # fmt: skip
             answers = [text.strip() for text in described]
         for sample, text in zip(batch, answers, strict=True):
             result = score_description(sample.scene, text)
